@@ -1,0 +1,12 @@
+"""Graph rewrite passes. Each is `(GraphModule, config) -> PassResult`; run them through
+`run_pass`, which cleans up and recompiles once."""
+
+from .densify import densify
+from .infra import PassResult, SiteReport, inverse_permutation, permute_, run_pass
+from .moefy import HeadConfig, MoefyConfig, bypass, hoist_out, moefy, moefy_head, site_tensors
+
+__all__ = [
+    "PassResult", "SiteReport", "run_pass", "permute_", "inverse_permutation",
+    "MoefyConfig", "HeadConfig", "moefy", "moefy_head", "bypass", "hoist_out", "densify",
+    "site_tensors",
+]

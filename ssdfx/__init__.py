@@ -1,0 +1,27 @@
+"""ssdfx: Switchable Sparse-Dense Learning for any PyTorch Transformer, as an fx graph rewrite.
+
+    import ssdfx
+    sites = ssdfx.find_ffns(model)                    # FFNs found by graph structure
+    ssdfx.convert(model, num_experts=8, top_k=2)      # every FFN -> router + routed experts
+    ssdfx.revert(model)                               # back to dense, exactly
+"""
+
+from ssdfx.api import ConversionReport, convert, converted_sites, find_ffns, is_converted, revert
+from ssdfx.errors import (
+    AlreadyConvertedError,
+    NoFFNFoundError,
+    NotConvertedError,
+    SSDFXError,
+    TraceError,
+    UnsupportedSiteError,
+)
+from ssdfx.site import FFNSite, LinearRef, Scope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "revert", "find_ffns", "is_converted", "converted_sites", "ConversionReport",
+    "FFNSite", "LinearRef", "Scope",
+    "SSDFXError", "NoFFNFoundError", "TraceError", "UnsupportedSiteError", "NotConvertedError",
+    "AlreadyConvertedError",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from ssdfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,307 @@
+"""The public entry points: find_ffns, convert, revert.
+
+convert works in three phases so that a failure leaves the model as it was:
+1. plan (read-only): find the sites, check every argument, trace every scope;
+2. rewrite the traced copies (the passes permute the shared parameters in place; on any error
+   the permutations are undone);
+3. swap the rewritten modules into the model and carry optimizer state along.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ssdfx.capture import Located, locate, require_traced
+from ssdfx.errors import (
+    AlreadyConvertedError, NoFFNFoundError, NotConvertedError, TraceError, UnsupportedSiteError,
+)
+from ssdfx.site import FFNSite
+
+__all__ = ["find_ffns", "convert", "revert", "is_converted", "converted_sites", "ConversionReport"]
+
+_STATE = "_ssdfx_converted"  # attribute on the root module while it is converted
+
+PartitionSpec = str | Mapping[str, torch.Tensor] | Callable[[FFNSite, nn.Module], torch.Tensor]
+
+
+@dataclass
+class ConversionReport:
+    """What convert did: per site, where it was rewritten and the pass reports."""
+
+    num_experts: int
+    top_k: int
+    sites: list[FFNSite]
+    reports: list = field(default_factory=list)  # passes.SiteReport, one or more per site
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.sites)} FFN site(s) to {self.num_experts} experts, top-{self.top_k}"]
+        for s in self.sites:
+            lines.append(f"  {s.path or '<root>'}: {s.kind} d={s.d_model} d_ff={s.d_ff} "
+                         f"act={s.activation} scope={s.scope.kind}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _State:
+    report: ConversionReport
+    originals: dict[str, nn.Module]  # module path -> the module it replaced
+    perm_holders: dict[str, tuple[str, str]]  # site -> (module path, buffer name)
+    backend: str
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}; "
+                        "pass the model object itself (e.g. AutoModelForCausalLM.from_config(cfg))")
+
+
+def find_ffns(model: nn.Module, example_inputs: tuple | None = None,
+              example_kwargs: dict | None = None) -> list[FFNSite]:
+    """Every FFN site of `model`, found by graph structure. Does not modify the model.
+
+    HF models export with their own dummy inputs; other models are fx-traced module by module,
+    or exported when `example_inputs`/`example_kwargs` are given (which also finds FFNs that
+    span sibling modules of an untraceable parent).
+    """
+    _check_model(model)
+    return locate(model, example_inputs, example_kwargs).sites
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(getattr(model, _STATE, None), _State)
+
+
+def converted_sites(model: nn.Module) -> list[FFNSite]:
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        raise NotConvertedError("the model is not converted; call ssdfx.convert(model) first")
+    return list(state.report.sites)
+
+
+def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts: int) -> torch.Tensor | None:
+    if isinstance(spec, Mapping):
+        return spec.get(site.name)
+    if callable(spec):
+        return spec(site, model)
+    if spec == "contiguous":
+        return None
+    from ssdfx import split  # imported lazily: clustering pulls in numba/networkx
+
+    return split.partition(spec, site, model, num_experts)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return model.get_submodule(parent), name
+
+
+def convert(
+    model: nn.Module,
+    num_experts: int = 8,
+    top_k: int = 2,
+    *,
+    sites: Sequence[FFNSite] | Iterable[str] | None = None,
+    partition: PartitionSpec = "contiguous",
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Rewrite every FFN of `model` into `num_experts` routed experts, `top_k` per token.
+
+    The model is modified in place and returned; parameters keep their names and objects (their
+    neuron order is permuted so each expert is a contiguous block; `optimizer` state follows).
+    With top_k == num_experts the outputs equal the dense model's. `sites` restricts the rewrite
+    to these sites (FFNSite objects from find_ffns, which also skips the search, or input-weight
+    names). `partition`: "contiguous", "random", "kmeans", "coactivation", a mapping from site
+    name to permutation, or a callable (site, model) -> permutation.
+    """
+    from ssdfx.passes import HeadConfig, MoefyConfig, bypass, hoist_out, moefy, moefy_head, run_pass
+    from ssdfx.passes.moefy import check_site, validate_experts, validate_partition
+
+    # -- 1. plan: nothing below may modify the model until every check has passed ------------
+    _check_model(model)
+    validate_experts(num_experts, top_k)
+    if is_converted(model):
+        raise AlreadyConvertedError("the model is already converted; call ssdfx.revert(model) first")
+    found, located = _resolve_sites(model, sites, example_inputs, example_kwargs)
+    for s in found:
+        check_site(s.name, s.activation, s.d_ff, num_experts)
+    perms = {s.name: _partition(partition, s, model, num_experts) for s in found}
+    for s in found:
+        validate_partition(perms[s.name], s.d_ff, s.name)
+    module_scopes: dict[str, list[FFNSite]] = {}
+    for s in found:
+        if s.scope.kind == "module":
+            module_scopes.setdefault(s.scope.path, []).append(s)
+    module_scopes = _merge_nested(module_scopes)
+    traced = {p: require_traced(model.get_submodule(p), p) for p in module_scopes}
+    chains = [s for s in found if s.scope.kind == "chain"]
+    for s in chains:
+        for c in s.scope.children:
+            traced[c] = require_traced(model.get_submodule(c), c)
+
+    # -- 2. rewrite the traced copies; undo the permutations if anything fails ----------------
+    reports, holders = [], {}
+    try:
+        for path, group in module_scopes.items():
+            cfg = MoefyConfig(num_experts, top_k, prefix=path, sites=frozenset(s.name for s in group),
+                              partitions={s.name: perms[s.name] for s in group if perms[s.name] is not None},
+                              backend=backend)
+            res = run_pass(moefy, traced[path], cfg)
+            reports.extend(res.report)  # before any check below: a failure must undo these too
+            got = {r.site for r in res.report}
+            missing = [s.name for s in group if s.name not in got]
+            if missing:
+                raise UnsupportedSiteError(
+                    f"fx's trace of {path} does not contain the FFN(s) {missing} found by capture")
+            for i, r in enumerate(res.report):
+                holders[r.site] = (path, "ssdfx_perm" + ("" if len(res.report) == 1 else f"_{i}"))
+        for s in chains:
+            head, *middles, tail = s.scope.children
+            if len(s.scope.children) < 2:
+                raise UnsupportedSiteError(f"FFN {s.name}: chain scope with a single child")
+            run_pass(hoist_out, traced[tail], (s, tail))
+            for mid in middles:
+                run_pass(bypass, traced[mid], s)
+            res = run_pass(moefy_head, traced[head], HeadConfig(
+                s, num_experts, top_k, head, traced[tail], tail, perms[s.name], backend))
+            reports.extend(res.report)  # moefy_head checks everything before it permutes
+            holders[s.name] = (head, "ssdfx_perm")
+    except Exception:
+        _undo_permutations(model, reports)
+        raise
+
+    # -- 3. swap the rewritten modules in, carry optimizer state -----------------------------
+    originals = {}
+    for path, gm in traced.items():
+        parent, name = _parent(model, path)
+        originals[path] = getattr(parent, name)
+        setattr(parent, name, gm)
+    if optimizer is not None:
+        for r in reports:
+            for name, dim in r.permuted:
+                _permute_state(optimizer, _param_by_name(model, name), r.permutation, dim)
+    report = ConversionReport(num_experts, top_k, list(found), reports)
+    setattr(model, _STATE, _State(report, originals, holders, backend))
+    return model
+
+
+def _resolve_sites(model, sites, example_inputs, example_kwargs) -> tuple[list[FFNSite], Located | None]:
+    if sites is not None:
+        sites = list(sites)
+        if sites and all(isinstance(s, FFNSite) for s in sites):
+            return sites, None
+    located = locate(model, example_inputs, example_kwargs)
+    found = located.sites
+    if sites is not None:
+        wanted = {s.name if isinstance(s, FFNSite) else str(s) for s in sites}
+        unknown = wanted - {s.name for s in found}
+        if unknown:
+            raise ValueError(f"sites {sorted(unknown)} are not FFN sites of this model; "
+                             f"found: {[s.name for s in found]}")
+        found = [s for s in found if s.name in wanted]
+    if not found:
+        searched = ("searched for linear-like (nn.Linear, F.linear, addmm, matmul with a parameter) "
+                    "-> elementwise chain (activation, dropout, GLU multiply) -> linear-like "
+                    "subgraphs whose hidden state is used nowhere else.\n" + located.describe())
+        if located.rejected:
+            raise UnsupportedSiteError("FFNs were found but none can be rewritten.\n" + searched)
+        if located.untraceable:
+            raise TraceError(
+                "no FFN found in the parts of the model that could be traced; the modules listed as "
+                "'not traceable' could not be traced (fx cannot follow data-dependent control flow). "
+                "Pass example_inputs=(...) so ssdfx can torch.export the whole model, or make those "
+                "forwards traceable.\n" + searched)
+        raise NoFFNFoundError("no FFN found: " + searched)
+    if located.rejected:
+        warnings.warn("some FFNs are left dense:\n" + "\n".join(located.rejected), stacklevel=3)
+    return found, located
+
+
+def _merge_nested(scopes: dict[str, list[FFNSite]]) -> dict[str, list[FFNSite]]:
+    """A scope inside another is traced as part of the outer one."""
+    out: dict[str, list[FFNSite]] = {}
+    for path in sorted(scopes, key=len):
+        outer = next((o for o in out if path.startswith(o + ".")), None)
+        out.setdefault(outer or path, []).extend(scopes[path])
+    return out
+
+
+def _param_by_name(model: nn.Module, name: str) -> nn.Parameter:
+    return model.get_parameter(name)
+
+
+def _permute_state(optimizer, param, perm, dim) -> None:
+    from ssdfx.passes import permute_
+
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            permute_(value, perm, dim)
+
+
+def _undo_permutations(model, reports) -> None:
+    from ssdfx.passes import inverse_permutation, permute_
+
+    for r in reversed(reports):
+        if r.permutation is None:
+            continue
+        inv = inverse_permutation(r.permutation)
+        for name, dim in r.permuted:
+            permute_(_param_by_name(model, name), inv, dim)
+
+
+def revert(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """Back to the dense model: the original modules, parameter names, order and values.
+
+    The neuron permutation convert applied is undone (optimizer state follows it), so after
+    convert + revert with no training in between, named_parameters() are identical. Parameter
+    objects are never replaced, so optimizers keep working.
+    """
+    from ssdfx.passes import inverse_permutation, permute_
+    from ssdfx.passes.moefy import site_tensors
+
+    _check_model(model)
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        raise NotConvertedError("revert: this model was never converted by ssdfx.convert (or was "
+                                "already reverted); there is nothing to undo")
+    for s in state.report.sites:
+        holder, buf = state.perm_holders[s.name]
+        perm = getattr(model.get_submodule(holder), buf)
+        inv = inverse_permutation(perm.cpu())
+        for name, dim in site_tensors(s.w_in, s.w_out, s.w_up):
+            p = _param_by_name(model, name)
+            permute_(p, inv, dim)
+            if optimizer is not None:
+                _permute_state(optimizer, p, inv, dim)
+    for path, original in state.originals.items():
+        parent, name = _parent(model, path)
+        current = getattr(parent, name)
+        _sync(original, current)
+        setattr(parent, name, original)
+    delattr(model, _STATE)
+    return model
+
+
+def _sync(original: nn.Module, rewritten: nn.Module) -> None:
+    """Carry tensors that were replaced while converted (e.g. .to() made new buffers) back."""
+    current = dict(rewritten.named_parameters(remove_duplicate=False))
+    current.update(dict(rewritten.named_buffers(remove_duplicate=False)))
+    for name, t in list(original.named_parameters(remove_duplicate=False)) + list(
+            original.named_buffers(remove_duplicate=False)):
+        new = current.get(name)
+        if new is not None and new is not t:
+            owner, _, leaf = name.rpartition(".")
+            mod = original.get_submodule(owner)
+            if isinstance(t, nn.Parameter):
+                mod._parameters[leaf] = new
+            else:
+                mod._buffers[leaf] = new

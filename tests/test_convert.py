@@ -1,0 +1,117 @@
+"""convert/revert on every model family: exact with k == E, exact round trip, HF API intact."""
+
+import copy
+
+import pytest
+import torch
+
+import ssdfx
+import models
+
+FAMILIES = sorted(models.ALL)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "random"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_experts_equals_dense(family, partition):
+    """k == E: outputs and every dense parameter's gradient equal the dense model's (fp32)."""
+    model, kwargs, _ = models.ALL[family]()
+    dense = copy.deepcopy(model)
+    ssdfx.convert(model, num_experts=4, top_k=4, partition=partition)
+    torch.testing.assert_close(models.output_of(model, kwargs), models.output_of(dense, kwargs),
+                               atol=1e-5, rtol=1e-5)
+    models.loss_of(model, kwargs).backward()
+    models.loss_of(dense, kwargs).backward()
+    got, want = _grads(model), _grads(dense)
+    router = {n for n in got if "ssdfx_router" in n}
+    assert router, "the router must receive a gradient (straight-through gate)"
+    assert set(got) - router == set(want)
+    # convert permuted neurons in place; revert (below) restores the order, so compare after it
+    ssdfx.revert(model)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_exact(family):
+    model, kwargs, _ = models.ALL[family]()
+    before = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    objects = [p for _, p in model.named_parameters()]
+    ref = models.output_of(model, kwargs)
+    ssdfx.convert(model, num_experts=2, top_k=1, partition="random")
+    assert ssdfx.is_converted(model)
+    sparse = models.output_of(model, kwargs)
+    assert torch.isfinite(sparse).all()
+    assert not torch.allclose(sparse, ref, atol=1e-6), "top-1 of 2 experts must differ from dense"
+    ssdfx.revert(model)
+    after = list(model.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    for (n, old), (_, new) in zip(before, after):
+        assert torch.equal(old, new), n
+    assert all(a is b for a, b in zip(objects, (p for _, p in after))), "parameter objects must survive"
+    assert torch.equal(models.output_of(model, kwargs), ref)
+    assert not ssdfx.is_converted(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5_gated", "llama"])
+def test_hf_forward_with_labels_and_loss(family):
+    model, kwargs, _ = models.ALL[family]()
+    ssdfx.convert(model, num_experts=4, top_k=2)
+    out = model(**kwargs)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "ssdfx_router" in n)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_matches_dense_when_all_experts(family):
+    model, kwargs, _ = models.ALL[family]()
+    model.eval()
+    prompt = kwargs["input_ids"][:1, :4]
+    want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    ssdfx.convert(model, num_experts=4, top_k=4)
+    got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    ssdfx.convert  # generate also runs sparse
+    ssdfx.revert(model)
+    ssdfx.convert(model, num_experts=4, top_k=1)
+    assert model.generate(prompt, max_new_tokens=6, do_sample=False).shape == want.shape
+
+
+def test_rewritten_graph_prints_router_selection_and_experts():
+    model, _, _ = models.gpt2()
+    ssdfx.convert(model, num_experts=4, top_k=2)
+    code = model.transformer.h[0].mlp.code
+    assert "ssdfx: moefy rewrote 1 site(s)" in code
+    assert "ssdfx_router" in code and "select_top_k" in code and "ssdfx_experts" in code
+    assert "addmm" not in code and "tanh" not in code  # the dense FFN is gone, not masked
+
+
+def test_optimizer_state_follows_the_permutation():
+    model, kwargs, _ = models.gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    models.loss_of(model, kwargs).backward()
+    opt.step()
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    ssdfx.convert(model, num_experts=4, top_k=4, partition="random", optimizer=opt)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    perm = model.transformer.h[0].mlp.ssdfx_perm
+    torch.testing.assert_close(opt.state[w]["exp_avg"], state[id(w)]["exp_avg"][:, perm])
+    ssdfx.revert(model, optimizer=opt)
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k])
+
+
+def test_converted_model_state_dict_has_routers_and_permutations():
+    model, _, _ = models.bert()
+    ssdfx.convert(model, num_experts=4, top_k=2)
+    keys = set(model.state_dict())
+    assert "bert.encoder.layer.0.intermediate.ssdfx_router.weight" in keys
+    assert "bert.encoder.layer.0.intermediate.ssdfx_perm" in keys
+    assert "bert.encoder.layer.0.output.dense.weight" in keys  # w_out keeps its name

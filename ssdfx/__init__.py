@@ -6,7 +6,15 @@
     ssdfx.revert(model)                               # back to dense, exactly
 """
 
-from ssdfx.api import ConversionReport, convert, converted_sites, find_ffns, is_converted, revert
+from ssdfx.api import (
+    ConversionReport,
+    conversion,
+    convert,
+    converted_sites,
+    find_ffns,
+    is_converted,
+    revert,
+)
 from ssdfx.errors import (
     AlreadyConvertedError,
     NoFFNFoundError,
@@ -20,7 +28,8 @@ from ssdfx.site import FFNSite, LinearRef, Scope
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "find_ffns", "is_converted", "converted_sites", "ConversionReport",
+    "convert", "revert", "find_ffns", "is_converted", "converted_sites", "conversion",
+    "ConversionReport",
     "FFNSite", "LinearRef", "Scope",
     "SSDFXError", "NoFFNFoundError", "TraceError", "UnsupportedSiteError", "NotConvertedError",
     "AlreadyConvertedError",

@@ -24,7 +24,10 @@ from ssdfx.errors import (
 )
 from ssdfx.site import FFNSite
 
-__all__ = ["find_ffns", "convert", "revert", "is_converted", "converted_sites", "ConversionReport"]
+__all__ = [
+    "find_ffns", "convert", "revert", "is_converted", "converted_sites", "conversion",
+    "ConversionReport",
+]
 
 _STATE = "_ssdfx_converted"  # attribute on the root module while it is converted
 
@@ -83,6 +86,13 @@ def converted_sites(model: nn.Module) -> list[FFNSite]:
     if not isinstance(state, _State):
         raise NotConvertedError("the model is not converted; call ssdfx.convert(model) first")
     return list(state.report.sites)
+
+
+def conversion(model: nn.Module) -> ConversionReport | None:
+    """The report of the conversion in effect (num_experts, top_k, sites, pass reports), or None
+    when the model is dense."""
+    state = getattr(model, _STATE, None)
+    return state.report if isinstance(state, _State) else None
 
 
 def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts: int) -> torch.Tensor | None:

@@ -1,17 +1,65 @@
-"""The routed-expert FFN operator.
+"""The routed-expert FFN operator: `moe_ffn`, backed by the custom op `ssdfx::moe_ffn`.
 
-PLACEHOLDER (foundation issue): a pure-torch implementation with the final signature, so that
-the passes can be built and tested. The sparse-operator issue replaces it with the
-`torch.library.custom_op` `ssdfx::moe_ffn` (reference, numba CPU and CUDA kernels).
+Only the selected (token, expert) pairs are ever computed, forward and backward; nothing
+computes the dense FFN and masks it. Modules:
+
+    registry      the custom ops, fake/autograd/FLOP registrations, per-device kernels
+    dispatch      which backend runs (explicit strings, see BACKENDS)
+    layout        the pair layout shared by every kernel, and the elementwise middle
+    reference     pure-torch oracle kernels
+    cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas)
+    torch_path    sort-by-expert torch kernels: bf16/fp16 on CPU, and the CUDA path
 """
 
 from __future__ import annotations
 
 import torch
 
-from ssdfx.activations import activation_fn
+from ssdfx.activations import ACTIVATIONS
+from ssdfx.ops.dispatch import BACKENDS
+from ssdfx.ops.registry import moe_ffn_backward_op, moe_ffn_op, pair_count
 
-__all__ = ["moe_ffn"]
+__all__ = ["BACKENDS", "moe_ffn", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
+
+
+def _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, dropout_p,
+              backend):
+    # shape/dtype checks only: this runs under FakeTensor tracing and torch.export too
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f"w1 and w2 must be 2-D, got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    f_all, d = w1.shape
+    if num_experts < 1 or f_all % num_experts:
+        raise ValueError(
+            f"d_ff={f_all} is not divisible by num_experts={num_experts}; pick a divisor of d_ff"
+        )
+    if x.shape[-1] != d or tuple(w2.shape) != (d, f_all):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; "
+            "expected x (..., d), w1 (F, d), w2 (d, F)"
+        )
+    if w3 is not None and tuple(w3.shape) != (f_all, d):
+        raise ValueError(f"w3 {tuple(w3.shape)} must be (F, d) = {(f_all, d)}")
+    for name, b in (("b1", b1), ("b3", b3)):
+        if b is not None and tuple(b.shape) != (f_all,):
+            raise ValueError(f"{name} {tuple(b.shape)} must be (F,) = ({f_all},)")
+    if b3 is not None and w3 is None:
+        raise ValueError("b3 given without w3")
+    if expert_idx.shape != gate.shape or expert_idx.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"expert_idx {tuple(expert_idx.shape)} and gate {tuple(gate.shape)} must both be "
+            f"(..., K) with x's leading dims {tuple(x.shape[:-1])}"
+        )
+    if expert_idx.dtype.is_floating_point or expert_idx.dtype == torch.bool:
+        raise ValueError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("w3", w3), ("b3", b3), ("gate", gate)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
 
 
 def moe_ffn(
@@ -31,35 +79,32 @@ def moe_ffn(
 ) -> torch.Tensor:
     """y[t] = sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); no output bias.
 
-    x (..., d); w1, w3 (F, d); b1, b3 (F,); w2 (d, F); expert_idx, gate (..., K).
-    Expert e owns neurons [e*m, (e+1)*m), m = F // num_experts.
-    expert(x) = (act(x w1_e^T + b1_e) [* (x w3_e^T + b3_e)]) w2_e^T.
+    x (..., d); w1, w3 (F, d); b1, b3 (F,) or None; w2 (d, F) (nn.Linear layout); expert_idx,
+    gate (..., K). Expert e owns neurons [e*m, (e+1)*m), m = F // num_experts:
+    expert_e(x) = (act(x w1_e^T + b1_e) [* (x w3_e^T + b3_e)]) w2_e^T.
+
+    expert_idx = -1 marks an unused slot (dynamic-k). An expert listed twice for one token is
+    computed twice and both contributions are added (the router never does this).
+    Weights may be strided views (e.g. a Conv1D weight's `.t()`): they are read in place and
+    their gradients come back with the same strides, so no copy is made either way.
+    dropout_p > 0 applies inverted dropout to h of the selected pairs, with a keep-mask drawn
+    from torch's default generator (reproducible under torch.manual_seed) and saved for
+    backward; pass 0.0 in eval mode. Gradients flow to x, w1, b1, w2, w3, b3 and gate;
+    d(gate[t, j]) = <dy_t, expert_e(x_t)>.
+    With K == num_experts, every expert selected and gate == 1, y equals the dense FFN.
     """
-    act = activation_fn(activation)
+    _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, dropout_p,
+              backend)
     lead = x.shape[:-1]
     d = x.shape[-1]
-    xf = x.reshape(-1, d)  # (T, d)
-    idx = expert_idx.reshape(xf.shape[0], -1)  # (T, K)
-    g = gate.reshape(xf.shape[0], -1)  # (T, K)
-    m = w1.shape[0] // num_experts
-    y = xf.new_zeros(xf.shape)
-    for e in range(num_experts):
-        tok, slot = (idx == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        sl = slice(e * m, (e + 1) * m)
-        xe = xf.index_select(0, tok)  # (n_e, d)
-        h = xe @ w1[sl].T
-        if b1 is not None:
-            h = h + b1[sl]
-        h = act(h)
-        if w3 is not None:
-            u = xe @ w3[sl].T
-            if b3 is not None:
-                u = u + b3[sl]
-            h = h * u
-        if dropout_p > 0.0:
-            h = torch.nn.functional.dropout(h, dropout_p, training=True)
-        ye = (h @ w2[:, sl].T) * g[tok, slot].unsqueeze(1)  # (n_e, d)
-        y = y.index_add(0, tok, ye)
+    k = expert_idx.shape[-1]
+    x2 = x.reshape(-1, d)  # (T, d)
+    idx2 = expert_idx.reshape(-1, k).to(torch.int64)  # (T, K)
+    gate2 = gate.reshape(-1, k)  # (T, K)
+    keep = None
+    if dropout_p > 0.0:
+        m = w1.shape[0] // num_experts
+        keep = torch.empty(x2.shape[0], k, m, device=x.device).bernoulli_(1.0 - dropout_p).bool()
+    y = moe_ffn_op(x2, w1, b1, w2, w3, b3, idx2, gate2, keep, num_experts, activation,
+                   float(dropout_p), backend)[0]
     return y.reshape(*lead, d)

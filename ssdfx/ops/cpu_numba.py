@@ -1,0 +1,207 @@
+"""Launchers of the numba CPU kernels: validate, convert torch tensors to numpy views, run.
+
+The forward and the backward each run in three phases: a numba GEMM phase, the elementwise
+middle in torch (`ssdfx.ops.layout`), and a second numba GEMM phase. See `numba_kernels` for
+why the work is split this way.
+
+Threads. The kernels run `W = min(torch.get_num_threads(), NUMBA_NUM_THREADS)` workers, so the
+op follows the thread count the user gave torch; we never call `numba.set_num_threads` (which
+can reset torch's count, numba issue 9387) and we restore torch's count if anything in a
+numba phase changed it. BLAS must be single-threaded inside the workers (each runs its own
+experts' GEMMs; a multi-threaded OpenBLAS called from two OpenMP threads at once oversubscribes
+the cores and warns "Detect OpenMP Loop"), so each numba phase runs under a threadpoolctl limit
+of one BLAS thread, and the previous limit is restored afterwards.
+
+The numba kernels module is imported on first use, so `import ssdfx` neither compiles nor
+loads numba code, nor starts numba's thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+
+from ssdfx.ops.layout import hidden, hidden_backward
+from ssdfx.ops.reference import check_expert_idx
+
+__all__ = ["SUPPORTED_DTYPES", "backward", "forward", "num_workers"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def num_workers(torch_threads: int | None = None) -> int:
+    """Worker threads of the numba phases: torch's thread count, capped by numba's pool."""
+    import numba
+
+    if torch_threads is None:
+        torch_threads = torch.get_num_threads()
+    # NUMBA_NUM_THREADS is the pool size; reading it does not start the pool (unlike
+    # numba.get_num_threads(), which does and may reset torch's count, numba issue 9387).
+    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+
+
+@functools.cache
+def _blas_controller():
+    # The loaded BLAS libraries, found once per process: a handle on libraries that stay
+    # loaded, not state that changes what the op computes.
+    from threadpoolctl import ThreadpoolController
+
+    import scipy.linalg.cython_blas  # noqa: F401  (make sure SciPy's BLAS is loaded)
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _numba_phase():
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def _keeps_torch_threads(launcher):
+    """Restore torch's thread count after the launcher if numba changed it.
+
+    numba's OpenMP layer may bind to the libgomp that torch loaded; starting its pool (at the
+    first parallel kernel, or when cached parallel kernels load) then sets that library's
+    thread count to NUMBA_NUM_THREADS, which is what torch.get_num_threads() reports
+    (numba issue 9387). The count is read before the kernels module is even imported.
+    """
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        torch_threads = torch.get_num_threads()
+        try:
+            import ssdfx.ops.numba_kernels  # noqa: F401  (loading it may start numba's pool)
+
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+            return launcher(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+
+    return wrapper
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _check(x, w1, w2, w3, num_experts, **optional):
+    if x.device.type != "cpu":
+        raise ValueError(f"the numba backend runs on CPU tensors only, got device {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"the numba backend supports float32 and float64, got {x.dtype}; "
+            "use backend='torch' (or 'auto') for bfloat16/float16"
+        )
+    named = {"w1": w1, "w2": w2, "w3": w3, **optional}
+    for name, t in named.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {x.dtype} on cpu like x")
+    f_all, d = w1.shape
+    if x.dim() != 2 or x.shape[1] != d or w2.shape != (d, f_all):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; "
+            "expected x (T, d), w1 (F, d), w2 (d, F)"
+        )
+    if w3 is not None and w3.shape != w1.shape:
+        raise ValueError(f"w3 {tuple(w3.shape)} must have w1's shape {tuple(w1.shape)}")
+    if num_experts < 1 or f_all % num_experts:
+        raise ValueError(f"F={f_all} is not divisible by num_experts={num_experts}")
+
+
+def _empty2(x, cols):
+    return np.empty((0, cols), dtype=_np(x).dtype)
+
+
+@_keeps_torch_threads
+def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
+    _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
+    workers = num_workers()
+    from ssdfx.ops import numba_kernels as nk
+
+    t_all, d = x.shape
+    k = expert_idx.shape[1]
+    m = w1.shape[0] // num_experts
+    glu = w3 is not None
+    x = x.contiguous()
+    order = torch.empty(t_all * k, dtype=torch.int64)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
+    pairs = nk.count_sort(
+        _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts,
+        _np(order), _np(offsets),
+    )
+    if pairs < 0:
+        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    ptr, experts, nmax = nk.plan(_np(offsets), workers)
+    a1 = torch.empty(t_all * k, m, dtype=x.dtype)
+    a3 = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)
+    scratch = np.empty((workers, nmax, d), dtype=_np(x).dtype)  # (W, nmax, d)
+    empty1 = np.empty(0, dtype=scratch.dtype)
+    with _numba_phase():
+        nk.fwd_up(
+            _np(x), _np(w1), _np(b1) if b1 is not None else empty1,
+            _np(w3) if glu else _empty2(x, d), _np(b3) if b3 is not None else empty1,
+            _np(order), _np(offsets), k, ptr, experts, _np(a1), _np(a3), scratch,
+        )
+    a1[pairs:].zero_()
+    a3[pairs:].zero_()
+    kp = keep.reshape(t_all * k, m)[order[:pairs]] if keep is not None else None
+    h = hidden(a1[:pairs], a3[:pairs] if glu else None, kp, dropout_p, activation)
+    y = torch.empty(t_all, d, dtype=x.dtype)
+    ybuf = np.empty((workers - 1, t_all, d), dtype=scratch.dtype)  # (W-1, T, d)
+    with _numba_phase():
+        nk.fwd_down(
+            _np(h.contiguous()), _np(w2), _np(gate.contiguous()).reshape(-1),
+            _np(order), _np(offsets), k, ptr, experts, _np(y), ybuf, scratch,
+        )
+    return y, a1, a3, order, offsets
+
+
+@_keeps_torch_threads
+def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
+             dropout_p):
+    _check(x, w1, w2, w3, num_experts, dy=dy, gate=gate, a1=a1)
+    workers = num_workers()
+    from ssdfx.ops import numba_kernels as nk
+
+    t_all, d = x.shape
+    k = gate.shape[1]
+    f_all = w1.shape[0]
+    m = f_all // num_experts
+    glu = w3 is not None
+    x, dy = x.contiguous(), dy.contiguous()
+    pairs = int(offsets[-1])
+    ptr, experts, nmax = nk.plan(_np(offsets), workers)
+    xs = np.empty((workers, nmax, d), dtype=_np(x).dtype)  # (W, nmax, d)
+    ds = np.empty_like(xs)
+    dh = torch.empty(pairs, m, dtype=x.dtype)
+    with _numba_phase():
+        nk.bwd_dh(_np(dy), _np(w2), _np(order), _np(offsets), k, ptr, experts, _np(dh), ds)
+    sel = order[:pairs]
+    kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
+    dg, gh, da1, da3 = hidden_backward(
+        dh, gate.reshape(-1)[sel], a1[:pairs], a3[:pairs] if glu else None, kp,
+        dropout_p, activation,
+    )
+    dgate = x.new_zeros(t_all * k)
+    dgate[sel] = dg
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    db1 = x.new_empty(f_all)
+    dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
+    db3 = x.new_empty(f_all if glu else 0)
+    dx = x.new_empty(t_all, d)
+    dxbuf = np.empty((workers - 1, t_all, d), dtype=xs.dtype)  # (W-1, T, d)
+    with _numba_phase():
+        nk.bwd_weights(
+            _np(x), _np(dy), _np(w1), _np(w3) if glu else _empty2(x, d),
+            _np(gh.contiguous()), _np(da1.contiguous()),
+            _np(da3.contiguous()) if glu else _empty2(x, m),
+            _np(order), _np(offsets), k, ptr, experts,
+            _np(dw1), _np(dw2), _np(dw3) if glu else _empty2(x, d), _np(db1), _np(db3),
+            _np(dx), dxbuf, xs, ds,
+        )
+    return dx, dw1, db1, dw2, dw3, db3, dgate.view(t_all, k)

@@ -1,0 +1,79 @@
+"""Which kernel runs: a pure function of (device type, dtype, backend string, shapes).
+
+Backends (explicit strings; there is no global switch):
+
+    "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch";
+                  CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
+                  any other device -> "reference"
+    "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
+    "torch"       sort-by-expert with one torch.mm per expert (`ssdfx.ops.torch_path`)
+    "grouped_mm"  the same with torch._grouped_mm (CUDA bf16 on sm90+, recent CPU torch)
+    "numba"       numba CPU kernels with BLAS per expert (`ssdfx.ops.cpu_numba`), fp32/fp64
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "Kernels", "select"]
+
+BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A backend's forward and backward kernel functions (see `ssdfx.ops.reference`)."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _make(name: str) -> Kernels:
+    if name == "reference":
+        from ssdfx.ops import reference as mod
+
+        return Kernels(name, mod.forward, mod.backward)
+    if name == "numba":
+        from ssdfx.ops import cpu_numba as mod
+
+        return Kernels(name, mod.forward, mod.backward)
+    from ssdfx.ops import torch_path as mod
+
+    grouped = name == "grouped_mm"
+    return Kernels(
+        name,
+        functools.partial(mod.forward, grouped=grouped),
+        functools.partial(mod.backward, grouped=grouped),
+    )
+
+
+def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> Kernels:
+    """The kernels for this call; ValueError when the backend cannot run these tensors."""
+    from ssdfx.ops.torch_path import grouped_mm_ok
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    dev = x.device.type
+    if backend == "auto":
+        if dev == "cpu":
+            backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
+        elif dev == "cuda":
+            backend = "grouped_mm" if grouped_mm_ok(x, w1, num_experts) else "torch"
+        else:
+            backend = "reference"
+    if backend == "numba" and (dev != "cpu" or x.dtype not in (torch.float32, torch.float64)):
+        raise ValueError(
+            f"backend 'numba' runs float32/float64 on CPU; got {x.dtype} on {dev} "
+            "(use 'auto', 'torch' or 'reference')"
+        )
+    if backend == "grouped_mm" and not grouped_mm_ok(x, w1, num_experts):
+        raise ValueError(
+            "backend 'grouped_mm' needs torch._grouped_mm, bfloat16 on CUDA sm90+ (or CPU), and "
+            "d, F and F/num_experts multiples of 16 bytes; use 'torch' instead"
+        )
+    return _make(backend)

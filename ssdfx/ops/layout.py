@@ -1,0 +1,95 @@
+"""The pair layout every kernel shares, and the elementwise middle of the expert FFN.
+
+A routed FFN call has T tokens with K expert slots each. Pair p = t * K + j is token t's slot j;
+its expert is expert_idx[t, j] (-1: an unused slot, from dynamic-k). Kernels work on pairs
+sorted by expert:
+
+    order   (T*K,) int64   the valid pairs sorted stably by expert, then the unused slots
+    offsets (E+1,) int64   expert e's pairs are order[offsets[e]:offsets[e+1]]; P = offsets[E]
+    a1, a3  (T*K, m)       pre-activations of those pairs, row r for pair order[r]; rows >= P
+                           are zero (a3 has 0 rows for a plain FFN)
+
+The forward op returns these so that its backward op never recomputes the sort or the
+up-projections; any kernel's backward can consume any kernel's forward (tests rely on it).
+
+Per pair the expert computes h = act(a1) [* a3] [* keep / (1 - p)] and y_pair = h w2_e^T;
+the elementwise part is the same torch code for every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssdfx.activations import activation_backward, activation_fn
+
+__all__ = ["hidden", "hidden_backward", "sort_pairs"]
+
+
+def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, K) expert indices -> order (T*K,), offsets (E+1,), as described above."""
+    flat = expert_idx.reshape(-1)  # (T*K,)
+    key = torch.where(flat >= 0, flat, num_experts)
+    order = torch.argsort(key, stable=True)  # (T*K,)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # (E,)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def _keep_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtype):
+    # inverted dropout: kept units are scaled by 1/(1-p) so the expectation is unchanged
+    if keep is None:
+        return None
+    return keep.to(dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def hidden(
+    a1: torch.Tensor,
+    a3: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    dropout_p: float,
+    activation: str,
+) -> torch.Tensor:
+    """h (P, m) = act(a1) [* a3] [* keep / (1 - p)] for pairs in layout order."""
+    h = activation_fn(activation)(a1)
+    if a3 is not None:
+        h = h * a3
+    ks = _keep_scale(keep, dropout_p, a1.dtype)
+    if ks is not None:
+        h = h * ks
+    return h
+
+
+def hidden_backward(
+    dh_raw: torch.Tensor,
+    gate: torch.Tensor,
+    a1: torch.Tensor,
+    a3: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    dropout_p: float,
+    activation: str,
+):
+    """Backward of the elementwise part for pairs in layout order.
+
+    dh_raw (P, m) = dy_t w2_e (the gradient at h before the gate), gate (P,).
+    Returns dgate (P,) = <dy_t, expert_e(x_t)> = rowsum(dh_raw * h), gh = gate * h (for dW2),
+    da1 (P, m) and da3 (P, m) or None.
+    """
+    f = activation_fn(activation)(a1)
+    ks = _keep_scale(keep, dropout_p, a1.dtype)
+    h = f if a3 is None else f * a3
+    if ks is not None:
+        h = h * ks
+    # accumulate the row sums in at least fp32 (bf16 inputs)
+    acc = torch.promote_types(a1.dtype, torch.float32)
+    dgate = (dh_raw * h).sum(1, dtype=acc).to(a1.dtype)
+    g = gate.unsqueeze(1)  # (P, 1)
+    gh = h * g
+    dh = dh_raw * g
+    if ks is not None:
+        dh = dh * ks
+    if a3 is None:
+        return dgate, gh, activation_backward(activation, dh, a1), None
+    da3 = dh * f
+    da1 = activation_backward(activation, dh * a3, a1)
+    return dgate, gh, da1, da3

@@ -1,0 +1,292 @@
+"""numba CPU kernels of the routed-expert FFN: numpy arrays and ints in, nothing else.
+
+Shape legend (used in every comment below):
+    T tokens, K expert slots per token, d model width, E experts, m = F // E neurons per
+    expert, F = E * m hidden width, P valid (token, slot) pairs (P <= T * K), W worker threads,
+    n rows of one expert, nmax the largest n.
+
+Pair layout (shared with every backend, see `ssdfx.ops.layout`): pair p = t * K + j is token t's
+slot j. `order` (T*K,) lists the valid pairs sorted stably by expert, then the -1 slots;
+`offsets` (E+1,) delimits expert e's pairs as order[offsets[e]:offsets[e+1]].
+
+Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
+- different experts run on different cores, each with single-threaded BLAS: better than
+  splitting each small GEMM over both cores. `plan` balances the experts over the W workers
+  (largest first onto the least-loaded worker).
+- each worker gathers its expert's token rows into its own scratch so the GEMMs read
+  contiguous rows; the weights are read in place, whatever their strides (see `blas.gemm`).
+- workers scatter-add their results into private (T, d) accumulators, summed at the end, so
+  two experts of one token never race and the result does not depend on thread timing.
+- the elementwise activation runs in torch between the GEMM kernels (vectorised erf, exp,
+  tanh, which numba's LLVM cannot vectorise without SVML), so the op has three phases.
+
+Every kernel is compiled for explicit float32 and float64 signatures with weights typed as
+any-layout arrays: one compiled version per dtype instead of one per combination of weight
+layouts (C for nn.Linear, F for Conv1D's `.t()` views).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+
+from ssdfx.ops.blas import gemm
+
+__all__ = ["bwd_dh", "bwd_weights", "count_sort", "fwd_down", "fwd_up", "plan"]
+
+
+def _sigs(make):
+    return [make(types.float32), make(types.float64)]
+
+
+_i64 = types.int64
+_I1 = types.Array(types.int64, 1, "C")
+
+
+def _c(dt, nd):
+    return types.Array(dt, nd, "C")
+
+
+def _a(dt, nd):
+    return types.Array(dt, nd, "A")
+
+
+@njit(types.int64(_I1, _i64, _I1, _I1), cache=True, nogil=True)
+def count_sort(idx, num_experts, order, offsets):
+    """Stable counting sort of pairs by expert. Returns P, or -1 if an index is out of range.
+
+    idx (T*K,) expert of each pair (-1: unused slot) -> order (T*K,), offsets (E+1,).
+    """
+    counts = np.zeros(num_experts + 1, np.int64)
+    for p in range(idx.shape[0]):
+        e = idx[p]
+        if e < -1 or e >= num_experts:
+            return -1
+        counts[e if e >= 0 else num_experts] += 1
+    offsets[0] = 0
+    for e in range(num_experts):
+        offsets[e + 1] = offsets[e] + counts[e]
+    nxt = offsets[:num_experts].copy()
+    tail = offsets[num_experts]
+    for p in range(idx.shape[0]):
+        e = idx[p]
+        if e >= 0:
+            order[nxt[e]] = p
+            nxt[e] += 1
+        else:
+            order[tail] = p
+            tail += 1
+    return offsets[num_experts]
+
+
+@njit(types.Tuple((_I1, _I1, _i64))(_I1, _i64), cache=True, nogil=True)
+def plan(offsets, workers):
+    """Assign experts to workers, largest first onto the least-loaded worker (LPT).
+
+    offsets (E+1,) -> ptr (W+1,), experts (E,) with worker w's experts in
+    experts[ptr[w]:ptr[w+1]], and nmax rows of the largest expert (scratch size).
+    """
+    ne = offsets.shape[0] - 1
+    counts = offsets[1:] - offsets[:-1]
+    by_size = np.argsort(-counts, kind="mergesort")
+    load = np.zeros(workers, np.int64)
+    owner = np.empty(ne, np.int64)
+    for i in range(ne):
+        e = by_size[i]
+        w = np.argmin(load)
+        owner[e] = w
+        load[w] += counts[e] + 1  # +1: an empty expert still costs a little bookkeeping
+    ptr = np.zeros(workers + 1, np.int64)
+    for e in range(ne):
+        ptr[owner[e] + 1] += 1
+    for w in range(workers):
+        ptr[w + 1] += ptr[w]
+    fill = ptr[:workers].copy()
+    experts = np.empty(ne, np.int64)
+    for i in range(ne):
+        e = by_size[i]
+        experts[fill[owner[e]]] = e
+        fill[owner[e]] += 1
+    nmax = 0
+    if ne > 0:
+        nmax = counts.max()
+    return ptr, experts, nmax
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _reduce(y, ybuf, nw, t_all):
+    # y (T, d) += sum_w ybuf[w]; token blocks in parallel
+    for c in prange(nw):
+        lo = c * t_all // nw
+        hi = (c + 1) * t_all // nw
+        for j in range(nw - 1):
+            y[lo:hi] += ybuf[j, lo:hi]
+
+
+@njit(
+    _sigs(lambda f: types.void(
+        _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),  # x, w1, b1, w3, b3
+        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _c(f, 2), _c(f, 2), _c(f, 3),  # a1, a3, xs
+    )),
+    parallel=True, cache=True, nogil=True,
+)
+def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
+    """Up-projections: a1 = x_e w1_e^T + b1_e (and a3 likewise) for every expert e.
+
+    x (T, d); w1, w3 (F, d) any layout, w3 (0, d) without GLU; b1, b3 (F,) or (0,);
+    a1, a3 (T*K, m) rows [0, P) written in pair order (a3 (0, m) without GLU);
+    xs (W, nmax, d) scratch.
+    """
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    glu = w3.shape[0] > 0
+    for w in prange(ptr.shape[0] - 1):
+        xw = xs[w]
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            if n == 0:
+                continue
+            for r in range(n):
+                xw[r, :] = x[order[s + r] // k]
+            lo = e * m
+            gemm(xw[:n], w1[lo:lo + m].T, a1[s:s + n], 0.0)
+            if b1.shape[0] > 0:
+                for r in range(n):
+                    a1[s + r, :] += b1[lo:lo + m]
+            if glu:
+                gemm(xw[:n], w3[lo:lo + m].T, a3[s:s + n], 0.0)
+                if b3.shape[0] > 0:
+                    for r in range(n):
+                        a3[s + r, :] += b3[lo:lo + m]
+
+
+@njit(
+    _sigs(lambda f: types.void(
+        _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2, gate
+        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _c(f, 2), _c(f, 3), _c(f, 3),  # y, ybuf, ys
+    )),
+    parallel=True, cache=True, nogil=True,
+)
+def fwd_down(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
+    """Down-projection and combine: y[t] = sum_j gate[t, j] * h_(t,j) w2_e^T.
+
+    h (P, m) in pair order; w2 (d, F) any layout; gate (T*K,); y (T, d) output;
+    ybuf (W-1, T, d) private accumulators of workers 1..W-1; ys (W, nmax, d) scratch.
+    """
+    ne = offsets.shape[0] - 1
+    m = w2.shape[1] // ne
+    nw = ptr.shape[0] - 1
+    t_all = y.shape[0]
+    for w in prange(nw):
+        acc = y if w == 0 else ybuf[w - 1]
+        acc[:, :] = 0.0
+        yw = ys[w]
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            if n == 0:
+                continue
+            lo = e * m
+            gemm(h[s:s + n], w2[:, lo:lo + m].T, yw[:n], 0.0)
+            for r in range(n):
+                p = order[s + r]
+                acc[p // k, :] += gate[p] * yw[r]
+    _reduce(y, ybuf, nw, t_all)
+
+
+@njit(
+    _sigs(lambda f: types.void(
+        _c(f, 2), _a(f, 2),  # dy, w2
+        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _c(f, 2), _c(f, 3),  # dh, ds
+    )),
+    parallel=True, cache=True, nogil=True,
+)
+def bwd_dh(dy, w2, order, offsets, k, ptr, experts, dh, ds):
+    """dh_(t,j) = dy_t w2_e: the gradient reaching expert e's hidden units, before the gate.
+
+    dy (T, d); w2 (d, F) any layout; dh (P, m) in pair order; ds (W, nmax, d) scratch.
+    """
+    ne = offsets.shape[0] - 1
+    m = w2.shape[1] // ne
+    for w in prange(ptr.shape[0] - 1):
+        dw = ds[w]
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            if n == 0:
+                continue
+            for r in range(n):
+                dw[r, :] = dy[order[s + r] // k]
+            lo = e * m
+            gemm(dw[:n], w2[:, lo:lo + m], dh[s:s + n], 0.0)
+
+
+@njit(
+    _sigs(lambda f: types.void(
+        _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
+        _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
+        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
+        _c(f, 2), _c(f, 3), _c(f, 3), _c(f, 3),  # dx, dxbuf, xs, ds
+    )),
+    parallel=True, cache=True, nogil=True,
+)
+def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
+                dw1, dw2, dw3, db1, db3, dx, dxbuf, xs, ds):
+    """Weight, bias and input gradients of every expert, from its selected pairs only.
+
+    x, dy (T, d); w1, w3 (F, d) any layout (w3 (0, d) without GLU); gh = gate * h,
+    da1, da3 (P, m) in pair order (da3 (0, m) without GLU); dw1, dw3 (F, d), dw2 (d, F) any
+    layout; db1, db3 (F,) (db3 (0,) without GLU); dx (T, d); dxbuf (W-1, T, d) private
+    accumulators; xs, ds (W, nmax, d) scratch.
+    """
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    glu = w3.shape[0] > 0
+    nw = ptr.shape[0] - 1
+    t_all = dx.shape[0]
+    for w in prange(nw):
+        acc = dx if w == 0 else dxbuf[w - 1]
+        acc[:, :] = 0.0
+        xw = xs[w]
+        dw = ds[w]
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            lo = e * m
+            if n == 0:
+                # an expert nobody chose gets exactly zero gradient
+                dw1[lo:lo + m, :] = 0.0
+                dw2[:, lo:lo + m] = 0.0
+                db1[lo:lo + m] = 0.0
+                if glu:
+                    dw3[lo:lo + m, :] = 0.0
+                    db3[lo:lo + m] = 0.0
+                continue
+            for r in range(n):
+                t = order[s + r] // k
+                xw[r, :] = x[t]
+                dw[r, :] = dy[t]
+            gemm(dw[:n].T, gh[s:s + n], dw2[:, lo:lo + m], 0.0)  # (d, m)
+            gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
+            db1[lo:lo + m] = 0.0
+            for r in range(n):
+                db1[lo:lo + m] += da1[s + r]
+            gemm(da1[s:s + n], w1[lo:lo + m], dw[:n], 0.0)  # dx rows (n, d), dy no longer needed
+            if glu:
+                gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
+                db3[lo:lo + m] = 0.0
+                for r in range(n):
+                    db3[lo:lo + m] += da3[s + r]
+                gemm(da3[s:s + n], w3[lo:lo + m], dw[:n], 1.0)
+            for r in range(n):
+                acc[order[s + r] // k, :] += dw[r]
+    _reduce(dx, dxbuf, nw, t_all)

@@ -1,0 +1,264 @@
+"""The custom op's registrations and contract: opcheck, gradcheck, fake/export, FLOPs, errors.
+
+Kernel-vs-reference property tests are in test_ops_kernels.py, GPU ones in test_ops_cuda.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssdfx.ops import BACKENDS, moe_ffn
+
+CPU_BACKENDS = ["reference", "numba", "torch"]
+
+
+def _problem(t=9, d=6, e=3, m=4, k=2, dtype=torch.float64, glu=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    f_all = e * m
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    return dict(
+        x=rnd(t, d), w1=rnd(f_all, d), b1=rnd(f_all) if bias else None, w2=rnd(d, f_all),
+        w3=rnd(f_all, d) if glu else None, b3=rnd(f_all) if glu and bias else None,
+        expert_idx=idx, gate=torch.rand(t, k, generator=g, dtype=dtype), num_experts=e,
+    )
+
+
+def _call(p, backend, activation="gelu", dropout_p=0.0):
+    return moe_ffn(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"],
+                   p["gate"], num_experts=p["num_experts"], activation=activation,
+                   dropout_p=dropout_p, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("glu", [False, True])
+def test_gradcheck_float64(backend, glu):
+    p = _problem(glu=glu)
+    p["expert_idx"][2, 0] = -1  # an unused slot
+    names = [n for n in ("x", "w1", "b1", "w2", "w3", "b3", "gate") if p[n] is not None]
+    inputs = tuple(p[n].requires_grad_() for n in names)
+
+    def f(*ts):
+        return _call({**p, **dict(zip(names, ts))}, backend, activation="silu")
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_opcheck(backend):
+    p = _problem(dtype=torch.float32)
+    p["expert_idx"][0, 1] = -1
+    for n in ("x", "w1", "b1", "w2", "w3", "b3", "gate"):
+        p[n].requires_grad_()
+    args = (p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"], p["gate"],
+            None, p["num_experts"], "gelu", 0.0, backend)
+    opcheck(torch.ops.ssdfx.moe_ffn.default, args)
+
+
+def _dense(x, w1, b1, w2, w3, b3, act):
+    h = act(F.linear(x, w1, b1))
+    if w3 is not None:
+        h = h * F.linear(x, w3, b3)
+    return F.linear(h, w2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("glu", [False, True])
+def test_all_experts_equals_dense_forward_and_grads(backend, glu):
+    # the convert invariant: K == E and gates == 1 gives the dense FFN (fp32, atol 1e-5)
+    e, m, d, t = 4, 16, 24, 33
+    p = _problem(t=t, d=d, e=e, m=m, k=e, dtype=torch.float32, glu=glu, seed=1)
+    p["gate"] = torch.ones(t, e)
+    names = [n for n in ("x", "w1", "b1", "w2", "w3", "b3") if p[n] is not None]
+    for n in ("w1", "w2", "w3"):  # nn.Linear-like scale, so fp32 rounding is what it is there
+        if p[n] is not None:
+            p[n] = p[n] / p[n].shape[1] ** 0.5
+    leaves = {n: p[n].clone().requires_grad_() for n in names}
+    dense_leaves = {n: p[n].clone().requires_grad_() for n in names}
+    y = _call({**p, **leaves}, backend)
+    args = [dense_leaves.get(n) for n in ("x", "w1", "b1", "w2", "w3", "b3")]
+    y_dense = _dense(*args, F.gelu)
+    torch.testing.assert_close(y, y_dense, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_dense.backward(dy)
+    for n in names:
+        torch.testing.assert_close(leaves[n].grad, dense_leaves[n].grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_transposed_weight_views_get_gradients_without_copies(backend):
+    # HF GPT-2's Conv1D: the pass hands over c_fc.weight.t() and c_proj.weight.t()
+    p = _problem(dtype=torch.float32, glu=False)
+    conv_fc = p["w1"].t().contiguous().requires_grad_()  # (d, F) storage
+    conv_proj = p["w2"].t().contiguous().requires_grad_()  # (F, d) storage
+    y = moe_ffn(p["x"], conv_fc.t(), p["b1"], conv_proj.t(), None, None, p["expert_idx"],
+                p["gate"], num_experts=p["num_experts"], activation="gelu", backend=backend)
+    y.sum().backward()
+    w1 = p["w1"].clone().requires_grad_()
+    w2 = p["w2"].clone().requires_grad_()
+    y_ref = moe_ffn(p["x"], w1, p["b1"], w2, None, None, p["expert_idx"], p["gate"],
+                    num_experts=p["num_experts"], activation="gelu", backend="reference")
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(conv_fc.grad, w1.grad.t())
+    torch.testing.assert_close(conv_proj.grad, w2.grad.t())
+    # the gradient arrives in the parameter's own layout: AccumulateGrad stores it as is
+    assert conv_fc.grad.is_contiguous() and conv_proj.grad.is_contiguous()
+
+
+def test_leading_dims_and_unused_slots():
+    p = _problem(t=12, dtype=torch.float32)
+    p["expert_idx"][3] = -1  # a token with no expert at all gets y = 0
+    y = _call(p, "numba")
+    assert torch.all(y[3] == 0)
+    p3 = {**p, "x": p["x"].view(3, 4, -1), "expert_idx": p["expert_idx"].view(3, 4, -1),
+          "gate": p["gate"].view(3, 4, -1)}
+    torch.testing.assert_close(_call(p3, "numba").reshape(12, -1), y)
+
+
+def test_duplicate_experts_add_up():
+    # documented behaviour: a duplicated expert is computed twice and both terms are added
+    p = _problem(t=5, k=2, dtype=torch.float64)
+    p["expert_idx"][:, 1] = p["expert_idx"][:, 0]
+    p["gate"] = torch.ones(5, 2, dtype=torch.float64)
+    single = {**p, "expert_idx": p["expert_idx"][:, :1], "gate": p["gate"][:, :1]}
+    for backend in CPU_BACKENDS:
+        torch.testing.assert_close(_call(p, backend), 2 * _call(single, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_reproducible_and_consistent(backend):
+    p = _problem(t=20, dtype=torch.float64, glu=False)
+    p["gate"].requires_grad_()
+    torch.manual_seed(3)
+    y1 = _call(p, backend, dropout_p=0.4)
+    torch.manual_seed(3)
+    y_ref = _call(p, "reference", dropout_p=0.4)
+    torch.testing.assert_close(y1, y_ref)
+    assert not torch.allclose(y1, _call(p, backend))  # the mask did something
+    (g1,) = torch.autograd.grad(y1.sum(), p["gate"])
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), p["gate"])
+    torch.testing.assert_close(g1, g_ref)
+
+
+def test_flop_counter_counts_selected_pairs():
+    p = _problem(t=10, d=8, e=4, m=6, k=2, dtype=torch.float32, glu=False)
+    p["expert_idx"][0, 0] = -1
+    p["expert_idx"][4] = -1
+    p["x"].requires_grad_()
+    pairs = 10 * 2 - 3
+    with FlopCounterMode(display=False) as fc:
+        _call(p, "numba").sum().backward()
+    counts = fc.get_flop_counts()["Global"]
+    fwd = pairs * 2 * (2 * 8 * 6)
+    assert counts[torch.ops.ssdfx.moe_ffn] == fwd
+    assert counts[torch.ops.ssdfx.moe_ffn_backward] == 2 * fwd
+
+
+def test_fake_tensor_and_export():
+    class Ffn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(8, 12)
+            self.down = torch.nn.Linear(12, 8, bias=False)
+            self.router = torch.nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            idx = self.router(x).topk(2, dim=-1).indices
+            gate = torch.ones(idx.shape, dtype=x.dtype)
+            return moe_ffn(x, self.up.weight, self.up.bias, self.down.weight, None, None, idx,
+                           gate, num_experts=3, activation="relu")
+
+    model = Ffn()
+    x = torch.randn(2, 5, 8)
+    ep = torch.export.export(model, (x,), strict=False)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.ssdfx.moe_ffn.default in targets
+    torch.testing.assert_close(ep.module()(x), model(x))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fx = torch.empty(2, 5, 8)
+        fake_model = Ffn()
+        assert fake_model(fx).shape == (2, 5, 8)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_experts=5), "not divisible"),
+        (dict(activation="swish"), "unsupported activation"),
+        (dict(backend="fast"), "unknown backend"),
+        (dict(dropout_p=1.0), "dropout_p"),
+    ],
+)
+def test_bad_arguments_raise_value_error(change, message):
+    p = _problem(dtype=torch.float32)
+    kwargs = dict(num_experts=3, activation="gelu", backend="auto", dropout_p=0.0)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        moe_ffn(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"],
+                p["gate"], **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_of_range_expert_raises(backend):
+    p = _problem(dtype=torch.float32)
+    p["expert_idx"][1, 1] = 3
+    with pytest.raises(ValueError, match="expert_idx"):
+        _call(p, backend)
+
+
+def test_backend_dtype_mismatch_raises():
+    p = _problem(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="numba"):
+        _call(p, "numba")
+    assert "auto" in BACKENDS
+
+
+def test_threads_follow_torch_and_import_leaves_them_alone():
+    # numba.set_num_threads can reset torch's count (numba issue 9387): importing ssdfx and
+    # running the numba kernels must leave torch.get_num_threads() as the user set it.
+    code = textwrap.dedent(
+        """
+        import torch
+        torch.set_num_threads(1)
+        import ssdfx.ops
+        from ssdfx.ops import moe_ffn, cpu_numba
+        assert torch.get_num_threads() == 1, torch.get_num_threads()
+        x = torch.randn(16, 8)
+        w1, w2 = torch.randn(12, 8), torch.randn(8, 12)
+        idx = torch.randint(0, 3, (16, 1))
+        moe_ffn(x, w1, None, w2, None, None, idx, torch.ones(16, 1), num_experts=3,
+                activation="relu", backend="numba")
+        assert torch.get_num_threads() == 1, torch.get_num_threads()
+        assert cpu_numba.num_workers() == 1
+        torch.set_num_threads(2)
+        moe_ffn(x, w1, None, w2, None, None, idx, torch.ones(16, 1), num_experts=3,
+                activation="relu", backend="numba")
+        assert torch.get_num_threads() == 2
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=_repo_root())
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def _repo_root():
+    import pathlib
+
+    return str(pathlib.Path(__file__).resolve().parents[1])

@@ -22,9 +22,7 @@ block [e*m, (e+1)*m) and expert weights are views, not copies. It is stored as t
 `ssdfx_perm*` so `densify` (and ssdfx.revert) can restore the original order exactly.
 
 Sites whose parts sit in sibling modules of an untraceable parent (BERT, OPT) are rewritten by
-three smaller passes over the children: `moefy_head` (computes the whole routed FFN where the
-input projection was), `bypass` (children in between become identities) and `hoist_out` (the
-output projection keeps only its bias add).
+the passes in chain.py.
 """
 
 from __future__ import annotations
@@ -38,17 +36,15 @@ import torch.fx as fx
 from torch import nn
 
 from ssdfx.errors import UnsupportedSiteError
-from ssdfx.match import GraphView, LinearMatch, find_sites, linear_matches, walk_back, dead_closure
+from ssdfx.match import GraphView, find_sites
 from ssdfx.modules import RoutedExperts
-from ssdfx.routing import CentroidRouter, centroids, select_top_k
-from ssdfx.site import META_KEY, FFNSite, NodeInfo
+from ssdfx.routing import CentroidRouter, centroids, select_dynamic_k, select_top_k
+from ssdfx.site import META_KEY, NodeInfo
 
 from .infra import PassResult, SiteReport, permute_
 
-__all__ = ["MoefyConfig", "HeadConfig", "moefy", "moefy_head", "bypass", "hoist_out",
-           "site_tensors", "validate_partition"]
-
-PEER = "_ssdfx_peer"  # unregistered attribute of a chain head: the tail that owns w_out
+__all__ = ["MoefyConfig", "moefy", "site_tensors", "validate_partition", "validate_experts",
+           "validate_dynamic_k", "check_site"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +59,13 @@ class MoefyConfig:
     prefix: str = ""
     sites: frozenset[str] | None = None
     partitions: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    routers: Mapping[str, nn.Module] = field(default_factory=dict)
+    dynamic_k: float | None = None
     backend: str = "auto"
 
     def __post_init__(self):
         validate_experts(self.num_experts, self.top_k)
+        validate_dynamic_k(self.dynamic_k)
 
 
 def validate_experts(num_experts, top_k) -> None:
@@ -76,6 +75,12 @@ def validate_experts(num_experts, top_k) -> None:
         raise ValueError(
             f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}; "
             f"pick top_k <= num_experts (top_k == num_experts reproduces the dense FFN)")
+
+
+def validate_dynamic_k(coverage) -> None:
+    if coverage is not None and not (isinstance(coverage, float) and 0.0 < coverage <= 1.0):
+        raise ValueError(f"dynamic_k is the activation-mass share each token's experts must cover, "
+                         f"a float in (0, 1] (e.g. 0.9); got {coverage!r}")
 
 
 def validate_partition(perm: torch.Tensor | None, d_ff: int, site: str) -> None:
@@ -154,9 +159,12 @@ class _Targets:
 
 
 def _emit(graph: fx.Graph, x: fx.Node, t: _Targets, router: str, experts: str, top_k: int,
-          site: str) -> fx.Node:
+          site: str, dynamic_k: float | None = None) -> fx.Node:
     scores = graph.call_module(router, (x,))
-    sel = graph.call_function(select_top_k, (scores, top_k))
+    if dynamic_k is None:
+        sel = graph.call_function(select_top_k, (scores, top_k))
+    else:
+        sel = graph.call_function(select_dynamic_k, (scores, dynamic_k, top_k))
     idx = graph.call_function(operator.getitem, (sel, 0))
     gate = graph.call_function(operator.getitem, (sel, 1))
     _tag([scores], site, "router")
@@ -172,9 +180,12 @@ def _emit(graph: fx.Graph, x: fx.Node, t: _Targets, router: str, experts: str, t
     return y
 
 
-def _flops_per_token(d: int, f: int, glu: bool, e: int, k: int) -> tuple[int, int]:
+def _flops_per_token(d: int, f: int, glu: bool, e: int, k: int, router: nn.Module) -> tuple[int, int]:
+    """Forward FLOPs per token: dense FFN, and router + k/E of it (max k for dynamic-k)."""
     dense = 2 * d * f * (3 if glu else 2)
-    return dense, 2 * d * e + dense * k // e
+    router_flops = sum(2 * m.in_features * m.out_features for m in router.modules() if isinstance(m, nn.Linear))
+    router_flops = router_flops or 2 * d * e  # CentroidRouter: one (d, E) matmul
+    return dense, router_flops + dense * k // e
 
 
 def _install(gm: fx.GraphModule, suffix: str, router: nn.Module, experts: nn.Module,
@@ -213,8 +224,10 @@ def _rewrite(gm: fx.GraphModule, m, config: MoefyConfig, suffix: str) -> SiteRep
     perm = config.partitions.get(site, torch.arange(f))
     tensors = site_tensors(m.w_in, m.w_out, m.w_up)
     _permute_site(gm, p, tensors, perm)
-    w_act = gm.get_parameter(_rel(m.w_in.weight, p))
-    router = CentroidRouter(centroids(w_act.t() if m.w_in.transposed else w_act, e))
+    router = config.routers.get(site)
+    if router is None:
+        w_act = gm.get_parameter(_rel(m.w_in.weight, p))
+        router = CentroidRouter(centroids(w_act.t() if m.w_in.transposed else w_act, e))
     experts = RoutedExperts(e, m.activation, m.dropout_p, config.backend)
     rname, ename = _install(gm, suffix, router, experts, perm)
     t = _Targets(
@@ -226,128 +239,15 @@ def _rewrite(gm: fx.GraphModule, m, config: MoefyConfig, suffix: str) -> SiteRep
     graph = gm.graph
     before = len(graph.nodes)
     with graph.inserting_before(m.w_out.out):
-        y = _emit(graph, m.x, t, rname, ename, k, site)
+        y = _emit(graph, m.x, t, rname, ename, k, site, config.dynamic_k)
         if m.w_out.bias:
             b2 = graph.get_attr(_rel(m.w_out.bias, p))
             y = graph.call_function(operator.add, (y, b2))
             _tag([b2, y], site, "bias_out")
     m.w_out.out.replace_all_uses_with(y)
-    dense, sparse = _flops_per_token(d, f, m.w_up is not None, e, k)
+    dense, sparse = _flops_per_token(d, f, m.w_up is not None, e, k, router)
+    new_params = [("", f"{p}.{rname}.{n}".lstrip(".")) for n, _ in router.named_parameters()]
     return SiteReport(
         site=site, path=p, nodes_erased=len(m.nodes), nodes_created=len(graph.nodes) - before,
-        params=tuple([("", f"{p}.{rname}.weight".lstrip("."))] + [(n, n) for n, _ in tensors]),
+        params=tuple(new_params + [(n, n) for n, _ in tensors]),
         permuted=tuple(tensors), permutation=perm, flops_before=dense, flops_after=sparse)
-
-
-# -- sites that span sibling modules ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """The chain head: `site` found in the whole model, `prefix` the head's path, `tail` the
-    (rewritten) module that owns w_out and `tail_prefix` its path."""
-
-    site: FFNSite
-    num_experts: int
-    top_k: int
-    prefix: str
-    tail: nn.Module
-    tail_prefix: str
-    partition: torch.Tensor | None = None
-    backend: str = "auto"
-
-
-def _output_value(gm: fx.GraphModule) -> fx.Node:
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    val = out.args[0]
-    if not isinstance(val, fx.Node):
-        raise UnsupportedSiteError(f"{gm.__class__.__name__} returns {type(val).__name__}, not one tensor")
-    return val
-
-
-def moefy_head(gm: fx.GraphModule, config: HeadConfig) -> PassResult:
-    """The child that holds the input projection(s) now returns the whole FFN's output."""
-    s, p = config.site, config.prefix
-    view = GraphView.of_module(gm, p)
-    lins = {lm.weight: lm for lm in linear_matches(view)}
-    w_in, w_up = lins.get(s.w_in.weight), lins.get(s.w_up.weight) if s.w_up else None
-    if w_in is None or (s.w_up and w_up is None):
-        raise UnsupportedSiteError(f"FFN {s.name}: input projection not found in the trace of {p}")
-    val = _output_value(gm)
-    srcs = {w_in.out: w_in} | ({w_up.out: w_up} if w_up else {})
-    walked = walk_back(view, val, srcs)
-    if walked is None or len(walked[1]) != len(srcs):
-        raise UnsupportedSiteError(f"FFN {s.name}: {p} returns more than the FFN's hidden state")
-    chain, _ = walked
-    dead = dead_closure(val, w_in.x)
-    if not chain <= dead or w_in.core not in dead:
-        raise UnsupportedSiteError(f"FFN {s.name}: the hidden state is also used inside {p}")
-    validate_partition(config.partition, s.d_ff, s.name)
-    object.__setattr__(gm, PEER, config.tail)  # not registered: w_out keeps its name in the tail
-    perm = config.partition if config.partition is not None else torch.arange(s.d_ff)
-    tensors = site_tensors(s.w_in, s.w_out, s.w_up)
-    for name, dim in tensors:
-        owner, pre = (config.tail, config.tail_prefix) if name == s.w_out.weight else (gm, p)
-        permute_(owner.get_parameter(_rel(name, pre)), perm, dim)
-    w_act = gm.get_parameter(_rel(s.w_in.weight, p))
-    router = CentroidRouter(centroids(w_act.t() if s.w_in.transposed else w_act, config.num_experts))
-    experts = RoutedExperts(config.num_experts, s.activation, s.dropout_p, config.backend)
-    rname, ename = _install(gm, "", router, experts, perm)
-    t = _Targets(
-        _rel(s.w_in.weight, p), s.w_in.transposed, s.w_in.bias and _rel(s.w_in.bias, p),
-        f"{PEER}.{_rel(s.w_out.weight, config.tail_prefix)}", s.w_out.transposed,
-        s.w_up and _rel(s.w_up.weight, p), bool(s.w_up and s.w_up.transposed),
-        s.w_up and s.w_up.bias and _rel(s.w_up.bias, p),
-    )
-    before = len(gm.graph.nodes)
-    with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op == "output")):
-        y = _emit(gm.graph, w_in.x, t, rname, ename, config.top_k, s.name)
-    val.replace_all_uses_with(y)
-    dense, sparse = _flops_per_token(s.d_model, s.d_ff, s.w_up is not None, config.num_experts, config.top_k)
-    return PassResult(gm, True, (SiteReport(
-        site=s.name, path=p, nodes_erased=len(dead), nodes_created=len(gm.graph.nodes) - before,
-        params=(("", f"{p}.{rname}.weight".lstrip(".")),), permuted=tuple(tensors),
-        permutation=perm, flops_before=dense, flops_after=sparse),))
-
-
-def _placeholders(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    return {n: n for n in gm.graph.nodes if n.op == "placeholder"}
-
-
-def bypass(gm: fx.GraphModule, site: FFNSite) -> PassResult:
-    """A child between head and tail (e.g. OPT's activation module) passes its input through."""
-    view = GraphView.of_module(gm)
-    val = _output_value(gm)
-    walked = walk_back(view, val, _placeholders(gm))
-    if walked is None or len(walked[1]) != 1:
-        raise UnsupportedSiteError(f"FFN {site.name}: a module between its projections is not elementwise")
-    (ph,) = walked[1]
-    erased = len(walked[0])
-    val.replace_all_uses_with(ph)
-    return PassResult(gm, True, (SiteReport(site.name, "", erased, 0),))
-
-
-def hoist_out(gm: fx.GraphModule, config: tuple[FFNSite, str]) -> PassResult:
-    """The child that holds the output projection keeps only its bias: the head computed the
-    projection already (config: the site and this module's path)."""
-    site, p = config
-    view = GraphView.of_module(gm, p)
-    lin = next((lm for lm in linear_matches(view) if lm.weight == site.w_out.weight), None)
-    if lin is None:
-        raise UnsupportedSiteError(f"FFN {site.name}: output projection not found in the trace of {p}")
-    walked = walk_back(view, lin.x, _placeholders(gm))
-    if walked is None or len(walked[1]) != 1:
-        raise UnsupportedSiteError(f"FFN {site.name}: the output projection in {p} reads more than its input")
-    chain, (ph,) = walked
-    dead = dead_closure(lin.out, ph)
-    if not chain <= dead or lin.core not in dead:
-        raise UnsupportedSiteError(f"FFN {site.name}: the hidden state is also used inside {p}")
-    new = ph
-    before = len(gm.graph.nodes)
-    if lin.bias:
-        with gm.graph.inserting_before(lin.out):
-            b = gm.graph.get_attr(_rel(lin.bias, p))
-            new = gm.graph.call_function(operator.add, (ph, b))
-            _tag([b, new], site.name, "bias_out")
-    lin.out.replace_all_uses_with(new)
-    return PassResult(gm, True, (SiteReport(site.name, p, len(dead), len(gm.graph.nodes) - before),))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ssdfx.capture import Located, locate, require_traced
@@ -95,7 +94,8 @@ def conversion(model: nn.Module) -> ConversionReport | None:
     return state.report if isinstance(state, _State) else None
 
 
-def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts: int) -> torch.Tensor | None:
+def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts: int,
+               stats: Mapping | None) -> torch.Tensor | None:
     if isinstance(spec, Mapping):
         return spec.get(site.name)
     if callable(spec):
@@ -104,7 +104,7 @@ def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts
         return None
     from ssdfx import split  # imported lazily: clustering pulls in numba/networkx
 
-    return split.partition(spec, site, model, num_experts)
+    return split.partition(spec, site, model, num_experts, stats=stats)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -119,6 +119,9 @@ def convert(
     *,
     sites: Sequence[FFNSite] | Iterable[str] | None = None,
     partition: PartitionSpec = "contiguous",
+    router: str | Mapping[str, nn.Module] = "centroid",
+    dynamic_k: float | None = None,
+    stats: Mapping | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -131,22 +134,35 @@ def convert(
     With top_k == num_experts the outputs equal the dense model's. `sites` restricts the rewrite
     to these sites (FFNSite objects from find_ffns, which also skips the search, or input-weight
     names). `partition`: "contiguous", "random", "kmeans", "coactivation", a mapping from site
-    name to permutation, or a callable (site, model) -> permutation.
+    name to permutation, or a callable (site, model) -> permutation. `router`: "centroid" (x . c_e,
+    c_e from the expert's input weights), "mlp" (trained on `stats`), or a mapping from site name
+    to a module. `dynamic_k`: instead of a fixed top-k, each token takes the fewest experts whose
+    predicted activation-mass share reaches this target (top_k is then the cap). `stats`:
+    {site name: SiteStats} from ssdfx.observe, needed by "coactivation", "mlp" and dynamic_k.
     """
     from ssdfx.passes import HeadConfig, MoefyConfig, bypass, hoist_out, moefy, moefy_head, run_pass
-    from ssdfx.passes.moefy import check_site, validate_experts, validate_partition
+    from ssdfx.passes.moefy import check_site, validate_dynamic_k, validate_experts, validate_partition
+    from ssdfx.routing import build_router
 
     # -- 1. plan: nothing below may modify the model until every check has passed ------------
     _check_model(model)
     validate_experts(num_experts, top_k)
+    validate_dynamic_k(dynamic_k)
     if is_converted(model):
         raise AlreadyConvertedError("the model is already converted; call ssdfx.revert(model) first")
     found, located = _resolve_sites(model, sites, example_inputs, example_kwargs)
     for s in found:
         check_site(s.name, s.activation, s.d_ff, num_experts)
-    perms = {s.name: _partition(partition, s, model, num_experts) for s in found}
+    perms = {s.name: _partition(partition, s, model, num_experts, stats) for s in found}
     for s in found:
         validate_partition(perms[s.name], s.d_ff, s.name)
+    if isinstance(router, Mapping):
+        routers = dict(router)
+    else:
+        calibrate = dynamic_k is not None and router == "centroid"
+        routers = {s.name: build_router(router, s, model, perms[s.name], num_experts,
+                                        stats.get(s.name) if stats else None, calibrate)
+                   for s in found}
     module_scopes: dict[str, list[FFNSite]] = {}
     for s in found:
         if s.scope.kind == "module":
@@ -164,7 +180,8 @@ def convert(
         for path, group in module_scopes.items():
             cfg = MoefyConfig(num_experts, top_k, prefix=path, sites=frozenset(s.name for s in group),
                               partitions={s.name: perms[s.name] for s in group if perms[s.name] is not None},
-                              backend=backend)
+                              routers={s.name: routers[s.name] for s in group if s.name in routers},
+                              dynamic_k=dynamic_k, backend=backend)
             res = run_pass(moefy, traced[path], cfg)
             reports.extend(res.report)  # before any check below: a failure must undo these too
             got = {r.site for r in res.report}
@@ -182,7 +199,8 @@ def convert(
             for mid in middles:
                 run_pass(bypass, traced[mid], s)
             res = run_pass(moefy_head, traced[head], HeadConfig(
-                s, num_experts, top_k, head, traced[tail], tail, perms[s.name], backend))
+                s, num_experts, top_k, head, traced[tail], tail, perms[s.name], routers.get(s.name),
+                dynamic_k, backend))
             reports.extend(res.report)  # moefy_head checks everything before it permutes
             holders[s.name] = (head, "ssdfx_perm")
     except Exception:

@@ -116,15 +116,28 @@ def _lca(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def plan_scope(model: nn.Module, owners: list[str], cache: dict[int, Any]) -> tuple[Scope | None, str]:
-    """Where to rewrite a site run by modules `owners`: (scope, reason if None)."""
-    lca = _lca(owners)
+def _param_owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def plan_scope(model: nn.Module, owners: list[str], cache: dict[int, Any],
+               params: list[str] = ()) -> tuple[Scope | None, str]:
+    """Where to rewrite a site whose parameters are `params` and whose ops ran in `owners`:
+    (scope, reason if None).
+
+    The scope is the lowest common ancestor of the modules holding the site's parameters (exact,
+    from their names) and of the modules that ran its ops (from nn_module_stack, which export
+    does not record inside fx GraphModules: owners above the parameters' LCA are ignored).
+    """
+    base = _lca([_param_owner(p) for p in params]) if params else _lca(owners)
+    inside = [o for o in owners if o == base or o.startswith(base + ".") or not base]
+    lca = _lca([base] + inside) if inside else base
     if lca:
         traced = _try_trace(model.get_submodule(lca), cache)
         if not isinstance(traced, Exception):
             return Scope("module", lca), ""
     # Through the children of the LCA: every op must run inside one of them.
-    inline = [o for o in owners if o == lca]
+    inline = [o for o in owners if not (o.startswith(lca + ".") if lca else o)]
     if inline:
         why = ("it is inline in the forward of " + (lca or "the root module") +
                ", which fx cannot trace and which cannot be replaced")
@@ -170,7 +183,8 @@ def _collect(model, view: GraphView, prefix: str, located: Located, cache, seen:
         if m.w_in.weight in seen:
             continue  # a module called twice (shared layers) holds one site
         owners = _owners(m, prefix)
-        scope, why = plan_scope(model, owners, cache)
+        params = [lm.weight for lm in (m.w_in, m.w_out, m.w_up) if lm is not None]
+        scope, why = plan_scope(model, owners, cache, params)
         seen.add(m.w_in.weight)
         if scope is None:
             located.rejected.append(f"FFN {m.w_in.weight} -> {m.w_out.weight} cannot be rewritten: {why}")

@@ -14,9 +14,8 @@ decomposition (HF's tanh-GELU as mul/pow/tanh, say) is recognised.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx

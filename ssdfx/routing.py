@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CentroidRouter", "centroids", "select_top_k", "straight_through"]
+__all__ = [
+    "CentroidRouter", "MLPRouter", "centroids", "select_top_k", "select_dynamic_k",
+    "straight_through", "fit_temperature", "train_mlp_router", "build_router",
+]
 
 
 def centroids(w_act: torch.Tensor, num_experts: int, w_up: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,22 +32,81 @@ def centroids(w_act: torch.Tensor, num_experts: int, w_up: torch.Tensor | None =
 
 
 class CentroidRouter(nn.Module):
-    """score_e(x) = x . c_e, one row of `weight` per expert; rebuilt at every conversion."""
+    """score_e(x) = (x . c_e) / temperature, one row of `weight` per expert.
 
-    def __init__(self, weight: torch.Tensor):
+    Rebuilt at every conversion. The temperature does not change which experts top-k picks;
+    it makes softmax(scores) a calibrated estimate of each expert's share of the activation
+    mass, which dynamic-k needs (see fit_temperature).
+    """
+
+    def __init__(self, weight: torch.Tensor, temperature: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())  # (E, d)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     @property
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.detach().to(self.weight.dtype), self.weight)  # (..., E)
+        return F.linear(x.detach().to(self.weight.dtype), self.weight) / self.temperature  # (..., E)
 
     def extra_repr(self) -> str:
         e, d = self.weight.shape
-        return f"experts={e}, d_model={d}"
+        return f"experts={e}, d_model={d}, temperature={self.temperature.item():.3g}"
+
+
+class MLPRouter(nn.Module):
+    """A small MLP trained to predict each expert's share of a token's activation mass."""
+
+    def __init__(self, d_model: int, num_experts: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
+
+    @property
+    def num_experts(self) -> int:
+        return self.net[-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.detach().to(self.net[0].weight.dtype))  # (..., E)
+
+
+def _soft_ce(scores: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    return -(share * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
+
+
+def fit_temperature(scores: torch.Tensor, mass: torch.Tensor) -> float:
+    """The temperature t minimising cross-entropy between softmax(scores / t) and the observed
+    per-expert mass shares (scores, mass: (N, E)). A 1-D search: cheap and robust."""
+    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+    grid = torch.logspace(-3, 3, 121)
+    losses = torch.stack([_soft_ce(scores / t, share) for t in grid])
+    return float(grid[losses.argmin()])
+
+
+def train_mlp_router(x: torch.Tensor, mass: torch.Tensor, *, hidden: int = 128, steps: int = 300,
+                     lr: float = 3e-3, seed: int = 0) -> MLPRouter:
+    """Fit an MLPRouter on observed inputs x (N, d) and per-expert mass (N, E)."""
+    g = torch.Generator().manual_seed(seed)
+    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        router = MLPRouter(x.shape[1], mass.shape[1], hidden)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    n = x.shape[0]
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(512, n),), generator=g)
+        loss = _soft_ce(router.net((x[idx] - mu) / sd), share[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # fold the input standardisation into the first layer, so the router reads raw x
+    with torch.no_grad():
+        lin = router.net[0]
+        lin.bias -= (lin.weight * (mu / sd)).sum(1)
+        lin.weight /= sd
+    return router
 
 
 def straight_through(probs: torch.Tensor) -> torch.Tensor:
@@ -57,3 +119,41 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     probs = torch.softmax(scores.float(), dim=-1)  # (..., E)
     top, idx = probs.topk(k, dim=-1, sorted=False)  # (..., k)
     return idx, straight_through(top)
+
+
+def select_dynamic_k(scores: torch.Tensor, coverage: float, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the fewest experts whose predicted mass share (softmax of the scores) reaches
+    `coverage`, at most `max_k`. Unused slots hold expert index -1 (the op skips them)."""
+    probs = torch.softmax(scores.float(), dim=-1)  # (..., E)
+    top, idx = probs.topk(max_k, dim=-1)  # (..., max_k), largest first
+    keep = (top.cumsum(-1) - top) < coverage  # slot j is needed while the mass before it < target
+    return idx.masked_fill(~keep, -1), straight_through(top) * keep
+
+
+def build_router(kind: str, site, model: nn.Module, perm: torch.Tensor | None, num_experts: int,
+                 stats=None, calibrate: bool = False) -> nn.Module:
+    """A router for `site` split by `perm` (None: contiguous): "centroid" or "mlp".
+
+    "mlp" and `calibrate` (the centroid router's temperature, for dynamic-k) need the site's
+    observed statistics `stats` (ssdfx.observe).
+    """
+    from ssdfx.observe import expert_mass, site_weights
+
+    if perm is None:
+        perm = torch.arange(site.d_ff)
+    if kind == "mlp" or calibrate:
+        if stats is None:
+            raise ValueError(f"router={kind!r}" + (" with dynamic_k" if calibrate else "") +
+                             " needs activation statistics: pass stats=ssdfx.observe(model, batches)")
+        mass = expert_mass(stats.mass, perm, num_experts)  # (N, E)
+    if kind == "mlp":
+        return train_mlp_router(stats.x, mass)
+    if kind != "centroid":
+        raise ValueError(f"unknown router {kind!r}; choose 'centroid' or 'mlp'")
+    w1 = site_weights(model, site)["w1"]
+    router = CentroidRouter(centroids(w1[perm], num_experts))
+    if calibrate:
+        with torch.no_grad():
+            t = fit_temperature(router(stats.x), mass)
+        router.temperature.fill_(t)
+    return router

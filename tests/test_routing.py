@@ -1,0 +1,115 @@
+"""Routers and selection."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import models
+import ssdfx
+from ssdfx.observe import expert_mass, observe
+from ssdfx.routing import (CentroidRouter, centroids, fit_temperature, select_dynamic_k, select_top_k,
+                           train_mlp_router)
+from ssdfx.stability import routed_coverage
+
+
+def test_top_k_gate_is_one_forward_and_softmax_backward():
+    scores = torch.randn(6, 8, requires_grad=True)
+    idx, gate = select_top_k(scores, 3)
+    assert torch.equal(gate.detach(), torch.ones(6, 3))
+    w = torch.randn(6, 3)
+    (gate * w).sum().backward()
+    # reference: gradient of sum(w * softmax(scores)[idx])
+    s2 = scores.detach().clone().requires_grad_(True)
+    (torch.softmax(s2, -1).gather(-1, idx) * w).sum().backward()
+    torch.testing.assert_close(scores.grad, s2.grad)
+    assert torch.equal(idx.sort(-1).values, scores.topk(3, -1).indices.sort(-1).values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(e=st.integers(1, 8), cap=st.integers(1, 8), cov=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
+def test_dynamic_k_takes_the_fewest_experts(e, cap, cov, seed):
+    cap = min(cap, e)
+    scores = torch.randn(5, e, generator=torch.Generator().manual_seed(seed)) * 2
+    idx, gate = select_dynamic_k(scores, cov, cap)
+    probs = torch.softmax(scores, -1)
+    for t in range(5):
+        # brute force: sort by prob, take while the mass so far is below the target
+        order = probs[t].argsort(descending=True).tolist()
+        want, total = [], 0.0
+        for j in order[:cap]:
+            if total >= cov:
+                break
+            want.append(j)
+            total += probs[t, j].item()
+        got = [j for j in idx[t].tolist() if j >= 0]
+        assert got == want
+        assert torch.equal(gate[t] > 0, idx[t] >= 0)
+
+
+def test_centroids_are_normalised_mean_rows():
+    w = torch.randn(12, 5)
+    c = centroids(w, 3)
+    rows = F.normalize(w, dim=1)
+    for e in range(3):
+        torch.testing.assert_close(c[e], F.normalize(rows[4 * e: 4 * e + 4].mean(0), dim=0))
+
+
+def test_router_reads_a_detached_input():
+    r = CentroidRouter(torch.randn(4, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    r(x).sum().backward()
+    assert x.grad is None and r.weight.grad is not None
+
+
+def test_fit_temperature_recovers_a_known_one():
+    logits = torch.randn(2000, 8) * 2
+    mass = torch.softmax(logits, -1)
+    t = fit_temperature(logits * 4.0, mass)
+    assert t == pytest.approx(4.0, rel=0.1)
+
+
+def test_mlp_router_learns_which_experts_carry_the_mass():
+    model, kwargs, _ = models.gpt2("relu")
+    kwargs = dict(input_ids=torch.randint(0, models.VOCAB, (8, 32), generator=torch.Generator().manual_seed(1)))
+    st = observe(model.eval(), [kwargs])["transformer.h.0.mlp.c_fc.weight"]
+    perm = torch.arange(st.site.d_ff)
+    mass = expert_mass(st.mass, perm, 8)
+    router = train_mlp_router(st.x, mass, steps=400)
+    with torch.no_grad():
+        idx_mlp, _ = select_top_k(router(st.x), 2)
+    idx_rand = torch.stack([torch.randperm(8)[:2] for _ in range(st.x.shape[0])])
+    assert routed_coverage(st.mass, perm, 8, idx_mlp) > routed_coverage(st.mass, perm, 8, idx_rand) + 0.05
+
+
+def test_convert_with_mlp_router_and_dynamic_k():
+    model, kwargs, _ = models.gpt2("relu")
+    model.eval()
+    stats = observe(model, [kwargs])
+    ssdfx.convert(model, num_experts=4, top_k=4, router="mlp", dynamic_k=0.9, stats=stats,
+                  partition="kmeans")
+    code = model.transformer.h[0].mlp.code
+    assert "select_dynamic_k" in code
+    out = model(**kwargs)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.transformer.h[0].mlp.ssdfx_router.net[0].weight.grad is not None
+    ssdfx.revert(model)
+
+
+def test_dynamic_k_with_full_coverage_is_dense():
+    model, kwargs, _ = models.gpt2("relu")
+    model.eval()
+    ref = models.output_of(model, kwargs)
+    stats = observe(model, [kwargs])
+    ssdfx.convert(model, num_experts=4, top_k=4, dynamic_k=1.0, stats=stats)
+    # with target 1.0, a token stops only once the experts before hold all predicted mass
+    torch.testing.assert_close(models.output_of(model, kwargs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_k_validated():
+    model, _, _ = models.gpt2()
+    with pytest.raises(ValueError, match="dynamic_k"):
+        ssdfx.convert(model, num_experts=4, top_k=2, dynamic_k=1.5)
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        ssdfx.convert(model, num_experts=4, top_k=2, dynamic_k=0.9)

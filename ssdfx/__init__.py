@@ -3,6 +3,8 @@
     import ssdfx
     sites = ssdfx.find_ffns(model)                    # FFNs found by graph structure
     ssdfx.convert(model, num_experts=8, top_k=2)      # every FFN -> router + routed experts
+    print(ssdfx.flops(model))                         # FLOPs per site, dense and sparse
+    print(ssdfx.debug.listing(model, 0))              # a site's graph before and after
     ssdfx.revert(model)                               # back to dense, exactly
 """
 
@@ -24,6 +26,9 @@ from ssdfx.errors import (
     UnsupportedSiteError,
 )
 from ssdfx.site import FFNSite, LinearRef, Scope
+from ssdfx import debug
+from ssdfx.flopcount import flops
+from ssdfx.floptable import FlopTable
 
 __version__ = "0.1.0"
 
@@ -33,4 +38,5 @@ __all__ = [
     "FFNSite", "LinearRef", "Scope",
     "SSDFXError", "NoFFNFoundError", "TraceError", "UnsupportedSiteError", "NotConvertedError",
     "AlreadyConvertedError",
+    "flops", "FlopTable", "debug",
 ]

@@ -1,0 +1,126 @@
+"""The `ssdfx` command line: flops and inspect on HF model types and factories, JSON output,
+exit codes, and error messages without tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ssdfx.cli import main
+
+HERE = os.path.dirname(__file__)
+FACTORY = os.path.join(HERE, "models.py")
+SMALL_GPT2 = ["gpt2", "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--vocab-size", "97",
+              "--seq-len", "12", "--batch", "2"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_flops_hf_type_with_overrides_json(capsys):
+    code, out, err = run(capsys, "flops", *SMALL_GPT2, "--device", "cpu", "-E", "4", "-k", "1",
+                         "--check", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    (site,) = [r for r in data["rows"] if r["site"] not in ("(non-FFN)", "total")]
+    assert (site["d_model"], site["d_ff"], site["tokens"], site["experts"]) == (32, 128, 24, 4)
+    # FlopCounterMode ran on the same model: within 2%
+    assert abs(data["check"]["relative_difference"]) < 0.02
+    assert data["total"] == data["totals"]["moefy"] == data["rows"][-1]["flops_moefy"]
+
+
+def test_flops_generic_config_flags_and_set(capsys):
+    code, out, err = run(capsys, "flops", "gpt2", "--n-layer", "1", "--n-embd", "64",
+                         "--set", "n_head=4", "--n-inner=128", "--seq-len", "8", "--dense", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["stages"] == ["dense"]
+    site = data["rows"][0]
+    assert (site["d_model"], site["d_ff"]) == (64, 128)
+    assert site["flops_dense"] == 8 * 2 * 64 * 128 * 2  # hand formula, T = 8 tokens
+
+
+def test_flops_factory_text_and_csv(capsys, tmp_path):
+    csv_path = tmp_path / "f.csv"
+    code, out, err = run(capsys, "flops", f"{FACTORY}:llama", "--n-layer", "1", "--csv", str(csv_path))
+    assert code == 0, err
+    assert "model.layers.0.mlp" in out and "moefy FLOPs" in out and "ratio" in out
+    assert csv_path.read_text().splitlines()[0].startswith("site,name,kind")
+
+
+def test_inspect_factory_json(capsys):
+    code, out, err = run(capsys, "inspect", f"{FACTORY}:block", "-E", "4", "-k", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["sites"][0]["state"] == "sparse" and data["site"] == "mlp"
+    (g,) = data["graphs"]
+    assert "self.c_fc(" in g["before"] and "self.ssdfx_experts(" in g["after"]
+    ops = {r["op"]: r["delta"] for r in data["node_diff"]}
+    assert ops["RoutedExperts"] == 1 and ops["Linear"] == -2
+
+
+def test_inspect_text_dense_and_draw(capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", *SMALL_GPT2, "--dense", "--draw", str(tmp_path),
+                         "--format", "dot")
+    assert code == 0, err
+    assert "dense" in out and "(dense: not converted)" in out and "nodes per op" in out
+    assert os.listdir(tmp_path) == ["transformer.h.0.mlp.before.dot"]
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["flops", "gtp2"], 1, "did you mean gpt2"),
+    (["flops", "gpt2", "--n-layr", "2"], 1, "did you mean n_layer"),
+    (["flops", *SMALL_GPT2, "-E", "4", "-k", "5"], 1, "top_k must be an int in [1, num_experts=4]"),
+    (["flops", *SMALL_GPT2, "-E", "5"], 1, "not divisible by num_experts=5"),
+    (["flops", "gpt2", "--set", "n_layer"], 2, "--set expects KEY=VALUE"),
+    (["flops", "gpt2", "--check"], 2, "--device cpu"),
+    (["flops", f"{FACTORY}:nope"], 1, "no callable 'nope'"),
+    (["inspect", *SMALL_GPT2, "--site", "7"], 1, "out of range"),
+])
+def test_user_errors_exit_nonzero_with_a_message(capsys, argv, code, message):
+    got, out, err = run(capsys, *argv)
+    assert got == code
+    assert message in err and "Traceback" not in err
+    assert err.startswith(f"ssdfx {argv[0]}: error: ")
+
+
+def test_usage_errors_from_argparse(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["flops", "gpt2", "--top-k", "two"])
+    assert e.value.code == 2
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_help_explains_each_option(capsys):
+    for cmd, options in {"flops": ["--num-experts", "--top-k", "--json", "--csv", "--check",
+                                   "--device", "--set", "--n-layer", "MODULE:FUNCTION"],
+                         "inspect": ["--site", "--draw", "--format", "--dense", "--json"]}.items():
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for opt in options:
+            assert opt in out, (cmd, opt)
+
+
+def test_demo_still_runs(capsys):
+    code, out, err = run(capsys, "demo", "--n-layer", "1", "--n-embd", "32", "--num-experts", "4")
+    assert code == 0
+    assert "the conversion is exact" in out and "after ssdfx.revert" in out
+
+
+def test_module_entry_point_and_exit_status():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    ok = subprocess.run([sys.executable, "-m", "ssdfx", "flops", f"{FACTORY}:sequential_mlp",
+                         "--json"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["totals"]["dense"] == 2 * 5 * 16 * 64 * 2
+    bad = subprocess.run([sys.executable, "-m", "ssdfx", "flops", "not_a_model"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -24,7 +24,8 @@ import functools
 import numpy as np
 import torch
 
-from ssdfx.ops.layout import hidden, hidden_backward
+from ssdfx.activations import activation_backward, activation_fn
+from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["SUPPORTED_DTYPES", "backward", "forward", "num_workers"]
@@ -178,15 +179,29 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     ptr, experts, nmax = nk.plan(_np(offsets), workers)
     xs = np.empty((workers, nmax, d), dtype=_np(x).dtype)  # (W, nmax, d)
     ds = np.empty_like(xs)
-    dh = torch.empty(pairs, m, dtype=x.dtype)
-    with _numba_phase():
-        nk.bwd_dh(_np(dy), _np(w2), _np(order), _np(offsets), k, ptr, experts, _np(dh), ds)
     sel = order[:pairs]
     kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
-    dg, gh, da1, da3 = hidden_backward(
-        dh, gate.reshape(-1)[sel], a1[:pairs], a3[:pairs] if glu else None, kp,
-        dropout_p, activation,
-    )
+    a1p = a1[:pairs]
+    a3p = a3[:pairs] if glu else None
+    f = activation_fn(activation)(a1p)  # (P, m)
+    h = hidden(a1p, a3p, kp, dropout_p, activation) if (glu or kp is not None) else f
+    if h.untyped_storage().data_ptr() == a1.untyped_storage().data_ptr():
+        h = h.clone()  # identity activation: h is a1 itself, and bwd_dh overwrites h
+    h = h.contiguous()
+    dh = torch.empty(pairs, m, dtype=x.dtype)
+    dg = torch.empty(pairs, dtype=x.dtype)
+    with _numba_phase():
+        nk.bwd_dh(_np(dy), _np(w2), _np(gate.contiguous()).reshape(-1), _np(order),
+                  _np(offsets), k, ptr, experts, _np(h), _np(dh), _np(dg), ds)
+    gh = h  # now gate * h
+    # dh is now gate * dy w2_e = dL/dh; through h = f * a3 * keep/(1-p):
+    if kp is not None:
+        dh.mul_(kp.to(x.dtype) * (1.0 / (1.0 - dropout_p)))
+    da3 = None
+    if glu:
+        da3 = dh * f
+        dh.mul_(a3p)
+    da1 = activation_backward(activation, dh, a1p)
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = dg
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)

@@ -10,8 +10,14 @@ contiguous block, and combine. Two flavours of the GEMMs:
 - `grouped=True`: `torch._grouped_mm`, one kernel for all experts (CUDA bf16 on sm90+; also
   CPU in recent torch). Needs 16-byte aligned strides: d, m and F multiples of 8 in bf16.
 
-The combine step puts each pair's output back in (token, slot) order and sums over the K
-slots, rather than `index_add_`: deterministic, and the sum accumulates in fp32 for bf16.
+The gate is folded into h before the down-projection (h has m columns, y rows have d), and
+the combine step sums each token's K rows straight from the expert-ordered GEMM output:
+a fused Triton kernel on CUDA (`cuda_kernels.gather_sum`), else a gather and a sum over K.
+Both are deterministic (no atomics) and accumulate in fp32.
+
+Measured on an H200 (bf16, T=16384, d=4096, E=16, k=4): each grouped GEMM runs at the dense
+GEMM's rate (~0.72 ms for the 0.55 TFLOP of one projection); the rest of the time is gathers,
+elementwise passes and the combine, which is what the choices above cut down.
 """
 
 from __future__ import annotations
@@ -37,34 +43,55 @@ def grouped_mm_ok(x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> bool:
 
 
 def _expert_views(w1, w2, w3, num_experts):
-    """Per-expert weight views without copies: w1_e^T (E, d, m), w2_e^T (E, m, d), w2_e (E, d, m)."""
+    """Per-expert weight views (no copy when the strides allow, as for Linear and Conv1D):
+    w1_e^T (E, d, m), w3_e^T, w2_e^T (E, m, d) and w2_e (E, d, m)."""
     f_all, d = w1.shape
     m = f_all // num_experts
-    w1t = w1.view(num_experts, m, d).transpose(1, 2)
-    w3t = w3.view(num_experts, m, d).transpose(1, 2) if w3 is not None else None
-    w2_edm = w2.view(d, num_experts, m).permute(1, 0, 2)  # (E, d, m)
+    w1t = w1.reshape(num_experts, m, d).transpose(1, 2)
+    w3t = w3.reshape(num_experts, m, d).transpose(1, 2) if w3 is not None else None
+    w2_edm = w2.reshape(d, num_experts, m).permute(1, 0, 2)  # (E, d, m)
     return w1t, w3t, w2_edm.transpose(1, 2), w2_edm
 
 
 def _inverse(order: torch.Tensor, pairs: int) -> torch.Tensor:
-    """inv (T*K,): the layout row of each pair; unused slots point at row P (a zero row)."""
-    inv = torch.full_like(order, pairs)
-    inv[order[:pairs]] = torch.arange(pairs, device=order.device)
+    """inv (T*K,): the layout row of each pair; unused slots point at row P (no row)."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device).clamp_(max=pairs)
     return inv
 
 
-def _unsort_sum(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:
-    """rows (P, d) in layout order -> (T, d): sum over each token's K slots."""
-    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # (P+1, d)
-    per_slot = padded.index_select(0, inv).view(t_all, k, -1)  # (T, K, d)
+def _per_slot(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:
+    """rows (P, c) in layout order -> (T, K, c) in (token, slot) order, zeros for unused slots."""
+    if rows.shape[0] < t_all * k:  # dynamic-k: unused slots read an appended zero row
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return rows.index_select(0, inv).view(t_all, k, -1)
+
+
+def _combine(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:
+    """(T, d): each token's sum of its K rows of `rows` (P, d), accumulated in fp32."""
+    if rows.device.type == "cuda":
+        from ssdfx.ops import cuda_kernels
+
+        if cuda_kernels.available():
+            return cuda_kernels.gather_sum(rows, inv, t_all, k)
+    per_slot = _per_slot(rows, inv, t_all, k)  # (T, K, d)
     if k == 1:
         return per_slot[:, 0]
-    acc = torch.promote_types(rows.dtype, torch.float32)
-    return per_slot.sum(1, dtype=acc).to(rows.dtype)
+    return per_slot.sum(1)  # reductions of bf16 accumulate in fp32
 
 
-def _mm_blocks(a, b_e, bounds, out):
-    """out[s:t] = a[s:t] @ b_e[e] for each expert block [s, t) of the layout."""
+def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
+    """(P, m) -> (rows, m) with zero rows appended (the saved layout keeps T*K rows)."""
+    if a.shape[0] == rows:
+        return a
+    return torch.cat([a, a.new_zeros(rows - a.shape[0], a.shape[1])])
+
+
+def _mm(a, b_e, bounds, offs32, grouped):
+    """(P, N): each expert block a[s:t] (rows of the layout) times b_e[e] (E, K, N)."""
+    if grouped:
+        return torch._grouped_mm(a, b_e, offs=offs32)
+    out = a.new_empty(a.shape[0], b_e.shape[2])
     for e in range(len(bounds) - 1):
         s, t = bounds[e], bounds[e + 1]
         if s < t:
@@ -72,17 +99,13 @@ def _mm_blocks(a, b_e, bounds, out):
     return out
 
 
-def _mm(a, b_e, bounds, offs32, grouped):
-    if grouped:
-        return torch._grouped_mm(a, b_e, offs=offs32)
-    return _mm_blocks(a, b_e, bounds, a.new_empty(a.shape[0], b_e.shape[2]))
-
-
-def _row_bias(bias, num_experts, bounds, pairs):
-    # (P, m): each layout row's expert slice of the bias
-    counts = torch.tensor([bounds[e + 1] - bounds[e] for e in range(num_experts)],
-                          device=bias.device)
-    return bias.view(num_experts, -1).repeat_interleave(counts, dim=0, output_size=pairs)
+def _add_bias(a, bias, bounds):
+    """a (P, m) += expert e's bias slice on its block of rows (no (P, m) bias is built)."""
+    m = a.shape[1]
+    for e in range(len(bounds) - 1):
+        s, t = bounds[e], bounds[e + 1]
+        if s < t:
+            a[s:t] += bias[e * m:(e + 1) * m]
 
 
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p,
@@ -93,37 +116,39 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     if x.device.type == "cpu":
         check_expert_idx(expert_idx, num_experts)  # a device sync elsewhere: CPU only
     order, offsets = sort_pairs(expert_idx, num_experts)
-    bounds = offsets.tolist()
+    bounds = offsets.tolist()  # the one host sync: shapes depend on P
     pairs = bounds[-1]
     offs32 = offsets[1:].to(torch.int32)
     w1t, w3t, w2t, _ = _expert_views(w1, w2, w3, num_experts)
     sel = order[:pairs]
     xs = x.index_select(0, sel // k)  # (P, d)
-    a1 = x.new_zeros(t_all * k, m)
-    a1[:pairs] = _mm(xs, w1t, bounds, offs32, grouped)
+    a1 = _mm(xs, w1t, bounds, offs32, grouped)  # (P, m)
     if b1 is not None:
-        a1[:pairs] += _row_bias(b1, num_experts, bounds, pairs)
-    a3 = x.new_zeros(t_all * k if w3 is not None else 0, m)
+        _add_bias(a1, b1, bounds)
+    a3 = None
     if w3 is not None:
-        a3[:pairs] = _mm(xs, w3t, bounds, offs32, grouped)
+        a3 = _mm(xs, w3t, bounds, offs32, grouped)
         if b3 is not None:
-            a3[:pairs] += _row_bias(b3, num_experts, bounds, pairs)
+            _add_bias(a3, b3, bounds)
     kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
-    h = hidden(a1[:pairs], a3[:pairs] if w3 is not None else None, kp, dropout_p, activation)
-    ys = _mm(h, w2t, bounds, offs32, grouped)  # (P, d)
-    ys *= gate.reshape(-1)[sel].unsqueeze(1)
-    y = _unsort_sum(ys, _inverse(order, pairs), t_all, k)
+    h = hidden(a1, a3, kp, dropout_p, activation)
+    gh = h * gate.reshape(-1)[sel].unsqueeze(1)  # (P, m); never in place: h may be a1
+    ys = _mm(gh, w2t, bounds, offs32, grouped)  # (P, d)
+    y = _combine(ys, _inverse(order, pairs), t_all, k)
+    a1 = _pad_rows(a1, t_all * k)
+    a3 = _pad_rows(a3, t_all * k) if a3 is not None else x.new_zeros(0, m)
     return y, a1, a3, order, offsets
 
 
-def _grad_weights(a_t, b, bounds, offs32, grouped, counts_zero):
-    """(E, M, N) per-expert products a_t[:, s:t] @ b[s:t] (the K dim is the layout rows)."""
+def _grad_weights(a_t, b, bounds, offs32, grouped):
+    """(E, M, N): per expert a_t[:, s:t] @ b[s:t] (the contraction runs over layout rows)."""
+    num_experts = len(bounds) - 1
     if grouped:
         out = torch._grouped_mm(a_t, b, offs=offs32)
-        if counts_zero.any():
-            out[counts_zero] = 0  # an expert with no rows gets zero gradient
+        empty = [e for e in range(num_experts) if bounds[e] == bounds[e + 1]]
+        if empty:
+            out[empty] = 0  # an expert with no rows gets exactly zero gradient
         return out
-    num_experts = len(bounds) - 1
     out = a_t.new_zeros(num_experts, a_t.shape[0], b.shape[1])
     for e in range(num_experts):
         s, t = bounds[e], bounds[e + 1]
@@ -132,14 +157,19 @@ def _grad_weights(a_t, b, bounds, offs32, grouped, counts_zero):
     return out
 
 
-def _segment_sum(a, bounds):
-    """(P, m) in layout order -> (E*m,): each expert's column sums (zero for empty experts)."""
+def _segment_sum(a, bounds, offs32, grouped):
+    """(E*m,): each expert's column sums of a (P, m), zero for empty experts."""
+    if grouped:
+        # a GEMM with a ones matrix reads `a` once; (8, P) column-major keeps 16-byte strides
+        ones = a.new_ones(a.shape[0], 8).t()
+        return _grad_weights(ones, a, bounds, offs32, grouped)[:, 0].reshape(-1)
     num_experts = len(bounds) - 1
-    lengths = torch.tensor([bounds[e + 1] - bounds[e] for e in range(num_experts)],
-                           device=a.device)
-    if a.shape[0] == 0:
-        return a.new_zeros(num_experts * a.shape[1])
-    return torch.segment_reduce(a, "sum", lengths=lengths, axis=0).reshape(-1)
+    out = a.new_zeros(num_experts, a.shape[1])
+    for e in range(num_experts):
+        s, t = bounds[e], bounds[e + 1]
+        if s < t:
+            torch.sum(a[s:t], 0, out=out[e])
+    return out.reshape(-1)
 
 
 def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
@@ -152,7 +182,6 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     bounds = offsets.tolist()
     pairs = bounds[-1]
     offs32 = offsets[1:].to(torch.int32)
-    counts_zero = (offsets[1:] - offsets[:-1]) == 0
     w1t, w3t, _, w2_edm = _expert_views(w1, w2, w3, num_experts)
     sel = order[:pairs]
     tok = sel // k
@@ -164,24 +193,29 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         dropout_p, activation,
     )
     inv = _inverse(order, pairs)
-    dgate = torch.cat([dg, dg.new_zeros(1)]).index_select(0, inv).view(t_all, k)
-    # weight gradients: (E, d, m) for w2, (E, m, d) for w1/w3, written through views of
-    # tensors with the weights' strides
+    dgate = _per_slot(dg.unsqueeze(1), inv, t_all, k).view(t_all, k)
+    # weight gradients come out per expert, (E, d, m) for w2 and (E, m, d) for w1 and w3
     dw2 = torch.empty_like(w2)
     dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
-        _grad_weights(dys.t(), gh, bounds, offs32, grouped, counts_zero))
-    dw1 = torch.empty_like(w1)
-    dw1.view(num_experts, m, d).copy_(
-        _grad_weights(da1.t(), xs, bounds, offs32, grouped, counts_zero))
-    db1 = _segment_sum(da1, bounds)
+        _grad_weights(dys.t(), gh, bounds, offs32, grouped))
+    dw1 = _expert_rows_grad(w1, _grad_weights(da1.t(), xs, bounds, offs32, grouped))
+    db1 = _segment_sum(da1, bounds, offs32, grouped)
     dxs = _mm(da1, w1t.transpose(1, 2), bounds, offs32, grouped)  # (P, d)
     if glu:
-        dw3 = torch.empty_like(w3)
-        dw3.view(num_experts, m, d).copy_(
-            _grad_weights(da3.t(), xs, bounds, offs32, grouped, counts_zero))
-        db3 = _segment_sum(da3, bounds)
+        dw3 = _expert_rows_grad(w3, _grad_weights(da3.t(), xs, bounds, offs32, grouped))
+        db3 = _segment_sum(da3, bounds, offs32, grouped)
         dxs += _mm(da3, w3t.transpose(1, 2), bounds, offs32, grouped)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
-    dx = _unsort_sum(dxs, inv, t_all, k)
+    dx = _combine(dxs, inv, t_all, k)
     return dx, dw1, db1, dw2, dw3, db3, dgate
+
+
+def _expert_rows_grad(w, per_expert):
+    """(F, d) gradient with w's strides from per-expert blocks (E, m, d); no copy if w is
+    contiguous (the blocks already are its rows)."""
+    if w.is_contiguous() and per_expert.is_contiguous():
+        return per_expert.view(w.shape)
+    out = torch.empty_like(w)
+    out.view(per_expert.shape).copy_(per_expert)
+    return out

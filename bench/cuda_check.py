@@ -1,0 +1,212 @@
+"""One-shot GPU check of the sparse operator: equality with the CPU reference, then speed.
+
+    python bench/cuda_check.py --out DIR [--quick]
+
+1. runs `pytest -m cuda tests/test_ops_cuda.py` (CUDA kernels vs the CPU reference, forward and
+   every gradient, fp32 and bf16) and keeps its log;
+2. times, in bf16 with CUDA events (median of repeats, dense and sparse interleaved), the dense
+   cuBLAS FFN (Linear -> GELU -> Linear) against the sparse op with a router (Linear(d, E),
+   top-k, straight-through softmax gate) for each CUDA backend, forward and forward+backward.
+   The headline shape is T=16384, d=4096, d_ff=16384, E=16, k=4 (target >= 0.7 x E/k).
+
+Writes DIR/cuda_check.csv, DIR/cuda_check.md and DIR/cuda_tests.log. Not a test: it needs a
+GPU and prints timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ssdfx.ops import moe_ffn  # noqa: E402
+from ssdfx.ops.torch_path import grouped_mm_ok  # noqa: E402
+
+
+def route(x, wr, k):
+    """Router: scores, top-k, straight-through softmax gate (forward value exactly 1)."""
+    scores = x @ wr.t()  # (T, E)
+    top = scores.topk(k, dim=-1)
+    soft = torch.softmax(top.values.float(), dim=-1).to(x.dtype)
+    gate = soft - soft.detach() + 1.0
+    return top.indices, gate
+
+
+def cuda_time(fn, reps):
+    if not torch.cuda.is_available():  # dry run on CPU
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def bench_shape(t, d, e, k, backends, repeats, inner, dtype=torch.bfloat16, dev="cuda"):
+    f_all = 4 * d
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(t, d, device=dev, dtype=dtype, generator=g)
+    w1 = (torch.randn(f_all, d, device=dev, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+    b1 = torch.zeros(f_all, device=dev, dtype=dtype).requires_grad_()
+    w2 = (torch.randn(d, f_all, device=dev, generator=g) * f_all ** -0.5).to(dtype)
+    w2.requires_grad_()
+    wr = (torch.randn(e, d, device=dev, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+    xg = x.clone().requires_grad_()
+    dy = torch.randn(t, d, device=dev, dtype=dtype, generator=g)
+
+    def dense_fwd():
+        with torch.no_grad():
+            F.linear(F.gelu(F.linear(x, w1, b1)), w2)
+
+    def dense_fb():
+        F.linear(F.gelu(F.linear(xg, w1, b1)), w2).backward(dy)
+
+    def sparse(backend, backward):
+        def fn():
+            if backward:
+                idx, gate = route(xg, wr, k)
+                moe_ffn(xg, w1, b1, w2, None, None, idx, gate, num_experts=e,
+                        activation="gelu", backend=backend).backward(dy)
+            else:
+                with torch.no_grad():
+                    idx, gate = route(x, wr, k)
+                    moe_ffn(x, w1, b1, w2, None, None, idx, gate, num_experts=e,
+                            activation="gelu", backend=backend)
+        return fn
+
+    cases = {"dense/fwd": dense_fwd, "dense/fwd+bwd": dense_fb}
+    for b in backends:
+        cases[f"{b}/fwd"] = sparse(b, False)
+        cases[f"{b}/fwd+bwd"] = sparse(b, True)
+    for fn in cases.values():  # warm-up (cuBLAS heuristics, allocator)
+        fn()
+        fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):  # interleaved
+        for name, fn in cases.items():
+            times[name].append(cuda_time(fn, inner))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    rows = []
+    for b in backends:
+        for phase in ("fwd", "fwd+bwd"):
+            dense, sp = med[f"dense/{phase}"], med[f"{b}/{phase}"]
+            rows.append(dict(T=t, d=d, d_ff=f_all, E=e, k=k, dtype=str(dtype).split(".")[-1],
+                             backend=b, phase=phase, dense_ms=round(dense, 4),
+                             sparse_ms=round(sp, 4), speedup=round(dense / sp, 3),
+                             ideal=e / k, of_ideal=round(dense / sp / (e / k), 3)))
+    return rows
+
+
+def profile_headline(out: Path, backend: str, t=16384, d=4096, e=16, k=4):
+    """Kernel-level time split of one sparse forward+backward (where the overhead goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype, f_all = torch.bfloat16, 4 * d
+    x = torch.randn(t, d, device="cuda", dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(f_all, d, device="cuda") * d ** -0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(d, f_all, device="cuda") * f_all ** -0.5).to(dtype).requires_grad_()
+    wr = (torch.randn(e, d, device="cuda") * d ** -0.5).to(dtype).requires_grad_()
+
+    def step():
+        idx, gate = route(x, wr, k)
+        moe_ffn(x, w1, None, w2, None, None, idx, gate, num_experts=e, activation="gelu",
+                backend=backend).sum().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    (out / f"cuda_profile_{backend}.txt").write_text(table)
+    print(table[:4000], flush=True)
+
+
+def run_tests(out: Path) -> int:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+           str(ROOT / "tests" / "test_ops_cuda.py")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (out / "cuda_tests.log").write_text(log)
+    print(log[-3000:])
+    print(f"tests: rc={proc.returncode} in {time.time() - t0:.1f}s", flush=True)
+    return proc.returncode
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    ap.add_argument("--quick", action="store_true", help="headline shape only, fewer repeats")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        rows = bench_shape(64, 64, 8, 2, ["torch", "grouped_mm"], repeats=2, inner=1, dev="cpu")
+        print(rows)
+        return 0
+    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
+          f"{torch.cuda.get_device_name()} cc{torch.cuda.get_device_capability()}, "
+          f"_grouped_mm: {hasattr(torch, '_grouped_mm')}", flush=True)
+    rc = 0 if args.skip_tests else run_tests(args.out)
+    shapes = [(16384, 4096, 16, 4)]
+    if not args.quick:
+        shapes += [(16384, 4096, 16, 8), (16384, 4096, 8, 1), (4096, 1024, 16, 4)]
+    rows = []
+    for t, d, e, k in shapes:
+        probe = torch.empty(1, d, device="cuda", dtype=torch.bfloat16)
+        backends = ["torch"] + (["grouped_mm"] if grouped_mm_ok(probe, torch.empty(4 * d, d), e)
+                                else [])
+        try:
+            new = bench_shape(t, d, e, k, backends, repeats=5 if args.quick else 7, inner=3)
+        except Exception as exc:  # keep what was measured so far
+            print(f"shape {(t, d, e, k)} failed: {exc!r}", flush=True)
+            continue
+        rows += new
+        for r in new:
+            print(r, flush=True)
+        torch.cuda.empty_cache()
+    if rows:
+        write_tables(rows, args.out)
+    for backend in ("grouped_mm",):
+        try:
+            profile_headline(args.out, backend)
+        except Exception as exc:
+            print(f"profile {backend} failed: {exc!r}", flush=True)
+    return rc
+
+
+def write_tables(rows, out):
+    with open(out / "cuda_check.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = list(rows[0])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    (out / "cuda_check.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Dense FFN vs the sparse routed-expert op on CPU: forward and forward+backward speedups.
+
+    python bench/op.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--out CSV]
+
+The dense model is Linear(d, 4d) -> GELU -> Linear(4d, d). The sparse model is the same module
+after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid scores, top-k,
+straight-through gate), or, when ssdfx.convert is unavailable, the op behind a Linear router.
+Dense and sparse runs are interleaved and each figure is a median, so the ratio is measured
+under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal.
+Prints a markdown table and writes CSV (default bench/results/op.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import ssdfx  # noqa: E402
+from ssdfx.ops import moe_ffn  # noqa: E402
+
+FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
+QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
+
+
+class _OwnRouter(nn.Module):
+    """Fallback sparse FFN when ssdfx.convert is missing: Linear router, top-k, ST gate."""
+
+    def __init__(self, dense: nn.Sequential, num_experts: int, k: int):
+        super().__init__()
+        self.dense, self.e, self.k = dense, num_experts, k
+        self.router = nn.Linear(dense[0].in_features, num_experts, bias=False)
+
+    def forward(self, x):
+        top = self.router(x).topk(self.k, dim=-1)
+        soft = torch.softmax(top.values, dim=-1)
+        gate = soft - soft.detach() + 1.0  # forward value 1, gradient of the softmax
+        up, down = self.dense[0], self.dense[2]
+        return moe_ffn(x, up.weight, up.bias, down.weight, None, None, top.indices, gate,
+                       num_experts=self.e, activation="gelu") + down.bias
+
+
+def sparse_model(dense: nn.Sequential, num_experts: int, k: int) -> nn.Module:
+    model = copy.deepcopy(dense)
+    if hasattr(ssdfx, "convert"):
+        return ssdfx.convert(model, num_experts=num_experts, top_k=k)
+    return _OwnRouter(model, num_experts, k)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(t, d, e, k, dtype, repeats):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)).to(dtype)
+    sparse = sparse_model(dense, e, k)
+    x = torch.randn(t, d, dtype=dtype)
+    dy = torch.randn(t, d, dtype=dtype)
+
+    def fwd(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    def fwd_bwd(model):
+        params = list(model.parameters())
+        xg = x.clone().requires_grad_()
+
+        def run():
+            model(xg).backward(dy)
+        def clear():
+            xg.grad = None
+            for p in params:
+                p.grad = None
+        return run, clear
+
+    cases = {}
+    for name, model in (("dense", dense), ("sparse", sparse)):
+        cases[(name, "fwd")] = (fwd(model), lambda: None)
+        cases[(name, "fwd+bwd")] = fwd_bwd(model)
+    for run, clear in cases.values():  # warm-up (and numba's first-call load)
+        for _ in range(2):
+            clear()
+            run()
+    times = {key: [] for key in cases}
+    for _ in range(repeats):
+        for key, (run, clear) in cases.items():
+            clear()
+            times[key].append(_timed(run))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    rows = []
+    for phase in ("fwd", "fwd+bwd"):
+        dense_ms, sparse_ms = med[("dense", phase)], med[("sparse", phase)]
+        speedup = dense_ms / sparse_ms
+        rows.append(dict(
+            dtype=str(dtype).split(".")[-1], T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
+            dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
+            speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
+        ))
+    return rows
+
+
+def configs(quick: bool):
+    if quick:
+        return QUICK
+    out = []
+    for t in FULL["T"]:
+        for d in FULL["d"]:
+            for e in FULL["E"]:
+                for frac in FULL["k_frac"]:
+                    out.append((t, d, e, max(1, round(e * frac))))
+    return out
+
+
+def markdown(rows):
+    cols = ["dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup", "ideal",
+            "of_ideal"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="4 shapes (the T=2048, d=768 targets and a small one) instead of 54")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per case (median)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "op.csv")
+    args = ap.parse_args(argv)
+    dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
+              "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"router: {'ssdfx.convert' if hasattr(ssdfx, 'convert') else 'own'}", flush=True)
+    rows = []
+    for dtype in dtypes:
+        for t, d, e, k in configs(args.quick):
+            new = measure(t, d, e, k, dtype, args.repeats)
+            for r in new:
+                print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
+            rows += new
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(markdown(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

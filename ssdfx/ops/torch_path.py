@@ -12,8 +12,8 @@ contiguous block, and combine. Two flavours of the GEMMs:
 
 The gate is folded into h before the down-projection (h has m columns, y rows have d), and
 the combine step sums each token's K rows straight from the expert-ordered GEMM output:
-a fused Triton kernel on CUDA (`cuda_kernels.gather_sum`), else a gather and a sum over K.
-Both are deterministic (no atomics) and accumulate in fp32.
+a fused Triton kernel on CUDA (`cuda_kernels.gather_sum`, fp32 accumulation; a gather and a
+sum over K without Triton), `index_add_` on CPU. All deterministic (no atomics).
 
 Measured on an H200 (bf16, T=16384, d=4096, E=16, k=4): each grouped GEMM runs at the dense
 GEMM's rate (~0.72 ms for the 0.55 TFLOP of one projection); the rest of the time is gathers,
@@ -67,17 +67,20 @@ def _per_slot(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torc
     return rows.index_select(0, inv).view(t_all, k, -1)
 
 
-def _combine(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:
-    """(T, d): each token's sum of its K rows of `rows` (P, d), accumulated in fp32."""
+def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: int,
+             k: int) -> torch.Tensor:
+    """(T, d): each token's sum of its K rows of `rows` (P, d, layout order)."""
     if rows.device.type == "cuda":
         from ssdfx.ops import cuda_kernels
 
         if cuda_kernels.available():
-            return cuda_kernels.gather_sum(rows, inv, t_all, k)
-    per_slot = _per_slot(rows, inv, t_all, k)  # (T, K, d)
-    if k == 1:
-        return per_slot[:, 0]
-    return per_slot.sum(1)  # reductions of bf16 accumulate in fp32
+            return cuda_kernels.gather_sum(rows, inv, t_all, k)  # fp32 accumulation
+        per_slot = _per_slot(rows, inv, t_all, k)  # (T, K, d)
+        return per_slot[:, 0] if k == 1 else per_slot.sum(1)  # fp32 accumulation
+    # CPU: index_add_ runs sequentially per row (deterministic) and skips the gather; it
+    # measured 4x faster than gather + sum over K for bf16 (T=2048, d=768, K=4)
+    tok = order[:rows.shape[0]] // k
+    return rows.new_zeros(t_all, rows.shape[1]).index_add_(0, tok, rows)
 
 
 def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
@@ -134,7 +137,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     h = hidden(a1, a3, kp, dropout_p, activation)
     gh = h * gate.reshape(-1)[sel].unsqueeze(1)  # (P, m); never in place: h may be a1
     ys = _mm(gh, w2t, bounds, offs32, grouped)  # (P, d)
-    y = _combine(ys, _inverse(order, pairs), t_all, k)
+    y = _combine(ys, order, _inverse(order, pairs), t_all, k)
     a1 = _pad_rows(a1, t_all * k)
     a3 = _pad_rows(a3, t_all * k) if a3 is not None else x.new_zeros(0, m)
     return y, a1, a3, order, offsets
@@ -207,7 +210,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         dxs += _mm(da3, w3t.transpose(1, 2), bounds, offs32, grouped)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
-    dx = _combine(dxs, inv, t_all, k)
+    dx = _combine(dxs, order, inv, t_all, k)
     return dx, dw1, db1, dw2, dw3, db3, dgate
 
 

@@ -7,13 +7,13 @@ Backends (explicit strings; there is no global switch):
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
     "torch"       sort-by-expert with one torch.mm per expert (`ssdfx.ops.torch_path`)
-    "grouped_mm"  the same with torch._grouped_mm (CUDA bf16 on sm90+, recent CPU torch)
+    "grouped_mm"  one torch._grouped_mm per projection and no host sync (`ssdfx.ops.grouped`;
+                  CUDA bf16 on sm90+, and CPU in recent torch)
     "numba"       numba CPU kernels with BLAS per expert (`ssdfx.ops.cpu_numba`), fp32/fp64
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,14 +42,13 @@ def _make(name: str) -> Kernels:
         from ssdfx.ops import cpu_numba as mod
 
         return Kernels(name, mod.forward, mod.backward)
+    if name == "grouped_mm":
+        from ssdfx.ops import grouped as mod
+
+        return Kernels(name, mod.forward, mod.backward)
     from ssdfx.ops import torch_path as mod
 
-    grouped = name == "grouped_mm"
-    return Kernels(
-        name,
-        functools.partial(mod.forward, grouped=grouped),
-        functools.partial(mod.backward, grouped=grouped),
-    )
+    return Kernels(name, mod.forward, mod.backward)
 
 
 def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> Kernels:

@@ -7,7 +7,8 @@ sorted by expert:
     order   (T*K,) int64   the valid pairs sorted stably by expert, then the unused slots
     offsets (E+1,) int64   expert e's pairs are order[offsets[e]:offsets[e+1]]; P = offsets[E]
     a1, a3  (T*K, m)       pre-activations of those pairs, row r for pair order[r]; rows >= P
-                           are zero (a3 has 0 rows for a plain FFN)
+                           are zero, except in the sync-free grouped_mm backend where they are
+                           unspecified (a3 has 0 rows for a plain FFN)
 
 The forward op returns these so that its backward op never recomputes the sort or the
 up-projections; any kernel's backward can consume any kernel's forward (tests rely on it).
@@ -30,9 +31,10 @@ def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     flat = expert_idx.reshape(-1)  # (T*K,)
     key = torch.where(flat >= 0, flat, num_experts)
     order = torch.argsort(key, stable=True)  # (T*K,)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # (E,)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    # each expert's first row in the sorted keys; searchsorted, unlike bincount, does not
+    # read a value back to the host, so a GPU caller never waits here
+    bounds = torch.arange(num_experts + 1, dtype=key.dtype, device=key.device)
+    offsets = torch.searchsorted(key.index_select(0, order), bounds)  # (E+1,)
     return order, offsets
 
 

@@ -1,0 +1,269 @@
+"""The paper's claims at small scale: dense vs SSD vs always-sparse pre-training on this CPU.
+
+Same model, data, seed and token budget for every run. Writes each run to
+bench/results/pretrain/<model>/<mode>/ (resumable: a finished run is not redone) and then:
+
+* validation loss against wall time and against step (one plot, all runs);
+* the wall time SSD needs to reach the dense run's final validation loss (within 1%);
+* activation sparsity and the stability metric over pre-training (from the dense run, whose
+  stability checks are logged but not charged to its time);
+* the SSD-trained model used as an MoE: validation loss and FFN / whole-forward time against
+  dense at k/E in {1/8, 1/4, 1/2} and with dynamic-k, timed in one run (interleaved medians).
+
+    python bench/pretrain.py --model gpt2            # the full comparison (~60 min on 2 cores)
+    python bench/pretrain.py --model bert --modes dense   # sparsity/stability findings for BERT
+    python bench/pretrain.py --quick                 # a 2-minute smoke run of the whole script
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ssdfx
+from ssdfx.plot import read_log, sparse_spans
+from ssdfx.train import TrainConfig, Trainer
+
+FULL = dict(n_layer=6, n_embd=384, n_head=6, ctx=256, batch_size=16, steps=600, lr=1.5e-3, warmup=40,
+            num_experts=16, top_k=4, check_every=25, patience=2, stability_tol=0.03, sparse_steps=120,
+            final_dense_steps=40, eval_every=25, eval_batches=8, checkpoint_every=100, fixed_start=150,
+            fixed_dense_steps=40)
+QUICK = dict(n_layer=2, n_embd=64, n_head=2, ctx=64, batch_size=8, steps=120, lr=2e-3, warmup=10,
+             num_experts=8, top_k=2, check_every=10, patience=2, stability_tol=0.05, sparse_steps=30,
+             final_dense_steps=10, eval_every=10, eval_batches=4, checkpoint_every=50, fixed_start=40,
+             fixed_dense_steps=10)
+
+
+def run_dir(root: Path, model: str, mode: str) -> Path:
+    return root / model / mode
+
+
+def finished(path: Path) -> bool:
+    log = path / "log.jsonl"
+    return log.exists() and any('"kind": "final"' in line for line in log.read_text().splitlines())
+
+
+def run_modes(root: Path, model: str, modes: list[str], settings: dict) -> None:
+    for mode in modes:
+        out = run_dir(root, model, mode)
+        if finished(out):
+            print(f"{model}/{mode}: already finished, reusing {out}")
+            continue
+        cfg = TrainConfig(model=model, mode=mode, activation="relu", out_dir=str(out), progress=False, **settings)
+        resume = (out / "checkpoint.pt").exists()
+        print(f"{model}/{mode}: training ({'resuming' if resume else 'from scratch'}) -> {out}")
+        t0 = time.perf_counter()
+        Trainer(cfg, resume=resume).run()
+        print(f"{model}/{mode}: done in {time.perf_counter() - t0:.0f} s")
+
+
+def evals(log: list[dict]) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["time"], r["val_loss"]) for r in log if r["kind"] == "eval"]
+
+
+def time_to_reach(log: list[dict], target: float) -> float | None:
+    """First wall time at which the validation loss is <= target (linear interpolation)."""
+    pts = [(t, v) for _, t, v in evals(log)]
+    for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
+        if v1 <= target:
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
+    return None
+
+
+def final_val(log: list[dict]) -> float:
+    """The validation loss of the final dense model (the last eval of the run)."""
+    final = next(r for r in log if r["kind"] == "final")
+    return final.get("val_loss_dense", evals(log)[-1][2])
+
+
+def plot_curves(root: Path, model: str, modes: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, idx, label in (("time", 1, "wall time (s)"), ("step", 0, "step")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for mode in modes:
+            log = read_log(run_dir(root, model, mode))
+            e = evals(log)
+            (line,) = ax.plot([p[idx] for p in e], [p[2] for p in e], "o-", ms=3, label=mode)
+            for a, b in sparse_spans(log, key):
+                ax.axvspan(a, b, color=line.get_color(), alpha=0.08)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{model}: validation loss (shaded: sparse phases)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"pretrain_{model}_loss_vs_{key}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_findings(root: Path, model: str, out: Path) -> list[Path]:
+    """Sparsity and the stability metric over pre-training, from the dense run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    checks = [r for r in read_log(run_dir(root, model, "dense")) if r["kind"] == "stability"]
+    if not checks:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for layer in range(len(checks[0]["sparsity"])):
+        axes[0].plot([c["step"] for c in checks], [c["sparsity"][layer] for c in checks], "o-", ms=2, label=f"layer {layer}")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("activation sparsity (fraction of zeros)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    d = [(c["step"], c["mean_delta"]) for c in checks if c["mean_delta"] is not None]
+    axes[1].plot([x for x, _ in d], [y for _, y in d], "o-", ms=3, label="coverage(fresh) - coverage(previous split)")
+    axes[1].axhline(0.03, color="k", ls="--", lw=1, label="stability_tol")
+    ari = [(c["step"], sum(c["ari"]) / len(c["ari"])) for c in checks if c["ari"][0] is not None]
+    axes[1].plot([x for x, _ in ari], [y for _, y in ari], "s-", ms=3, label="mean ARI of consecutive splits")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=8)
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(f"{model} (ReLU), dense pre-training")
+    fig.tight_layout()
+    path = out / f"pretrain_{model}_findings.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) -> list[dict]:
+    """The SSD-trained model as an MoE at several k, against itself dense (one run, interleaved)."""
+    from ssdfx.observe import observe
+    from ssdfx.split import kmeans_split
+
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from ssdfx.data import TokenData, load_corpus, make_tokenizer
+    from ssdfx.hf import mlm_batch
+
+    src = run_dir(root, model_name, "ssd")
+    cfg = TrainConfig(model=model_name, activation="relu", **settings)
+    corpus = load_corpus(cfg.corpus)
+    specials = 2 if model_name == "bert" else 0
+    tok = make_tokenizer(cfg.tokenizer, corpus, specials, cfg.bpe_vocab)
+    val = TokenData(corpus, tok).val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
+    if model_name == "gpt2":
+        batches = [{"input_ids": b[:, :-1], "labels": b[:, :-1]} for b in val]
+    else:
+        v = tok.vocab_size
+        batches = [dict(zip(("input_ids", "labels"), mlm_batch(b[:, :-1], v - 2, v - 2, seed=cfg.seed, step=i)))
+                   for i, b in enumerate(val)]
+    auto = AutoModelForCausalLM if model_name == "gpt2" else AutoModelForMaskedLM
+    dense = auto.from_pretrained(src / "final_dense").eval()
+    sites = ssdfx.find_ffns(dense)
+    parts = {s.name: kmeans_split(s, dense, cfg.num_experts) for s in sites}
+    stats = observe(dense, batches[:2], sites=sites)
+    ffn_inputs = {}
+    hooks = [dense.get_submodule(s.path).register_forward_pre_hook(
+        lambda m, a, p=s.path: ffn_inputs.setdefault(p, a[0])) for s in sites]
+    dense(**batches[0])
+    for h in hooks:
+        h.remove()
+
+    def val_loss(m):
+        return sum(m(**b).loss.item() for b in batches) / len(batches)
+
+    def ffn_time(m):
+        return sum(_median_time(lambda: m.get_submodule(s.path)(ffn_inputs[s.path]), reps) for s in sites)
+
+    e = cfg.num_experts
+    base = val_loss(dense)
+    rows = []
+    for k, dyn in ((e // 8, None), (e // 4, None), (e // 2, None), (e // 2, 0.9)):
+        sparse = copy.deepcopy(dense)
+        ssdfx.convert(sparse, e, k, sites=sites, partition=parts, dynamic_k=dyn, stats=stats if dyn else None)
+        loss = val_loss(sparse)
+        t_dense_f, t_sparse_f, t_dense_m, t_sparse_m = [], [], [], []
+        for _ in range(3):  # interleave: the machine is shared and noisy
+            t_dense_f.append(ffn_time(dense))
+            t_sparse_f.append(ffn_time(sparse))
+            t_dense_m.append(_median_time(lambda: dense(**batches[0]), reps))
+            t_sparse_m.append(_median_time(lambda: sparse(**batches[0]), reps))
+        mean_k = None
+        if dyn:
+            counts = []
+            for s in sites:
+                router = sparse.get_submodule(s.path).ssdfx_router
+                idx, _ = ssdfx.routing.select_dynamic_k(router(ffn_inputs[s.path]), dyn, k)
+                counts.append((idx >= 0).sum(-1).float().mean().item())
+            mean_k = sum(counts) / len(counts)
+        rows.append({
+            "k": k, "E": e, "selection": f"dynamic-k {dyn} (max {k})" if dyn else f"top-{k}",
+            "mean_k": mean_k if dyn else k,
+            "val_loss": loss, "dense_val_loss": base, "loss_increase_pct": 100 * (loss / base - 1),
+            "ffn_speedup": statistics.median(t_dense_f) / statistics.median(t_sparse_f),
+            "forward_speedup": statistics.median(t_dense_m) / statistics.median(t_sparse_m),
+        })
+        print(rows[-1])
+    return rows
+
+
+def summarize(root: Path, model: str, modes: list[str]) -> dict:
+    logs = {m: read_log(run_dir(root, model, m)) for m in modes}
+    out = {"final_val_loss": {m: final_val(l) for m, l in logs.items()},
+           "train_time_s": {m: next(r for r in l if r["kind"] == "final")["time"] for m, l in logs.items()}}
+    if "dense" in logs:
+        target = out["final_val_loss"]["dense"] * 1.01
+        out["target"] = target
+        out["time_to_target_s"] = {m: time_to_reach(l, target) for m, l in logs.items()}
+        dense_t = out["train_time_s"]["dense"]
+        out["time_ratio_vs_dense"] = {m: (t / dense_t if t else None) for m, t in out["time_to_target_s"].items()}
+        out["switches"] = {m: [r for r in l if r["kind"] == "switch"] for m, l in logs.items()}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
+    ap.add_argument("--modes", default="dense,ssd,sparse", help="comma-separated training modes to run")
+    ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
+    ap.add_argument("--out", default="bench/results", help="results root")
+    ap.add_argument("--no-inference", action="store_true", help="skip the MoE inference measurements")
+    args = ap.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    root = Path(args.out) / ("pretrain_quick" if args.quick else "pretrain")
+    modes = args.modes.split(",")
+    dense_cfg = dict(settings)
+    run_modes(root, args.model, [m for m in modes if m == "dense"], dense_cfg)
+    run_modes(root, args.model, [m for m in modes if m != "dense"], settings)
+    plots = plot_curves(root, args.model, modes, Path(args.out))
+    plots += plot_findings(root, args.model, Path(args.out)) if "dense" in modes else []
+    summary = summarize(root, args.model, modes)
+    if "ssd" in modes and not args.no_inference:
+        summary["moe_inference"] = moe_inference(root, args.model, settings)
+    summary["settings"] = settings
+    path = Path(args.out) / f"pretrain_{args.model}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "switches"}, indent=1, default=str))
+    print("plots:", *plots, sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()

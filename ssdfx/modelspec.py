@@ -11,7 +11,7 @@ Two kinds of spec:
   module and whose other items give example inputs: a dict (keyword arguments of forward)
   and/or a tuple (positional arguments). tests/models.py's factories work as they are.
 
-    >>> b = build(ModelSpec("gpt2", {"n_layer": 2, "n_embd": 64}, seq_len=32))
+    >>> b = build(ModelSpec("gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 4}, seq_len=32))
     >>> b.model(*b.args, **b.kwargs).logits.shape
     torch.Size([1, 32, 50257])
 """

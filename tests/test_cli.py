@@ -124,3 +124,11 @@ def test_module_entry_point_and_exit_status():
     bad = subprocess.run([sys.executable, "-m", "ssdfx", "flops", "not_a_model"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_modelspec_docstring_example_runs():
+    import doctest
+
+    from ssdfx import modelspec
+
+    assert doctest.testmod(modelspec).failed == 0

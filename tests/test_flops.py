@@ -199,3 +199,17 @@ def test_errors_say_what_to_do():
     with pytest.raises(ssdfx.TraceError, match="torch.export"):
         ssdfx.flops(Branchy(), torch.randn(2, 4))
     assert math.isclose(ssdfx.flops(mlp, torch.randn(5, 4)).total, 2 * 5 * 4 * 8 * 2)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from ssdfx import floptable, tables
+
+    for mod in (floptable, tables):
+        assert doctest.testmod(mod).failed == 0, mod.__name__
+    globs = {"ssdfx": ssdfx, "torch": torch, "nn": nn}
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(ssdfx.flops, "flops", globs=globs):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

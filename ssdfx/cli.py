@@ -7,9 +7,10 @@
     ssdfx inspect tests/models.py:llama --draw graphs/
 
 Each subcommand has one `_add_<name>(subparsers)` function that declares its options and sets
-`func`; shared option groups are `_add_model_args` and `_add_convert_args`. Exit status: 0 on
-success, 1 when the model cannot be built, converted or captured (the message says why, on
-stderr), 2 for usage errors.
+`func`, registered in `build_parser`; shared option groups are `_add_model_args` (MODEL and its
+config settings; `func` then gets `(args, extra)` and builds with `_build(args, extra)`) and
+`_add_convert_args`. Exit status: 0 on success, 1 when the model cannot be built, converted or
+captured (the message says why, on stderr; --traceback shows the trace), 2 for usage errors.
 """
 
 from __future__ import annotations

@@ -58,20 +58,21 @@ __all__ = ["flops", "count_flops", "counter_flops", "node_flops", "op_key"]
 
 # Ops that pass a tensor on without computing on it: a weight read through them still
 # belongs to its site (W.t() into an addmm, a Conv1D weight transposed for the routed op, ...).
-_VIEWS = {
+_VIEWS = frozenset({
     "t", "transpose", "permute", "view", "reshape", "_unsafe_view", "expand", "_to_copy", "to",
     "clone", "contiguous", "detach", "alias", "slice", "select", "unsqueeze", "squeeze",
     "flatten", "unflatten", "narrow", "as_strided", "type_as", "lift_fresh_copy", "numpy_T",
     "split", "split_with_sizes", "chunk", "unbind", "getitem", "t_copy", "view_copy",
     "permute_copy", "transpose_copy", "expand_copy", "_reshape_alias", "dequantize",
-}
-_SDPA = {
+})
+_SDPA = frozenset({
     "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
     "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_attention_math",
-}
-_CONV = {"aten::convolution", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d",
-         "aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"}
+})
+_CONV = frozenset({"aten::convolution", "aten::_convolution", "aten::conv1d", "aten::conv2d",
+                   "aten::conv3d", "aten::conv_transpose1d", "aten::conv_transpose2d",
+                   "aten::conv_transpose3d"})
 
 
 def op_key(node: fx.Node) -> str | None:
@@ -240,8 +241,9 @@ def count_flops(model: nn.Module, args: tuple = (), kwargs: dict | None = None, 
         glu = s.w_up is not None
         mine = {s.w_in.weight, s.w_out.weight} | ({s.w_up.weight} if glu else set())
         is_conv = s.name in names
+        router_params = routed[s.name].router_params if s.name in routed else frozenset()
         if is_conv:
-            mine |= routed[s.name].router_params if s.name in routed else set()
+            mine |= router_params
         nodes = [n for n, r in counted.reads.items() if r & mine and n not in claimed]
         claimed.update(nodes)
         if not is_conv:
@@ -251,8 +253,7 @@ def count_flops(model: nn.Module, args: tuple = (), kwargs: dict | None = None, 
             rows.append(FlopRow(s.path, (fig,) * len(stages), s.name, s.kind, s.d_model, s.d_ff, tokens))
             continue
         e = conv.num_experts
-        router = sum(counted.flops[n] for n in nodes
-                     if counted.reads[n] & routed[s.name].router_params)
+        router = sum(counted.flops[n] for n in nodes if counted.reads[n] & router_params)
         if s.name in measured:
             tokens, pairs = measured[s.name]
         else:

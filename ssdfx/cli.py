@@ -190,6 +190,9 @@ def _build(args, extra):
 def _convert(args, built) -> None:
     import ssdfx
 
+    if args.device == "meta" and args.partition == "kmeans":
+        raise UsageError("--partition kmeans clusters the weights, which --device meta does not "
+                         "have: use --device cpu (FLOPs do not depend on the partition)")
     ssdfx.convert(built.model, num_experts=args.num_experts, top_k=args.top_k,
                   partition=args.partition, example_inputs=built.args or None,
                   example_kwargs=built.kwargs or None)

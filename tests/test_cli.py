@@ -79,6 +79,7 @@ def test_inspect_text_dense_and_draw(capsys, tmp_path):
     (["flops", *SMALL_GPT2, "-E", "5"], 1, "not divisible by num_experts=5"),
     (["flops", "gpt2", "--set", "n_layer"], 2, "--set expects KEY=VALUE"),
     (["flops", "gpt2", "--check"], 2, "--device cpu"),
+    (["flops", *SMALL_GPT2, "--partition", "kmeans"], 2, "use --device cpu"),
     (["flops", f"{FACTORY}:nope"], 1, "no callable 'nope'"),
     (["inspect", *SMALL_GPT2, "--site", "7"], 1, "out of range"),
 ])

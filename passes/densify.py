@@ -33,13 +33,6 @@ from .infra import PassResult, SiteReport, inverse_permutation, permute_
 __all__ = ["densify"]
 
 
-def _param_name(gm: fx.GraphModule, node) -> tuple[str, bool] | None:
-    """(get_attr target, transposed-by-the-graph) of a weight argument of the experts call."""
-    if node is None:
-        return None
-    if node.op == "call_method" and node.target == "t":
-        return str(node.args[0].target), True
-    return str(node.target), False
 
 
 def densify(gm: fx.GraphModule, config=None) -> PassResult:
@@ -53,29 +46,30 @@ def densify(gm: fx.GraphModule, config=None) -> PassResult:
         x, w1, b1, w2, w3, b3, _, _ = node.args
         site = node.meta.get(META_KEY, NodeInfo("densify", str(node.target), "experts")).site
         act = activation_fn(experts.activation)
+        t1, t2, t3 = experts.layout
         g = gm.graph
         before = len(g.nodes)
         with g.inserting_before(node):
-            h = g.call_function(F.linear, (x, w1, b1))
+            w1v = g.call_method("t", (w1,)) if t1 else w1
+            w2v = g.call_method("t", (w2,)) if t2 else w2
+            w3v = g.call_method("t", (w3,)) if (t3 and w3 is not None) else w3
+            h = g.call_function(F.linear, (x, w1v, b1))
             h = g.call_function(act, (h,))
             if w3 is not None:
-                u = g.call_function(F.linear, (x, w3, b3))
+                u = g.call_function(F.linear, (x, w3v, b3))
                 h = g.call_function(operator.mul, (h, u))
             if experts.dropout_p:
                 drop = f"ssdfx_dropout{suffix}"
                 gm.add_submodule(drop, nn.Dropout(experts.dropout_p).train(experts.training))
                 h = g.call_module(drop, (h,))
-            y = g.call_function(F.linear, (h, w2))
+            y = g.call_function(F.linear, (h, w2v))
         node.replace_all_uses_with(y)
         perm = getattr(gm, f"ssdfx_perm{suffix}", None)
         if perm is not None:
             inv = inverse_permutation(perm)
-            for arg, dim_if_plain in ((w1, 0), (b1, 0), (w3, 0), (b3, 0), (w2, 1)):
-                ref = _param_name(gm, arg)
-                if ref is None:
-                    continue
-                target, t = ref
-                permute_(_resolve(gm, target), inv, dim_if_plain if not t else 1 - dim_if_plain)
+            for arg, dim, t in ((w1, 0, t1), (b1, 0, False), (w3, 0, t3), (b3, 0, False), (w2, 1, t2)):
+                if arg is not None:  # the neuron dimension, in the stored layout
+                    permute_(_resolve(gm, str(arg.target)), inv, 1 - dim if t else dim)
             delattr(gm, f"ssdfx_perm{suffix}")
         reports.append(SiteReport(site, "", 0, len(g.nodes) - before))
     return PassResult(gm, bool(reports), tuple(reports))

@@ -12,8 +12,8 @@ After:
 
     ssdfx_router = self.ssdfx_router(hidden_states)            # (..., E) scores
     select_top_k = ssdfx.routing.select_top_k(ssdfx_router, 4)  # indices, gates (..., k)
-    t = c_fc_weight.t()                                          # (3072, 768), experts = row blocks
-    ssdfx_experts = self.ssdfx_experts(hidden_states, t, c_fc_bias, t_1, None, None, getitem, getitem_1)
+    ssdfx_experts = self.ssdfx_experts(hidden_states, c_fc_weight, c_fc_bias, c_proj_weight, None,
+                                       None, getitem, getitem_1)  # experts = neuron blocks
     add = ssdfx_experts + c_proj_bias
 
 The neuron partition is a parameter of the pass: a permutation `perm` (new neuron j = old
@@ -134,13 +134,11 @@ def _tag(nodes, site: str, role: str) -> None:
         n.meta[META_KEY] = NodeInfo("moefy", site, role)
 
 
-def _weight(graph: fx.Graph, target: str, transposed: bool, site: str, role: str) -> fx.Node:
-    """A weight in the (neurons, d) or (d, neurons) layout the op expects."""
+def _weight(graph: fx.Graph, target: str, site: str, role: str) -> fx.Node:
+    """The parameter itself: passing a parameter (not a view made in the graph) keeps autograd
+    hooks, e.g. FlopCounterMode's module tracking under no_grad, working."""
     w = graph.get_attr(target)
     _tag([w], site, role)
-    if transposed:
-        w = graph.call_method("t", (w,))
-        _tag([w], site, role)
     return w
 
 
@@ -169,10 +167,12 @@ def _emit(graph: fx.Graph, x: fx.Node, t: _Targets, router: str, experts: str, t
     gate = graph.call_function(operator.getitem, (sel, 1))
     _tag([scores], site, "router")
     _tag([sel, idx, gate], site, "select")
-    w1 = _weight(graph, t.w1, t.w1_t, site, "w1")
+    w1 = _weight(graph, t.w1, site, "w1")
     b1 = graph.get_attr(t.b1) if t.b1 else None
-    w2 = _weight(graph, t.w2, t.w2_t, site, "w2")
-    w3 = _weight(graph, t.w3, t.w3_t, site, "w3") if t.w3 else None
+    w2 = _weight(graph, t.w2, site, "w2")
+    w3 = _weight(graph, t.w3, site, "w3") if t.w3 else None
+    # HF Conv1D stores (in, out): the module transposes inside (a free view)
+    graph.owning_module.get_submodule(experts).layout = (t.w1_t, t.w2_t, t.w3_t)
     b3 = graph.get_attr(t.b3) if t.b3 else None
     _tag([n for n in (b1, b3) if n is not None], site, "bias")
     y = graph.call_module(experts, (x, w1, b1, w2, w3, b3, idx, gate))

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ssdfx.activations import activation_fn
 from ssdfx.errors import UnsupportedSiteError

@@ -24,7 +24,7 @@ from ssdfx.errors import (
 from ssdfx.site import FFNSite
 
 __all__ = [
-    "find_ffns", "convert", "revert", "is_converted", "converted_sites", "conversion",
+    "find_ffns", "convert", "revert", "is_converted", "converted_sites", "conversion", "original_modules",
     "ConversionReport",
 ]
 
@@ -41,6 +41,8 @@ class ConversionReport:
     top_k: int
     sites: list[FFNSite]
     reports: list = field(default_factory=list)  # passes.SiteReport, one or more per site
+    dynamic_k: float | None = None  # the coverage target when selection is dynamic-k
+    router: str = "centroid"
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.sites)} FFN site(s) to {self.num_experts} experts, top-{self.top_k}"]
@@ -85,6 +87,12 @@ def converted_sites(model: nn.Module) -> list[FFNSite]:
     if not isinstance(state, _State):
         raise NotConvertedError("the model is not converted; call ssdfx.convert(model) first")
     return list(state.report.sites)
+
+
+def original_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules convert replaced, by path (what revert puts back); {} for a dense model."""
+    state = getattr(model, _STATE, None)
+    return dict(state.originals) if isinstance(state, _State) else {}
 
 
 def conversion(model: nn.Module) -> ConversionReport | None:
@@ -217,7 +225,8 @@ def convert(
         for r in reports:
             for name, dim in r.permuted:
                 _permute_state(optimizer, _param_by_name(model, name), r.permutation, dim)
-    report = ConversionReport(num_experts, top_k, list(found), reports)
+    report = ConversionReport(num_experts, top_k, list(found), reports, dynamic_k,
+                              router if isinstance(router, str) else "custom")
     setattr(model, _STATE, _State(report, originals, holders, backend))
     return model
 

@@ -178,10 +178,18 @@ def _to_site(model: nn.Module, m: SiteMatch, owners: list[str], scope: Scope) ->
     )
 
 
+def _created_by_ssdfx(model: nn.Module) -> tuple[str, ...]:
+    """Paths of modules the passes add (routers): their MLPs are not FFN sites."""
+    from ssdfx.routing import CentroidRouter, MLPRouter
+
+    return tuple(p + "." for p, m in model.named_modules() if isinstance(m, (CentroidRouter, MLPRouter)))
+
+
 def _collect(model, view: GraphView, prefix: str, located: Located, cache, seen: set[str]):
+    ours = _created_by_ssdfx(model)
     for m in find_sites(view):
-        if m.w_in.weight in seen:
-            continue  # a module called twice (shared layers) holds one site
+        if m.w_in.weight in seen or m.w_in.weight.startswith(ours or ("\0",)):
+            continue  # a module called twice (shared layers) holds one site; routers are ours
         owners = _owners(m, prefix)
         params = [lm.weight for lm in (m.w_in, m.w_out, m.w_up) if lm is not None]
         scope, why = plan_scope(model, owners, cache, params)

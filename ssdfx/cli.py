@@ -1,6 +1,8 @@
 """The `ssdfx` command line.
 
-    ssdfx demo                                   # the README's tour on a small GPT-2
+    ssdfx train                                  # the main job: SSD pre-training on Shakespeare
+    ssdfx plot runs/ssd                          # PNG plots of a run
+    ssdfx demo                                   # the convert/revert tour on a small GPT-2
     ssdfx flops gpt2 --n-layer 2                 # FLOPs per site, dense and after convert
     ssdfx flops llama --device meta --json       # full-size config, shapes only
     ssdfx inspect bert --n-layer 2 --site 0      # site table, one site before/after, node diff
@@ -335,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true",
                         help="show the full traceback on errors (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from ssdfx.train_cli import add_plot, add_train
+
+    add_train(sub)
+    add_plot(sub)
     _add_demo(sub)
     _add_flops(sub)
     _add_inspect(sub)

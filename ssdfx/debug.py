@@ -179,10 +179,9 @@ class SiteGraph:
 
 
 def _originals(model: nn.Module) -> dict[str, nn.Module]:
-    # ssdfx.api keeps the modules convert replaced (path -> module) in the conversion state.
-    from ssdfx import api
+    from ssdfx.api import original_modules
 
-    return dict(getattr(getattr(model, api._STATE, None), "originals", None) or {})
+    return original_modules(model)
 
 
 def site_graphs(model: nn.Module, site: FFNSite | int | str) -> tuple[SiteGraph, ...]:

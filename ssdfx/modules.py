@@ -24,8 +24,15 @@ class RoutedExperts(nn.Module):
         self.activation = activation
         self.dropout_p = dropout_p
         self.backend = backend
+        # whether w1, w2, w3 arrive stored transposed (HF Conv1D: (in, out)); the op wants
+        # w1, w3 as (F, d) and w2 as (d, F)
+        self.layout = (False, False, False)
 
     def forward(self, x, w1, b1, w2, w3, b3, expert_idx, gate) -> torch.Tensor:
+        t1, t2, t3 = self.layout
+        w1 = w1.t() if t1 else w1
+        w2 = w2.t() if t2 else w2
+        w3 = w3.t() if (t3 and w3 is not None) else w3
         return moe_ffn(
             x, w1, b1, w2, w3, b3, expert_idx, gate.to(x.dtype),
             num_experts=self.num_experts,
@@ -38,4 +45,6 @@ class RoutedExperts(nn.Module):
         s = f"experts={self.num_experts}, activation={self.activation}"
         if self.dropout_p:
             s += f", dropout={self.dropout_p}"
+        if any(self.layout):
+            s += ", transposed=" + "".join("T" if t else "-" for t in self.layout)
         return s + ("" if self.backend == "auto" else f", backend={self.backend}")

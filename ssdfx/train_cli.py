@@ -125,16 +125,3 @@ def _plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir, args.out):
         print(path)
     return 0
-
-
-def main(argv=None) -> int:  # for development before the main CLI grows these subcommands
-    parser = argparse.ArgumentParser(prog="ssdfx")
-    sub = parser.add_subparsers(dest="command")
-    add_train(sub)
-    add_plot(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -213,3 +213,30 @@ def test_docstring_examples_run():
     for test in doctest.DocTestFinder().find(ssdfx.flops, "flops", globs=globs):
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_flop_counter_under_no_grad_on_a_converted_model():
+    """The routed op receives parameters, not views made in the graph: autograd hooks such as
+    FlopCounterMode's module tracking work under no_grad."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+    import ssdfx
+
+    model, kwargs, _ = models.gpt2()
+    ssdfx.convert(model, num_experts=4, top_k=2)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**kwargs)
+    assert counter.get_total_flops() > 0
+
+
+def test_find_ffns_skips_the_mlp_router_ssdfx_created():
+    import models
+    import ssdfx
+    from ssdfx.observe import observe
+
+    model, kwargs, _ = models.gpt2("relu")
+    stats = observe(model.eval(), [kwargs])
+    ssdfx.convert(model, num_experts=4, top_k=2, router="mlp", stats=stats)
+    assert all(".ssdfx_router." not in s.name for s in ssdfx.find_ffns(model))

@@ -113,7 +113,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert {p for _, p, _ in ref} == {"dense", "sparse"}
 
     cfg = tiny(corpus, tmp_path / "killed", **kw)
-    args = [sys.executable, "-m", "ssdfx.train_cli", "train", "--no-plots"]
+    args = [sys.executable, "-m", "ssdfx", "train", "--no-plots"]
     for k, v in cfg.as_dict().items():
         if isinstance(v, bool):
             args.append(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ssdfx.observe import expert_mass, observe
+from ssdfx.stats import expert_mass, observe
 from ssdfx.routing import build_router, select_dynamic_k, select_top_k, train_mlp_router
 from ssdfx.split import coactivation_split, kmeans_split, random_split
 from ssdfx.stability import coverage, oracle_mean_k, routed_coverage

@@ -155,7 +155,7 @@ def _median_time(fn, reps: int) -> float:
 @torch.no_grad()
 def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) -> list[dict]:
     """The SSD-trained model as an MoE at several k, against itself dense (one run, interleaved)."""
-    from ssdfx.observe import observe
+    from ssdfx.stats import observe
     from ssdfx.split import kmeans_split
 
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM

@@ -5,6 +5,7 @@
     ssdfx.convert(model, num_experts=8, top_k=2)      # every FFN -> router + routed experts
     print(ssdfx.flops(model))                         # FLOPs per site, dense and sparse
     print(ssdfx.debug.listing(model, 0))              # a site's graph before and after
+    stats = ssdfx.observe(model, batches)             # sparsity, activation mass, co-activation
     ssdfx.revert(model)                               # back to dense, exactly
 """
 
@@ -15,6 +16,7 @@ from ssdfx.api import (
     converted_sites,
     find_ffns,
     is_converted,
+    original_modules,
     revert,
 )
 from ssdfx.errors import (
@@ -29,6 +31,8 @@ from ssdfx.site import FFNSite, LinearRef, Scope
 from ssdfx import debug
 from ssdfx.flopcount import flops
 from ssdfx.floptable import FlopTable
+from ssdfx.relu import relufy
+from ssdfx.stats import SiteStats, observe
 
 __version__ = "0.1.0"
 
@@ -38,5 +42,5 @@ __all__ = [
     "FFNSite", "LinearRef", "Scope",
     "SSDFXError", "NoFFNFoundError", "TraceError", "UnsupportedSiteError", "NotConvertedError",
     "AlreadyConvertedError",
-    "flops", "FlopTable", "debug",
+    "flops", "FlopTable", "debug", "observe", "SiteStats", "relufy", "original_modules",
 ]

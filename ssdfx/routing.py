@@ -137,7 +137,7 @@ def build_router(kind: str, site, model: nn.Module, perm: torch.Tensor | None, n
     "mlp" and `calibrate` (the centroid router's temperature, for dynamic-k) need the site's
     observed statistics `stats` (ssdfx.observe).
     """
-    from ssdfx.observe import expert_mass, site_weights
+    from ssdfx.stats import expert_mass, site_weights
 
     if perm is None:
         perm = torch.arange(site.d_ff)

@@ -142,7 +142,7 @@ def _centroids(x: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch
 
 def kmeans_features(site: FFNSite, model: nn.Module) -> torch.Tensor:
     """(F, D) the rows k-means clusters: L2-normalised W_in rows, gate and up concatenated."""
-    from ssdfx.observe import site_weights
+    from ssdfx.stats import site_weights
 
     w = site_weights(model, site)
     rows = F.normalize(w["w1"].float(), dim=1)

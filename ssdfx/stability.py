@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ssdfx.observe import SiteStats, expert_mass
+from ssdfx.stats import SiteStats, expert_mass
 from ssdfx.split import kmeans_split, labels_of
 
 __all__ = ["coverage", "routed_coverage", "oracle_mean_k", "adjusted_rand_index", "LayerStability",

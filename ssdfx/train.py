@@ -34,7 +34,7 @@ import ssdfx
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
 from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
-from ssdfx.observe import observe
+from ssdfx.stats import observe
 from ssdfx.stability import StabilityMonitor
 
 __all__ = ["TrainConfig", "Trainer", "train", "MODES", "load_moe"]

@@ -82,7 +82,7 @@ def test_reports_match_per_token_figures():
 def test_dynamic_k_counts_the_measured_pairs():
     """Dynamic-k leaves -1 slots; the figure uses the pairs actually selected, as the op's own
     FLOP formula does, and an MLP router's FLOPs come from its graph."""
-    from ssdfx.observe import observe
+    from ssdfx.stats import observe
 
     model, kwargs, _ = models.gpt2("relu")
     model.eval()
@@ -234,7 +234,7 @@ def test_flop_counter_under_no_grad_on_a_converted_model():
 def test_find_ffns_skips_the_mlp_router_ssdfx_created():
     import models
     import ssdfx
-    from ssdfx.observe import observe
+    from ssdfx.stats import observe
 
     model, kwargs, _ = models.gpt2("relu")
     stats = observe(model.eval(), [kwargs])

@@ -6,7 +6,7 @@ import torch.fx as fx
 
 import ssdfx
 import models
-from ssdfx.observe import calibrate_eps, observe
+from ssdfx.stats import calibrate_eps, observe
 from ssdfx.passes import ObservePassConfig, observe as observe_pass, run_pass, unobserve
 from ssdfx.passes.observe import InputRecorder
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import models
 import ssdfx
-from ssdfx.observe import expert_mass, observe
+from ssdfx.stats import expert_mass, observe
 from ssdfx.routing import (CentroidRouter, centroids, fit_temperature, select_dynamic_k, select_top_k,
                            train_mlp_router)
 from ssdfx.stability import routed_coverage

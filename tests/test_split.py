@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import models
 import ssdfx
 from ssdfx import split
-from ssdfx.observe import SiteStats
+from ssdfx.stats import SiteStats
 from ssdfx.split import balanced_kmeans, labels_of, perm_of
 from ssdfx.stability import adjusted_rand_index
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from ssdfx.observe import observe
+from ssdfx.stats import observe
 from ssdfx.stability import StabilityMonitor, adjusted_rand_index, coverage, oracle_mean_k, routed_coverage
 
 

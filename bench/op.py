@@ -57,13 +57,37 @@ def sparse_model(dense: nn.Sequential, num_experts: int, k: int) -> nn.Module:
     return _OwnRouter(model, num_experts, k)
 
 
+def _cpu_idle_share(seconds: float = 0.3) -> float:
+    """Share of CPU time idle over `seconds` (Linux /proc/stat; 1.0 elsewhere)."""
+    def read():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except OSError:
+        return 1.0
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(max_wait: float, share: float = 0.9) -> bool:
+    """Wait (up to max_wait s) until the machine is idle, so other jobs do not skew a run."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        if _cpu_idle_share() >= share:
+            return True
+    return False
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(t, d, e, k, dtype, repeats):
+def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)).to(dtype)
     sparse = sparse_model(dense, e, k)
@@ -97,7 +121,10 @@ def measure(t, d, e, k, dtype, repeats):
             clear()
             run()
     times = {key: [] for key in cases}
+    quiet = 0
     for _ in range(repeats):
+        if idle_wait > 0:
+            quiet += wait_idle(idle_wait)
         for key, (run, clear) in cases.items():
             clear()
             times[key].append(_timed(run))
@@ -110,6 +137,7 @@ def measure(t, d, e, k, dtype, repeats):
             dtype=str(dtype).split(".")[-1], T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
             dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
             speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
+            quiet_repeats=f"{quiet}/{repeats}" if idle_wait > 0 else "",
         ))
     return rows
 
@@ -141,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per case (median)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "op.csv")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each repeat wait up to S seconds for an idle CPU (shared "
+                         "machines); the CSV records how many repeats started idle")
     args = ap.parse_args(argv)
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
@@ -149,7 +180,7 @@ def main(argv=None) -> int:
     rows = []
     for dtype in dtypes:
         for t, d, e, k in configs(args.quick):
-            new = measure(t, d, e, k, dtype, args.repeats)
+            new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle)
             for r in new:
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
             rows += new

@@ -7,8 +7,10 @@ computes the dense FFN and masks it. Modules:
     dispatch      which backend runs (explicit strings, see BACKENDS)
     layout        the pair layout shared by every kernel, and the elementwise middle
     reference     pure-torch oracle kernels
-    cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas)
-    torch_path    sort-by-expert torch kernels: bf16/fp16 on CPU, and the CUDA path
+    cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas): fp32/fp64 on CPU
+    torch_path    sort-by-expert torch kernels, one mm per expert: bf16/fp16 on CPU
+    grouped       torch._grouped_mm kernels without host syncs: the CUDA path
+    cuda_kernels  the Triton combine kernel used on CUDA
 """
 
 from __future__ import annotations

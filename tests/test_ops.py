@@ -55,7 +55,7 @@ def test_gradcheck_float64(backend, glu):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("backend", ["reference", "numba", "torch"])
 def test_opcheck(backend):
     p = _problem(dtype=torch.float32)
     p["expert_idx"][0, 1] = -1

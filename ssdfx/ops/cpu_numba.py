@@ -114,6 +114,14 @@ def _check(x, w1, w2, w3, num_experts, **optional):
         raise ValueError(f"F={f_all} is not divisible by num_experts={num_experts}")
 
 
+def _inverse(order: torch.Tensor) -> np.ndarray:
+    """inv (T*K,): the layout row of each (token, slot) pair (rows >= P: unused slots)."""
+    o = _np(order)
+    inv = np.empty_like(o)
+    inv[o] = np.arange(o.shape[0])
+    return inv
+
+
 def _empty2(x, cols):
     return np.empty((0, cols), dtype=_np(x).dtype)
 
@@ -153,11 +161,11 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     kp = keep.reshape(t_all * k, m)[order[:pairs]] if keep is not None else None
     h = hidden(a1[:pairs], a3[:pairs] if glu else None, kp, dropout_p, activation)
     y = torch.empty(t_all, d, dtype=x.dtype)
-    ybuf = np.empty((workers - 1, t_all, d), dtype=scratch.dtype)  # (W-1, T, d)
+    ypair = np.empty((pairs, d), dtype=scratch.dtype)  # (P, d)
     with _numba_phase():
         nk.fwd_down(
             _np(h.contiguous()), _np(w2), _np(gate.contiguous()).reshape(-1),
-            _np(order), _np(offsets), k, ptr, experts, _np(y), ybuf, scratch,
+            _np(order), _inverse(order), _np(offsets), k, ptr, experts, _np(y), ypair,
         )
     return y, a1, a3, order, offsets
 
@@ -209,7 +217,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
     db3 = x.new_empty(f_all if glu else 0)
     dx = x.new_empty(t_all, d)
-    dxbuf = np.empty((workers - 1, t_all, d), dtype=xs.dtype)  # (W-1, T, d)
+    dxpair = np.empty((pairs, d), dtype=xs.dtype)  # (P, d)
     with _numba_phase():
         nk.bwd_weights(
             _np(x), _np(dy), _np(w1), _np(w3) if glu else _empty2(x, d),
@@ -217,6 +225,6 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             _np(da3.contiguous()) if glu else _empty2(x, m),
             _np(order), _np(offsets), k, ptr, experts,
             _np(dw1), _np(dw2), _np(dw3) if glu else _empty2(x, d), _np(db1), _np(db3),
-            _np(dx), dxbuf, xs, ds,
+            _inverse(order), _np(dx), dxpair, xs, ds,
         )
     return dx, dw1, db1, dw2, dw3, db3, dgate.view(t_all, k)

@@ -15,8 +15,9 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   (largest first onto the least-loaded worker).
 - each worker gathers its expert's token rows into its own scratch so the GEMMs read
   contiguous rows; the weights are read in place, whatever their strides (see `blas.gemm`).
-- workers scatter-add their results into private (T, d) accumulators, summed at the end, so
-  two experts of one token never race and the result does not depend on thread timing.
+- the down-projection GEMMs write each pair's row in place (layout order), then token blocks
+  sum their K rows in parallel: two experts of one token never race, and the result does not
+  depend on thread timing.
 - the elementwise activation runs in torch between the GEMM kernels (vectorised erf, exp,
   tanh, which numba's LLVM cannot vectorise without SVML), so the op has three phases.
 
@@ -114,13 +115,24 @@ def plan(offsets, workers):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _reduce(y, ybuf, nw, t_all):
-    # y (T, d) += sum_w ybuf[w]; token blocks in parallel
+def _combine(rows, gate, inv, n_rows, k, nw, out):
+    """out[t] = sum_j gate[t, j] * rows[inv[t*K + j]]; token blocks in parallel.
+
+    rows (P, d) in layout order; gate (T*K,) or (0,) for all ones; inv (T*K,) layout row of
+    each (token, slot), >= n_rows for an unused slot; out (T, d).
+    """
+    t_all = out.shape[0]
     for c in prange(nw):
-        lo = c * t_all // nw
-        hi = (c + 1) * t_all // nw
-        for j in range(nw - 1):
-            y[lo:hi] += ybuf[j, lo:hi]
+        for t in range(c * t_all // nw, (c + 1) * t_all // nw):
+            row = out[t]
+            row[:] = 0.0
+            for j in range(k):
+                r = inv[t * k + j]
+                if r < n_rows:
+                    if gate.shape[0] > 0:
+                        row += gate[t * k + j] * rows[r]
+                    else:
+                        row += rows[r]
 
 
 @njit(
@@ -166,25 +178,25 @@ def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
 @njit(
     _sigs(lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2, gate
-        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
-        _c(f, 2), _c(f, 3), _c(f, 3),  # y, ybuf, ys
+        _I1, _I1, _I1, _i64, _I1, _I1,  # order, inv, offsets, K, ptr, experts
+        _c(f, 2), _c(f, 2),  # y, ypair
     )),
     parallel=True, cache=True, nogil=True,
 )
-def fwd_down(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
+def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
     """Down-projection and combine: y[t] = sum_j gate[t, j] * h_(t,j) w2_e^T.
 
-    h (P, m) in pair order; w2 (d, F) any layout; gate (T*K,); y (T, d) output;
-    ybuf (W-1, T, d) private accumulators of workers 1..W-1; ys (W, nmax, d) scratch.
+    Each expert's GEMM writes its pair rows in place in ypair (layout order); then token blocks
+    are summed in parallel. This beat scatter-adding into per-worker (T, d) accumulators by
+    8-19% (no zero-fill, no final reduction, no scratch copy).
+
+    h (P, m) in pair order; w2 (d, F) any layout; gate (T*K,); inv (T*K,) layout row of each
+    pair; y (T, d) output; ypair (P, d) scratch.
     """
     ne = offsets.shape[0] - 1
     m = w2.shape[1] // ne
     nw = ptr.shape[0] - 1
-    t_all = y.shape[0]
     for w in prange(nw):
-        acc = y if w == 0 else ybuf[w - 1]
-        acc[:, :] = 0.0
-        yw = ys[w]
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
             s = offsets[e]
@@ -192,11 +204,8 @@ def fwd_down(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
             if n == 0:
                 continue
             lo = e * m
-            gemm(h[s:s + n], w2[:, lo:lo + m].T, yw[:n], 0.0)
-            for r in range(n):
-                p = order[s + r]
-                acc[p // k, :] += gate[p] * yw[r]
-    _reduce(y, ybuf, nw, t_all)
+            gemm(h[s:s + n], w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)
+    _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
 
 @njit(
@@ -248,27 +257,25 @@ def bwd_dh(dy, w2, gate, order, offsets, k, ptr, experts, h, dh, dgate, ds):
         _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
-        _c(f, 2), _c(f, 3), _c(f, 3), _c(f, 3),  # dx, dxbuf, xs, ds
+        _I1, _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 3),  # inv, dx, dxpair, xs, ds
     )),
     parallel=True, cache=True, nogil=True,
 )
 def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
-                dw1, dw2, dw3, db1, db3, dx, dxbuf, xs, ds):
+                dw1, dw2, dw3, db1, db3, inv, dx, dxpair, xs, ds):
     """Weight, bias and input gradients of every expert, from its selected pairs only.
 
     x, dy (T, d); w1, w3 (F, d) any layout (w3 (0, d) without GLU); gh = gate * h,
     da1, da3 (P, m) in pair order (da3 (0, m) without GLU); dw1, dw3 (F, d), dw2 (d, F) any
-    layout; db1, db3 (F,) (db3 (0,) without GLU); dx (T, d); dxbuf (W-1, T, d) private
-    accumulators; xs, ds (W, nmax, d) scratch.
+    layout; db1, db3 (F,) (db3 (0,) without GLU); inv (T*K,) layout row of each pair;
+    dx (T, d) output; dxpair (P, d) scratch (the pairs' input gradients, summed per token at
+    the end as in fwd_down); xs, ds (W, nmax, d) scratch.
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
     glu = w3.shape[0] > 0
     nw = ptr.shape[0] - 1
-    t_all = dx.shape[0]
     for w in prange(nw):
-        acc = dx if w == 0 else dxbuf[w - 1]
-        acc[:, :] = 0.0
         xw = xs[w]
         dw = ds[w]
         for i in range(ptr[w], ptr[w + 1]):
@@ -294,13 +301,11 @@ def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
             db1[lo:lo + m] = 0.0
             for r in range(n):
                 db1[lo:lo + m] += da1[s + r]
-            gemm(da1[s:s + n], w1[lo:lo + m], dw[:n], 0.0)  # dx rows (n, d), dy no longer needed
+            gemm(da1[s:s + n], w1[lo:lo + m], dxpair[s:s + n], 0.0)  # (n, d)
             if glu:
                 gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
                 db3[lo:lo + m] = 0.0
                 for r in range(n):
                     db3[lo:lo + m] += da3[s + r]
-                gemm(da3[s:s + n], w3[lo:lo + m], dw[:n], 1.0)
-            for r in range(n):
-                acc[order[s + r] // k, :] += dw[r]
-    _reduce(dx, dxbuf, nw, t_all)
+                gemm(da3[s:s + n], w3[lo:lo + m], dxpair[s:s + n], 1.0)
+    _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ssdfx.activations import ACTIVATIONS
+from ssdfx.site import NeuronDims
 
 __all__ = [
     "GraphView", "LinearMatch", "SiteMatch", "find_sites", "linear_matches", "walk_back",
@@ -137,7 +138,7 @@ def _join(a: str, b: str) -> str:
 
 
 @dataclass(frozen=True)
-class LinearMatch:
+class LinearMatch(NeuronDims):
     core: fx.Node  # the matmul-like node
     x: fx.Node  # its data input with flattening views stripped
     out: fx.Node  # the node whose value the linear map produces (after bias add / unflatten)
@@ -146,14 +147,6 @@ class LinearMatch:
     transposed: bool  # weight stored (in, out)
     in_features: int
     out_features: int
-
-    @property
-    def neuron_dim_in(self) -> int:
-        return 1 if self.transposed else 0
-
-    @property
-    def neuron_dim_out(self) -> int:
-        return 0 if self.transposed else 1
 
 
 def _param_of(view: GraphView, node) -> tuple[str, bool] | None:

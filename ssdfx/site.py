@@ -4,14 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LinearRef", "FFNSite", "Scope", "NodeInfo", "META_KEY"]
+__all__ = ["LinearRef", "NeuronDims", "FFNSite", "Scope", "NodeInfo", "META_KEY"]
 
 # Per-node state lives in node.meta[META_KEY] (a graph copy keeps meta, not attributes).
 META_KEY = "ssdfx"
 
 
+class NeuronDims:
+    """For a linear map with a `transposed` flag: which weight dimension indexes the FFN neurons."""
+
+    transposed: bool
+
+    @property
+    def neuron_dim_in(self) -> int:
+        """The weight dimension that indexes the FFN neurons when this map produces them."""
+        return 1 if self.transposed else 0
+
+    @property
+    def neuron_dim_out(self) -> int:
+        """The weight dimension that indexes the FFN neurons when this map consumes them."""
+        return 0 if self.transposed else 1
+
+
 @dataclass(frozen=True)
-class LinearRef:
+class LinearRef(NeuronDims):
     """A linear map of the site, backed by model parameters (fully qualified names).
 
     `transposed` is True when the weight is stored (in_features, out_features), as HF's
@@ -23,16 +39,6 @@ class LinearRef:
     transposed: bool
     in_features: int
     out_features: int
-
-    @property
-    def neuron_dim_in(self) -> int:
-        """The weight dimension that indexes the FFN neurons when this map produces them."""
-        return 1 if self.transposed else 0
-
-    @property
-    def neuron_dim_out(self) -> int:
-        """The weight dimension that indexes the FFN neurons when this map consumes them."""
-        return 0 if self.transposed else 1
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,17 @@ class InlineBlock(Block):
         return x + self.fc_out(F.relu(self.fc_in(self.ln_2(x))))
 
 
+class SinMLP(nn.Module):
+    """An FFN whose activation (sin) is none ssdfx supports."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.b(torch.sin(self.a(x)))
+
+
 def block():
     torch.manual_seed(0)
     m = Block()

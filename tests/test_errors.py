@@ -104,15 +104,7 @@ def test_convert_twice():
 
 
 def test_unsupported_activation():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.b(torch.sin(self.a(x)))
-
-    model = nn.Sequential(Odd())
+    model = nn.Sequential(models.SinMLP())
     snap = _snapshot(model)
     with pytest.raises(ssdfx.UnsupportedSiteError, match=r"activation matches none of the supported"):
         ssdfx.convert(model, num_experts=2, top_k=1)

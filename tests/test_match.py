@@ -91,15 +91,7 @@ def test_non_elementwise_chain_is_not_an_ffn():
 
 
 def test_unknown_activation_reported():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.b(torch.sin(self.a(x)))
-
-    (s,) = ssdfx.find_ffns(nn.Sequential(Odd()))
+    (s,) = ssdfx.find_ffns(nn.Sequential(models.SinMLP()))
     assert s.activation == "unknown"
 
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ssdfx.ops import moe_ffn  # noqa: E402
-from ssdfx.ops.torch_path import grouped_mm_ok  # noqa: E402
+from ssdfx.ops.grouped import grouped_mm_ok  # noqa: E402
 
 
 def route(x, wr, k):

@@ -12,7 +12,7 @@ import torch
 
 from ssdfx.ops import moe_ffn
 from ssdfx.ops.dispatch import select
-from ssdfx.ops.torch_path import grouped_mm_ok
+from ssdfx.ops.grouped import grouped_mm_ok
 
 from test_ops_kernels import _close, _upcast, make, run
 

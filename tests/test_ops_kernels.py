@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from ssdfx.activations import ACTIVATIONS
 from ssdfx.ops import reference
 from ssdfx.ops.dispatch import select
-from ssdfx.ops.torch_path import grouped_mm_ok
+from ssdfx.ops.grouped import grouped_mm_ok
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -129,6 +129,20 @@ def check_against_reference(backend, spec, dtype, rel):
               activation="gelu_tanh", dropout_p=0.3))
 def test_numba_fp32_matches_reference(spec):
     check_against_reference("numba", spec, torch.float32, 1e-4)
+
+
+@SETTINGS
+@given(problems())
+def test_numba_accumulator_variant_matches_reference(spec):
+    # large problems take the per-worker-accumulator kernels (numba_acc); force them here
+    from ssdfx.ops import cpu_numba
+
+    saved = cpu_numba.PAIR_BUFFER_BYTES
+    cpu_numba.PAIR_BUFFER_BYTES = 0
+    try:
+        check_against_reference("numba", spec, torch.float32, 1e-4)
+    finally:
+        cpu_numba.PAIR_BUFFER_BYTES = saved
 
 
 @SETTINGS

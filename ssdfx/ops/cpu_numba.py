@@ -28,9 +28,14 @@ from ssdfx.activations import activation_backward, activation_fn
 from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["SUPPORTED_DTYPES", "backward", "forward", "num_workers"]
+__all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "num_workers"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+# Up to this size the down-projection writes every pair's row to one (P, d) buffer and sums per
+# token (numba_kernels); above it, where glibc maps fresh pages for each allocation, workers
+# accumulate into private (T, d) buffers instead (numba_acc). See numba_acc's docstring.
+PAIR_BUFFER_BYTES = 32 * 2**20
 
 
 def num_workers(torch_threads: int | None = None) -> int:
@@ -161,12 +166,19 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     kp = keep.reshape(t_all * k, m)[order[:pairs]] if keep is not None else None
     h = hidden(a1[:pairs], a3[:pairs] if glu else None, kp, dropout_p, activation)
     y = torch.empty(t_all, d, dtype=x.dtype)
-    ypair = np.empty((pairs, d), dtype=scratch.dtype)  # (P, d)
-    with _numba_phase():
-        nk.fwd_down(
-            _np(h.contiguous()), _np(w2), _np(gate.contiguous()).reshape(-1),
-            _np(order), _inverse(order), _np(offsets), k, ptr, experts, _np(y), ypair,
-        )
+    h, g = _np(h.contiguous()), _np(gate.contiguous()).reshape(-1)
+    if pairs * d * scratch.itemsize <= PAIR_BUFFER_BYTES:
+        ypair = np.empty((pairs, d), dtype=scratch.dtype)  # (P, d)
+        with _numba_phase():
+            nk.fwd_down(h, _np(w2), g, _np(order), _inverse(order), _np(offsets), k, ptr,
+                        experts, _np(y), ypair)
+    else:
+        from ssdfx.ops import numba_acc
+
+        ybuf = np.empty((workers - 1, t_all, d), dtype=scratch.dtype)  # (W-1, T, d)
+        with _numba_phase():
+            numba_acc.fwd_down_acc(h, _np(w2), g, _np(order), _np(offsets), k, ptr, experts,
+                                   _np(y), ybuf, scratch)
     return y, a1, a3, order, offsets
 
 
@@ -217,14 +229,21 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
     db3 = x.new_empty(f_all if glu else 0)
     dx = x.new_empty(t_all, d)
-    dxpair = np.empty((pairs, d), dtype=xs.dtype)  # (P, d)
-    with _numba_phase():
-        nk.bwd_weights(
-            _np(x), _np(dy), _np(w1), _np(w3) if glu else _empty2(x, d),
-            _np(gh.contiguous()), _np(da1.contiguous()),
-            _np(da3.contiguous()) if glu else _empty2(x, m),
-            _np(order), _np(offsets), k, ptr, experts,
-            _np(dw1), _np(dw2), _np(dw3) if glu else _empty2(x, d), _np(db1), _np(db3),
-            _inverse(order), _np(dx), dxpair, xs, ds,
-        )
+    args = (
+        _np(x), _np(dy), _np(w1), _np(w3) if glu else _empty2(x, d),
+        _np(gh.contiguous()), _np(da1.contiguous()),
+        _np(da3.contiguous()) if glu else _empty2(x, m),
+        _np(order), _np(offsets), k, ptr, experts,
+        _np(dw1), _np(dw2), _np(dw3) if glu else _empty2(x, d), _np(db1), _np(db3),
+    )
+    if pairs * d * xs.itemsize <= PAIR_BUFFER_BYTES:
+        dxpair = np.empty((pairs, d), dtype=xs.dtype)  # (P, d)
+        with _numba_phase():
+            nk.bwd_weights(*args, _inverse(order), _np(dx), dxpair, xs, ds)
+    else:
+        from ssdfx.ops import numba_acc
+
+        dxbuf = np.empty((workers - 1, t_all, d), dtype=xs.dtype)  # (W-1, T, d)
+        with _numba_phase():
+            numba_acc.bwd_weights_acc(*args, _np(dx), dxbuf, xs, ds)
     return dx, dw1, db1, dw2, dw3, db3, dgate.view(t_all, k)

@@ -53,7 +53,7 @@ def _make(name: str) -> Kernels:
 
 def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> Kernels:
     """The kernels for this call; ValueError when the backend cannot run these tensors."""
-    from ssdfx.ops.torch_path import grouped_mm_ok
+    from ssdfx.ops.grouped import grouped_mm_ok
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -8,7 +8,7 @@ read), empty experts are masked on the device, and the combine kernel reads P fr
 memory. The cost is GEMM work on unused-slot rows only when dynamic-k leaves slots empty.
 
 Layout as in `ssdfx.ops.layout`, except that a1/a3 rows >= P are unspecified here.
-Needs 16-byte aligned strides (see `torch_path.grouped_mm_ok`).
+Needs 16-byte aligned strides (`grouped_mm_ok`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,19 @@ import torch
 from ssdfx.ops.layout import hidden, hidden_backward, sort_pairs
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "grouped_mm_ok"]
+
+
+def grouped_mm_ok(x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> bool:
+    """Whether `torch._grouped_mm` exists here and accepts these shapes and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    f_all, d = w1.shape
+    align = 16 // x.element_size()
+    return d % align == 0 and (f_all // num_experts) % align == 0 and f_all % align == 0
 
 
 def _views(w1, w2, w3, num_experts):

@@ -68,15 +68,31 @@ def _try_trace(module: nn.Module, cache: dict[int, Any]) -> fx.GraphModule | Exc
 
 
 def example_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
-    """Small example inputs for models that describe their own inputs (HF PreTrainedModel)."""
+    """Small example inputs for models that describe their own inputs (HF PreTrainedModel):
+    its dummy inputs when they feed its main input, else one built from its config for image
+    (pixel_values) and audio (input_features) models."""
     dummy = getattr(model, "dummy_inputs", None)
-    if isinstance(dummy, dict) and dummy:
+    main = getattr(model, "main_input_name", "input_ids")
+    cfg = getattr(model, "config", None)
+    params = inspect.signature(model.forward).parameters
+    kwargs = None
+    if isinstance(dummy, dict) and main in dummy:
         kwargs = dict(dummy)
-        params = inspect.signature(model.forward).parameters
-        if "use_cache" in params:
-            kwargs["use_cache"] = False  # export cannot return cache objects
-        return (), kwargs
-    return None
+    elif main == "pixel_values" and cfg is not None:
+        size = getattr(cfg, "image_size", 32)
+        size = size if isinstance(size, int) else tuple(size)[0]
+        kwargs = {main: torch.randn(1, getattr(cfg, "num_channels", 3), size, size)}
+    elif main == "input_features" and cfg is not None:
+        frames = 2 * getattr(cfg, "max_source_positions", 1500)
+        kwargs = {main: torch.randn(1, getattr(cfg, "num_mel_bins", 80), frames)}
+    if kwargs is None:
+        return None
+    if (getattr(cfg, "is_encoder_decoder", False) and main != "input_ids" and "decoder_input_ids" in params
+            and "decoder_input_ids" not in kwargs):  # text models shift their inputs themselves
+        kwargs["decoder_input_ids"] = torch.zeros(kwargs[main].shape[0], 4, dtype=torch.long)
+    if "use_cache" in params:
+        kwargs["use_cache"] = False  # export cannot return cache objects
+    return (), kwargs
 
 
 def _export_view(model: nn.Module, args: tuple, kwargs: dict) -> GraphView:
@@ -95,11 +111,22 @@ def _owners(match: SiteMatch, prefix: str) -> list[str]:
     """Owner module paths (model-relative) of the site's op nodes, in graph order."""
     seen: dict[str, None] = {}
     for n in match.graph_order():
-        if n.op in ("call_function", "call_method", "call_module"):
+        if n.op in ("call_function", "call_method", "call_module") and not _zero_dropout(n):
             own = owner_of(n)
             full = _join(prefix, own or "")
             seen.setdefault(full, None)
     return list(seen)
+
+
+def _zero_dropout(node) -> bool:
+    """A functional dropout of rate 0 (BART's inline activation_dropout): an identity, whoever
+    runs it. Modules' dropouts are call_module nodes and keep their owner."""
+    from ssdfx.match import _DROPOUT, op_name
+
+    if node.op != "call_function" or op_name(node) not in _DROPOUT:
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    return isinstance(p, (int, float)) and p == 0
 
 
 def _join(a: str, b: str) -> str:

@@ -88,6 +88,45 @@ def opt(n_layer=2):
     return m, dict(input_ids=ids, labels=ids), expected
 
 
+def bart():
+    """FFN inline in the layer, with a functional activation dropout (rate 0) between."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    m = BartForConditionalGeneration(cfg)
+    ids = _ids()
+    expected = [(f"model.{p}.layers.0.fc1.weight", None, f"model.{p}.layers.0.fc2.weight") for p in ("encoder", "decoder")]
+    return m, dict(input_ids=ids, labels=ids), expected
+
+
+def vit():
+    """An image model: example inputs come from the config (pixel_values), not input_ids."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=3, hidden_dropout_prob=0.0)
+    m = ViTForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), labels=torch.tensor([0, 2]))
+    return m, kwargs, [(f"vit.layers.{i}.mlp.fc1.weight", None, f"vit.layers.{i}.mlp.fc2.weight") for i in range(2)]
+
+
+def whisper():
+    """A speech model (input_features) whose FFNs are inline in the encoder/decoder layers."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+                        max_target_positions=16, num_mel_bins=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1, dropout=0.0)
+    m = WhisperForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(input_features=torch.randn(2, 8, 32, generator=g), labels=torch.randint(3, VOCAB, (2, 5), generator=g))
+    return m, kwargs, [(f"model.{p}.layers.0.fc1.weight", None, f"model.{p}.layers.0.fc2.weight") for p in ("encoder", "decoder")]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d, n_head):
         super().__init__()
@@ -181,12 +220,16 @@ HF = {
     "t5_gated": lambda: t5(gated=True),
     "llama": llama,
     "opt": opt,
+    "bart": bart,
+    "vit": vit,
+    "whisper": whisper,
 }
 PLAIN = {"block": block, "inline_block": inline_block, "sequential": sequential_mlp}
 ALL = {**HF, **PLAIN}
 EXPECTED_ACTIVATION = {
     "gpt2": "gelu_tanh", "gpt2_relu": "relu", "bert": "gelu", "t5": "relu", "t5_gated": "gelu_tanh",
     "llama": "silu", "opt": "relu", "block": "gelu", "inline_block": "relu", "sequential": "relu",
+    "bart": "gelu", "vit": "gelu", "whisper": "gelu",
 }
 
 

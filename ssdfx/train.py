@@ -57,7 +57,7 @@ class TrainConfig:
     d_ff: int | None = None  # default 4 * n_embd
     activation: str = "relu"
     mode: str = "ssd"
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -148,6 +148,7 @@ class Trainer:
         self.step, self.phase, self.phase_start, self.elapsed, self.tokens = 0, "dense", 0, 0.0, 0
         self.last_report = None
         self.last_stats = None
+        self.last_eval = None
         self.log_lines = 0
         self.val = self.data.val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
         self.probe = [self._inputs(self.data.batch("val", cfg.batch_size, cfg.ctx, seed=cfg.seed + 1, step=i))
@@ -236,6 +237,7 @@ class Trainer:
         losses = [self.model(**self._inputs(b, i)).loss.item() for i, b in enumerate(self.val)]
         val = sum(losses) / len(losses)
         self._write({"kind": "eval", "step": self.step, "phase": self.phase, "val_loss": val, "time": self.elapsed})
+        self.last_eval = (self.step, self.phase, val)
         return val
 
     def _check(self) -> None:
@@ -376,8 +378,8 @@ class Trainer:
     def _finish(self) -> dict:
         cfg = self.cfg
         result = {"steps": self.step, "time": self.elapsed, "out_dir": str(self.out)}
-        final_phase = self.phase
-        result["val_loss_" + final_phase] = self._evaluate()
+        done = self.last_eval[:2] == (self.step, self.phase) if self.last_eval else False
+        result["val_loss_" + self.phase] = self.last_eval[2] if done else self._evaluate()
         if self.phase == "sparse":
             moe_dir = self.out / "final_moe"
             if self.rank == 0 and cfg.save_final:

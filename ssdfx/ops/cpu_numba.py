@@ -2,7 +2,13 @@
 
 The forward and the backward each run in three phases: a numba GEMM phase, the elementwise
 middle in torch (`ssdfx.ops.layout`), and a second numba GEMM phase. See `numba_kernels` for
-why the work is split this way.
+why the work is split this way; `numba_acc` holds the variants used past PAIR_BUFFER_BYTES.
+
+Why numba + BLAS per expert rather than torch.mm per expert (the "torch" backend): measured
+on the 2-core target machine, OpenBLAS sgemm called in place from numba ran an expert's GEMM
+at ~120 GFLOP/s on one core (torch.mm on one thread: ~106), and putting different experts on
+the two cores beat torch.mm's splitting of each small GEMM over both: the op's forward at
+T=2048, d=768, E=16, k=4 took 27 ms with numba and 47 ms with the torch backend.
 
 Threads. The kernels run `W = min(torch.get_num_threads(), NUMBA_NUM_THREADS)` workers, so the
 op follows the thread count the user gave torch; we never call `numba.set_num_threads` (which

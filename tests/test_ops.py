@@ -228,6 +228,19 @@ def test_backend_dtype_mismatch_raises():
     assert "auto" in BACKENDS
 
 
+def test_autocast_casts_inputs_and_grads_reach_fp32_weights():
+    p = _problem(t=12, d=8, e=2, m=8, k=1, dtype=torch.float32, glu=False)
+    w1 = p["w1"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe_ffn(p["x"], w1, p["b1"], p["w2"], None, None, p["expert_idx"], p["gate"],
+                    num_experts=2, activation="gelu")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w1.grad is not None and w1.grad.dtype == torch.float32
+    ref = _call({**p, "w3": None, "b3": None}, "reference")
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
 def test_threads_follow_torch_and_import_leaves_them_alone():
     # numba.set_num_threads can reset torch's count (numba issue 9387): importing ssdfx and
     # running the numba kernels must leave torch.get_num_threads() as the user set it.

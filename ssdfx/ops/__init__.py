@@ -64,6 +64,15 @@ def _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, 
             raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
 
 
+def _autocast(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device."""
+    dev = tensors[0].device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def moe_ffn(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -94,7 +103,10 @@ def moe_ffn(
     backward; pass 0.0 in eval mode. Gradients flow to x, w1, b1, w2, w3, b3 and gate;
     d(gate[t, j]) = <dy_t, expert_e(x_t)>.
     With K == num_experts, every expert selected and gate == 1, y equals the dense FFN.
+    Under torch.autocast the floating inputs are cast to the autocast dtype first (like the
+    Linear layers this op replaces); gradients reach the original-precision parameters.
     """
+    x, w1, b1, w2, w3, b3, gate = _autocast(x, w1, b1, w2, w3, b3, gate)
     _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, dropout_p,
               backend)
     lead = x.shape[:-1]

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ssdfx.capture import Located, locate, require_traced
+from ssdfx.capture import ROOT_SLOT, Located, locate, require_traced, swap_module
 from ssdfx.errors import (
     AlreadyConvertedError, NoFFNFoundError, NotConvertedError, TraceError, UnsupportedSiteError,
 )
@@ -115,11 +115,6 @@ def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts
     return split.partition(spec, site, model, num_experts, stats=stats)
 
 
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent, _, name = path.rpartition(".")
-    return model.get_submodule(parent), name
-
-
 def convert(
     model: nn.Module,
     num_experts: int = 8,
@@ -198,7 +193,7 @@ def convert(
                 raise UnsupportedSiteError(
                     f"fx's trace of {path} does not contain the FFN(s) {missing} found by capture")
             for i, r in enumerate(res.report):
-                holders[r.site] = (path, "ssdfx_perm" + ("" if len(res.report) == 1 else f"_{i}"))
+                holders[r.site] = (path or ROOT_SLOT, "ssdfx_perm" + ("" if len(res.report) == 1 else f"_{i}"))
         for s in chains:
             head, *middles, tail = s.scope.children
             if len(s.scope.children) < 2:
@@ -216,11 +211,7 @@ def convert(
         raise
 
     # -- 3. swap the rewritten modules in, carry optimizer state -----------------------------
-    originals = {}
-    for path, gm in traced.items():
-        parent, name = _parent(model, path)
-        originals[path] = getattr(parent, name)
-        setattr(parent, name, gm)
+    originals = {path: swap_module(model, path, gm) for path, gm in traced.items()}
     if optimizer is not None:
         for r in reports:
             for name, dim in r.permuted:
@@ -267,7 +258,7 @@ def _merge_nested(scopes: dict[str, list[FFNSite]]) -> dict[str, list[FFNSite]]:
     """A scope inside another is traced as part of the outer one."""
     out: dict[str, list[FFNSite]] = {}
     for path in sorted(scopes, key=len):
-        outer = next((o for o in out if path.startswith(o + ".")), None)
+        outer = next((o for o in out if o == "" or path.startswith(o + ".")), None)
         out.setdefault(outer or path, []).extend(scopes[path])
     return out
 
@@ -320,10 +311,9 @@ def revert(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) 
             if optimizer is not None:
                 _permute_state(optimizer, p, inv, dim)
     for path, original in state.originals.items():
-        parent, name = _parent(model, path)
-        current = getattr(parent, name)
-        _sync(original, current)
-        setattr(parent, name, original)
+        current = swap_module(model, path, original)
+        if path:
+            _sync(original, current)
     delattr(model, _STATE)
     return model
 

@@ -27,7 +27,9 @@ from ssdfx.errors import TraceError
 from ssdfx.match import GraphView, SiteMatch, find_sites, owner_of
 from ssdfx.site import FFNSite, LinearRef, Scope
 
-__all__ = ["Located", "locate", "trace", "example_inputs", "plan_scope"]
+__all__ = ["Located", "locate", "trace", "example_inputs", "plan_scope", "swap_module", "ROOT_SLOT"]
+
+ROOT_SLOT = "ssdfx_root"  # where a rewritten root forward lives while it is swapped in
 
 
 @dataclass
@@ -165,12 +167,11 @@ def plan_scope(model: nn.Module, owners: list[str], cache: dict[int, Any],
             return Scope("module", lca), ""
     # Through the children of the LCA: every op must run inside one of them.
     inline = [o for o in owners if not (o.startswith(lca + ".") if lca else o)]
+    if inline and not lca and not isinstance(_try_trace(model, cache), Exception):
+        return Scope("module", ""), ""  # the root's own forward: swap_module redirects it
     if inline:
         why = ("it is inline in the forward of " + (lca or "the root module") +
                ", which fx cannot trace and which cannot be replaced")
-        if not lca:
-            why = ("the FFN is the root module's own forward; wrap the model in a parent module "
-                   "(e.g. nn.Sequential(model)) so ssdfx can replace it")
         return None, why
     depth = len(lca.split(".")) if lca else 0
     children: dict[str, None] = {}
@@ -181,6 +182,28 @@ def plan_scope(model: nn.Module, owners: list[str], cache: dict[int, Any],
         if isinstance(traced, Exception):
             return None, f"its part in {c} cannot be traced: {_short(traced)}"
     return Scope("chain", lca, tuple(children)), ""
+
+
+def swap_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `path` in `model` and return what was there.
+
+    Path "" is the root's own forward (an FFN that is the whole model): `new` (its rewritten
+    GraphModule) is registered as the submodule `ssdfx_root`, so its new parameters show up in
+    model.parameters(), and model.forward is redirected to it. Swapping `model` itself back in
+    undoes that.
+    """
+    if path:
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        old = getattr(owner, name)
+        setattr(owner, name, new)
+        return old
+    if new is model:
+        model.__dict__.pop("forward", None)
+        return model._modules.pop(ROOT_SLOT, None) or model
+    model.add_module(ROOT_SLOT, new)
+    object.__setattr__(model, "forward", new.forward)
+    return model
 
 
 def _short(e: Exception) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ssdfx.activations import activation_fn
 from ssdfx.api import find_ffns, is_converted
-from ssdfx.capture import require_traced
+from ssdfx.capture import require_traced, swap_module
 from ssdfx.errors import UnsupportedSiteError
 from ssdfx.match import GraphView, linear_matches, walk_back
 from ssdfx.site import FFNSite
@@ -43,8 +43,7 @@ def relufy(model: nn.Module, *, sites: list[FFNSite] | None = None) -> list[FFNS
         else:
             swaps[s.scope.children[0]] = _relufy_head(model, s, s.scope.children[0])
     for path, new in swaps.items():
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
+        swap_module(model, path, new)
     return sites
 
 

@@ -125,7 +125,7 @@ def observe(model: nn.Module, batches: Iterable, *, sites: list[FFNSite] | None 
     """Run `batches` (each a dict of model kwargs, or a tuple of args) through the model with
     input recorders on every site; return {site name: SiteStats}. The model is left as it was."""
     from ssdfx.api import find_ffns, is_converted
-    from ssdfx.capture import require_traced
+    from ssdfx.capture import require_traced, swap_module
     from ssdfx.passes import run_pass
     from ssdfx.passes.observe import InputRecorder, ObservePassConfig, observe as observe_pass
 
@@ -145,17 +145,13 @@ def observe(model: nn.Module, batches: Iterable, *, sites: list[FFNSite] | None 
             res = run_pass(observe_pass, gm, ObservePassConfig({s.name: recorders[s.name] for s in group}, path))
             if len(res.report) != len(group):
                 raise RuntimeError(f"observe: could not attach to every site in {path}")
-            parent, _, name = path.rpartition(".")
-            owner = model.get_submodule(parent)
-            swapped[path] = getattr(owner, name)
-            setattr(owner, name, gm)
+            swapped[path] = swap_module(model, path, gm)
         with torch.no_grad():
             for batch in batches:
                 model(**batch) if isinstance(batch, Mapping) else model(*batch)
     finally:
         for path, original in swapped.items():
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, original)
+            swap_module(model, path, original)
     return {s.name: stats_from_inputs(model, s, recorders[s.name].sample(), recorders[s.name].seen,
                                       output_tolerance) for s in sites}
 
@@ -163,6 +159,6 @@ def observe(model: nn.Module, batches: Iterable, *, sites: list[FFNSite] | None 
 def _outermost(holders: dict[str, list]) -> dict[str, list]:
     out: dict[str, list] = {}
     for path in sorted(holders, key=len):
-        outer = next((o for o in out if path.startswith(o + ".")), None)
+        outer = next((o for o in out if o == "" or path.startswith(o + ".")), None)
         out.setdefault(outer or path, []).extend(holders[path])
     return out

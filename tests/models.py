@@ -212,6 +212,22 @@ def sequential_mlp():
     return m, dict(input=torch.randn(5, 16)), [("0.weight", None, "3.weight")]
 
 
+class RootMLP(nn.Module):
+    """The FFN is the root module's own forward, with an inline functional activation."""
+
+    def __init__(self, d=16, hidden=64):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def root_mlp():
+    torch.manual_seed(0)
+    return RootMLP(), dict(x=torch.randn(5, 16)), [("fc1.weight", None, "fc2.weight")]
+
+
 HF = {
     "gpt2": gpt2,
     "gpt2_relu": lambda: gpt2("relu"),
@@ -224,12 +240,12 @@ HF = {
     "vit": vit,
     "whisper": whisper,
 }
-PLAIN = {"block": block, "inline_block": inline_block, "sequential": sequential_mlp}
+PLAIN = {"block": block, "inline_block": inline_block, "sequential": sequential_mlp, "root_mlp": root_mlp}
 ALL = {**HF, **PLAIN}
 EXPECTED_ACTIVATION = {
     "gpt2": "gelu_tanh", "gpt2_relu": "relu", "bert": "gelu", "t5": "relu", "t5_gated": "gelu_tanh",
     "llama": "silu", "opt": "relu", "block": "gelu", "inline_block": "relu", "sequential": "relu",
-    "bart": "gelu", "vit": "gelu", "whisper": "gelu",
+    "bart": "gelu", "vit": "gelu", "whisper": "gelu", "root_mlp": "relu",
 }
 
 
@@ -245,3 +261,4 @@ def loss_of(model, kwargs):
     if isinstance(out, torch.Tensor):
         return out.square().mean()
     return out.loss
+

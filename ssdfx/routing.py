@@ -94,6 +94,17 @@ def train_mlp_router(x: torch.Tensor, mass: torch.Tensor, *, hidden: int = 128, 
         router = MLPRouter(x.shape[1], mass.shape[1], hidden)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
+    with torch.enable_grad():  # convert may run under no_grad (inference); fitting needs autograd
+        _fit(router, opt, x, share, mu, sd, steps, g)
+    # fold the input standardisation into the first layer, so the router reads raw x
+    with torch.no_grad():
+        lin = router.net[0]
+        lin.bias -= (lin.weight * (mu / sd)).sum(1)
+        lin.weight /= sd
+    return router
+
+
+def _fit(router, opt, x, share, mu, sd, steps, g) -> None:
     n = x.shape[0]
     for _ in range(steps):
         idx = torch.randint(0, n, (min(512, n),), generator=g)
@@ -101,12 +112,6 @@ def train_mlp_router(x: torch.Tensor, mass: torch.Tensor, *, hidden: int = 128, 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    # fold the input standardisation into the first layer, so the router reads raw x
-    with torch.no_grad():
-        lin = router.net[0]
-        lin.bias -= (lin.weight * (mu / sd)).sum(1)
-        lin.weight /= sd
-    return router
 
 
 def straight_through(probs: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,12 @@ def test_dynamic_k_validated():
         ssdfx.convert(model, num_experts=4, top_k=2, dynamic_k=1.5)
     with pytest.raises(ValueError, match="needs activation statistics"):
         ssdfx.convert(model, num_experts=4, top_k=2, dynamic_k=0.9)
+
+
+def test_mlp_router_can_be_built_under_no_grad():
+    """Inference code converts under torch.no_grad(); fitting the MLP router still works."""
+    model, kwargs, _ = models.gpt2("relu")
+    stats = observe(model.eval(), [kwargs])
+    with torch.no_grad():
+        ssdfx.convert(model, num_experts=4, top_k=2, router="mlp", stats=stats)
+        assert torch.isfinite(models.output_of(model, kwargs)).all()

@@ -258,9 +258,14 @@ class Trainer:
             self.elapsed += spent
         self._write({"kind": "stability", "time": self.elapsed, "check_time": spent, **report.as_dict()})
 
+    def _sparse_end(self) -> int:
+        """Sparse phases end by this step: the run finishes with final_dense_steps dense steps."""
+        return self.cfg.steps - self.cfg.final_dense_steps
+
     def _want_sparse(self) -> bool:
         cfg, step = self.cfg, self.step
-        room = step + cfg.sparse_steps <= cfg.steps - cfg.final_dense_steps
+        # the last phase may be cut short to fit before the final dense steps, down to a quarter
+        room = step + max(1, cfg.sparse_steps // 4) <= self._sparse_end()
         if cfg.mode == "dense":
             return False
         if cfg.mode == "ssd-fixed":
@@ -273,7 +278,8 @@ class Trainer:
         cfg = self.cfg
         if self.phase == "dense" and self._want_sparse():
             self.to_sparse()
-        elif self.phase == "sparse" and cfg.mode != "sparse" and self.step - self.phase_start >= cfg.sparse_steps:
+        elif self.phase == "sparse" and cfg.mode != "sparse" and (
+                self.step - self.phase_start >= cfg.sparse_steps or self.step >= self._sparse_end()):
             self.to_dense()
 
     # -- switching -----------------------------------------------------------------------------
@@ -411,7 +417,9 @@ class Trainer:
 
 def _perm_buffer(site) -> str:
     scope = site.scope
-    holder = scope.path if scope.kind == "module" else scope.children[0]
+    from ssdfx.capture import ROOT_SLOT
+
+    holder = (scope.path or ROOT_SLOT) if scope.kind == "module" else scope.children[0]
     return f"{holder}.ssdfx_perm"
 
 

@@ -27,7 +27,7 @@ _HELP = {
     "stability_tol": "stable when the previous split covers within this of a fresh one",
     "patience": "consecutive stable checks before going sparse",
     "probe_batches": "validation batches used by each stability check",
-    "sparse_steps": "length of a sparse phase", "final_dense_steps": "the run ends with this many dense steps",
+    "sparse_steps": "length of a sparse phase (the last may be cut short, to a quarter, to end before the final dense steps)", "final_dense_steps": "the run ends with this many dense steps",
     "fixed_start": "ssd-fixed: step of the first switch", "fixed_dense_steps": "ssd-fixed: dense steps between sparse phases",
     "eval_every": "steps between validation evaluations", "eval_batches": "validation batches per evaluation",
     "checkpoint_every": "steps between checkpoints (also saved at every switch)",

@@ -222,3 +222,19 @@ def test_shakespeare_split_by_work(tmp_path, monkeypatch):
     assert len(c.train) + len(c.val) == 20 and len(c.val) == 2
     assert not any("_f" in t for t in c.train + c.val)
     assert not set(c.train) & set(c.val)
+
+
+def test_bpe_tokenizer_run(corpus, tmp_path):
+    """--tokenizer bpe trains a byte-level BPE on the training split; the model's vocabulary
+    follows it and the text round-trips."""
+    from ssdfx.data import BPETokenizer, load_corpus
+
+    c = load_corpus(corpus)
+    tok = BPETokenizer.train(c.train, vocab_size=300)
+    assert 256 < tok.vocab_size <= 300
+    text = c.val[0][:200]
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < len(text.encode())  # it compresses
+    tr = Trainer(tiny(corpus, tmp_path / "bpe", tokenizer="bpe", bpe_vocab=300, steps=4))
+    assert tr.model.get_input_embeddings().weight.shape[0] == tr.tokenizer.vocab_size
+    tr.run()

@@ -31,7 +31,7 @@ from ssdfx.plot import read_log, sparse_spans
 from ssdfx.train import TrainConfig, Trainer
 
 FULL = dict(n_layer=6, n_embd=384, n_head=6, ctx=256, batch_size=16, steps=600, lr=1.5e-3, warmup=40,
-            num_experts=16, top_k=4, check_every=25, patience=2, stability_tol=0.03, sparse_steps=120,
+            num_experts=16, top_k=4, check_every=25, patience=2, stability_tol=0.03, sparse_steps=200,
             final_dense_steps=40, eval_every=25, eval_batches=8, checkpoint_every=100, fixed_start=150,
             fixed_dense_steps=40)
 QUICK = dict(n_layer=2, n_embd=64, n_head=2, ctx=64, batch_size=8, steps=120, lr=2e-3, warmup=10,
@@ -77,9 +77,10 @@ def time_to_reach(log: list[dict], target: float) -> float | None:
 
 
 def final_val(log: list[dict]) -> float:
-    """The validation loss of the final dense model (the last eval of the run)."""
+    """The final validation loss of the model as the run trained it: sparse for the always-sparse
+    ablation (its dense version after revert is reported separately), dense otherwise."""
     final = next(r for r in log if r["kind"] == "final")
-    return final.get("val_loss_dense", evals(log)[-1][2])
+    return final.get("val_loss_sparse", final.get("val_loss_dense"))
 
 
 def plot_curves(root: Path, model: str, modes: list[str], out: Path) -> list[Path]:
@@ -168,18 +169,23 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
     corpus = load_corpus(cfg.corpus)
     specials = 2 if model_name == "bert" else 0
     tok = make_tokenizer(cfg.tokenizer, corpus, specials, cfg.bpe_vocab)
-    val = TokenData(corpus, tok).val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
-    if model_name == "gpt2":
-        batches = [{"input_ids": b[:, :-1], "labels": b[:, :-1]} for b in val]
-    else:
+    data = TokenData(corpus, tok)
+    val = data.val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
+    # routers are fitted on training text, never on the validation batches they are scored on
+    fit = [data.batch("train", cfg.batch_size, cfg.ctx, seed=cfg.seed + 7, step=i) for i in range(2)]
+
+    def inputs(b, i):
+        if model_name == "gpt2":
+            return {"input_ids": b[:, :-1], "labels": b[:, :-1]}
         v = tok.vocab_size
-        batches = [dict(zip(("input_ids", "labels"), mlm_batch(b[:, :-1], v - 2, v - 2, seed=cfg.seed, step=i)))
-                   for i, b in enumerate(val)]
+        return dict(zip(("input_ids", "labels"), mlm_batch(b[:, :-1], v - 2, v - 2, seed=cfg.seed, step=i)))
+
+    batches = [inputs(b, i) for i, b in enumerate(val)]
     auto = AutoModelForCausalLM if model_name == "gpt2" else AutoModelForMaskedLM
     dense = auto.from_pretrained(src / "final_dense").eval()
     sites = ssdfx.find_ffns(dense)
     parts = {s.name: kmeans_split(s, dense, cfg.num_experts) for s in sites}
-    stats = observe(dense, batches[:2], sites=sites)
+    stats = observe(dense, [inputs(b, i) for i, b in enumerate(fit)], sites=sites)
     ffn_inputs = {}
     hooks = [dense.get_submodule(s.path).register_forward_pre_hook(
         lambda m, a, p=s.path: ffn_inputs.setdefault(p, a[0])) for s in sites]
@@ -196,9 +202,13 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
     e = cfg.num_experts
     base = val_loss(dense)
     rows = []
-    for k, dyn in ((e // 8, None), (e // 4, None), (e // 2, None), (e // 2, 0.9)):
+    configs = [(e // 8, None, "centroid"), (e // 4, None, "centroid"), (e // 2, None, "centroid"),
+               (e, 0.9, "centroid"), (e // 4, None, "mlp"), (e // 2, None, "mlp"), (e, 0.9, "mlp"),
+               (e, 0.95, "mlp")]
+    for k, dyn, router in configs:
         sparse = copy.deepcopy(dense)
-        ssdfx.convert(sparse, e, k, sites=sites, partition=parts, dynamic_k=dyn, stats=stats if dyn else None)
+        ssdfx.convert(sparse, e, k, sites=sites, partition=parts, dynamic_k=dyn, router=router,
+                      stats=stats if (dyn or router == "mlp") else None)
         loss = val_loss(sparse)
         t_dense_f, t_sparse_f, t_dense_m, t_sparse_m = [], [], [], []
         for _ in range(3):  # interleave: the machine is shared and noisy
@@ -210,12 +220,12 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
         if dyn:
             counts = []
             for s in sites:
-                router = sparse.get_submodule(s.path).ssdfx_router
-                idx, _ = ssdfx.routing.select_dynamic_k(router(ffn_inputs[s.path]), dyn, k)
+                scores = sparse.get_submodule(s.path).ssdfx_router(ffn_inputs[s.path])
+                idx, _ = ssdfx.routing.select_dynamic_k(scores, dyn, k)
                 counts.append((idx >= 0).sum(-1).float().mean().item())
             mean_k = sum(counts) / len(counts)
         rows.append({
-            "k": k, "E": e, "selection": f"dynamic-k {dyn} (max {k})" if dyn else f"top-{k}",
+            "k": k, "E": e, "router": router, "selection": f"dynamic-k {dyn} (max {k})" if dyn else f"top-{k}",
             "mean_k": mean_k if dyn else k,
             "val_loss": loss, "dense_val_loss": base, "loss_increase_pct": 100 * (loss / base - 1),
             "ffn_speedup": statistics.median(t_dense_f) / statistics.median(t_sparse_f),
@@ -227,7 +237,10 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
 
 def summarize(root: Path, model: str, modes: list[str]) -> dict:
     logs = {m: read_log(run_dir(root, model, m)) for m in modes}
+    finals = {m: next(r for r in l if r["kind"] == "final") for m, l in logs.items()}
     out = {"final_val_loss": {m: final_val(l) for m, l in logs.items()},
+           "final_val_loss_dense": {m: f.get("val_loss_dense") for m, f in finals.items()},
+           "final_val_loss_moe": {m: f.get("val_loss_moe", f.get("val_loss_sparse")) for m, f in finals.items()},
            "train_time_s": {m: next(r for r in l if r["kind"] == "final")["time"] for m, l in logs.items()}}
     if "dense" in logs:
         target = out["final_val_loss"]["dense"] * 1.01
@@ -246,8 +259,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
     ap.add_argument("--out", default="bench/results", help="results root")
     ap.add_argument("--no-inference", action="store_true", help="skip the MoE inference measurements")
+    ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     args = ap.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        settings["steps"] = args.steps
     root = Path(args.out) / ("pretrain_quick" if args.quick else "pretrain")
     modes = args.modes.split(",")
     dense_cfg = dict(settings)

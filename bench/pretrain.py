@@ -11,6 +11,7 @@ bench/results/pretrain/<model>/<mode>/ (resumable: a finished run is not redone)
   dense at k/E in {1/8, 1/4, 1/2} and with dynamic-k, timed in one run (interleaved medians).
 
     python bench/pretrain.py --model gpt2            # the full comparison (~60 min on 2 cores)
+    python bench/pretrain.py --model gpt2 --modes dense,ssd,ssd_120,sparse   # as in RESULTS.md
     python bench/pretrain.py --model bert --modes dense   # sparsity/stability findings for BERT
     python bench/pretrain.py --quick                 # a 2-minute smoke run of the whole script
 """
@@ -49,13 +50,21 @@ def finished(path: Path) -> bool:
     return log.exists() and any('"kind": "final"' in line for line in log.read_text().splitlines())
 
 
+def mode_settings(mode: str) -> dict:
+    """A run name is a training mode, or `ssd_N`: mode ssd with sparse phases of N steps."""
+    if mode.startswith("ssd_") and mode[4:].isdigit():
+        return {"mode": "ssd", "sparse_steps": int(mode[4:])}
+    return {"mode": mode}
+
+
 def run_modes(root: Path, model: str, modes: list[str], settings: dict) -> None:
     for mode in modes:
         out = run_dir(root, model, mode)
         if finished(out):
             print(f"{model}/{mode}: already finished, reusing {out}")
             continue
-        cfg = TrainConfig(model=model, mode=mode, activation="relu", out_dir=str(out), progress=False, **settings)
+        cfg = TrainConfig(model=model, activation="relu", out_dir=str(out), progress=False,
+                          **{**settings, **mode_settings(mode)})
         resume = (out / "checkpoint.pt").exists()
         print(f"{model}/{mode}: training ({'resuming' if resume else 'from scratch'}) -> {out}")
         t0 = time.perf_counter()
@@ -157,7 +166,7 @@ def _median_time(fn, reps: int) -> float:
 def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) -> list[dict]:
     """The SSD-trained model as an MoE at several k, against itself dense (one run, interleaved)."""
     from ssdfx.stats import observe
-    from ssdfx.split import kmeans_split
+    from ssdfx.split import coactivation_split, kmeans_split
 
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -184,7 +193,7 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
     auto = AutoModelForCausalLM if model_name == "gpt2" else AutoModelForMaskedLM
     dense = auto.from_pretrained(src / "final_dense").eval()
     sites = ssdfx.find_ffns(dense)
-    parts = {s.name: kmeans_split(s, dense, cfg.num_experts) for s in sites}
+    parts = {}  # one k-means partition per expert count, shared by every row that uses it
     stats = observe(dense, [inputs(b, i) for i, b in enumerate(fit)], sites=sites)
     ffn_inputs = {}
     hooks = [dense.get_submodule(s.path).register_forward_pre_hook(
@@ -202,12 +211,22 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
     e = cfg.num_experts
     base = val_loss(dense)
     rows = []
-    configs = [(e // 8, None, "centroid"), (e // 4, None, "centroid"), (e // 2, None, "centroid"),
-               (e, 0.9, "centroid"), (e // 4, None, "mlp"), (e // 2, None, "mlp"), (e, 0.9, "mlp"),
-               (e, 0.95, "mlp")]
-    for k, dyn, router in configs:
+    # (E, k or max k, dynamic-k share, router): the training E at k/E = 1/8, 1/4, 1/2 and dynamic-k,
+    # then finer experts (2E) at the same k/E, which the partition can be re-cut to at inference
+    # and the co-activation split in place of k-means
+    km, co = "kmeans", "coactivation"
+    configs = [(km, e, e // 8, None, "centroid"), (km, e, e // 4, None, "centroid"),
+               (km, e, e // 2, None, "centroid"), (km, e, e, 0.9, "centroid"), (km, e, e // 4, None, "mlp"),
+               (km, e, e // 2, None, "mlp"), (km, e, e, 0.9, "mlp"), (km, e, e, 0.95, "mlp"),
+               (km, 2 * e, e // 2, None, "mlp"), (km, 2 * e, 2 * e, 0.95, "mlp"),
+               (co, e, e // 4, None, "mlp"), (co, e, e, 0.95, "mlp"), (co, e, e, 0.9, "mlp"),
+               (co, e, e, 0.8, "mlp"), (co, 2 * e, 2 * e, 0.9, "mlp")]
+    for split, e, k, dyn, router in configs:
+        if (split, e) not in parts:
+            parts[split, e] = {s.name: (kmeans_split(s, dense, e) if split == km else
+                                        coactivation_split(s, dense, e, stats=stats)) for s in sites}
         sparse = copy.deepcopy(dense)
-        ssdfx.convert(sparse, e, k, sites=sites, partition=parts, dynamic_k=dyn, router=router,
+        ssdfx.convert(sparse, e, k, sites=sites, partition=parts[split, e], dynamic_k=dyn, router=router,
                       stats=stats if (dyn or router == "mlp") else None)
         loss = val_loss(sparse)
         t_dense_f, t_sparse_f, t_dense_m, t_sparse_m = [], [], [], []
@@ -225,7 +244,7 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
                 counts.append((idx >= 0).sum(-1).float().mean().item())
             mean_k = sum(counts) / len(counts)
         rows.append({
-            "k": k, "E": e, "router": router, "selection": f"dynamic-k {dyn} (max {k})" if dyn else f"top-{k}",
+            "split": split, "k": k, "E": e, "router": router, "selection": f"dynamic-k {dyn} (max {k})" if dyn else f"top-{k}",
             "mean_k": mean_k if dyn else k,
             "val_loss": loss, "dense_val_loss": base, "loss_increase_pct": 100 * (loss / base - 1),
             "ffn_speedup": statistics.median(t_dense_f) / statistics.median(t_sparse_f),
@@ -255,7 +274,8 @@ def summarize(root: Path, model: str, modes: list[str]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
-    ap.add_argument("--modes", default="dense,ssd,sparse", help="comma-separated training modes to run")
+    ap.add_argument("--modes", default="dense,ssd,sparse",
+                    help="comma-separated runs: dense, ssd, ssd-fixed, sparse, or ssd_N (ssd, N-step sparse phases)")
     ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
     ap.add_argument("--out", default="bench/results", help="results root")
     ap.add_argument("--no-inference", action="store_true", help="skip the MoE inference measurements")

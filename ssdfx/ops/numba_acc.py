@@ -14,7 +14,7 @@ from __future__ import annotations
 from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
-from ssdfx.ops.numba_kernels import _I1, _a, _c, _i64, _sigs
+from ssdfx.ops.numba_kernels import _I1, _a, _c, _i64, _sigs, expert_grads
 
 __all__ = ["bwd_weights_acc", "fwd_down_acc"]
 
@@ -86,44 +86,19 @@ def bwd_weights_acc(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
-    glu = w3.shape[0] > 0
     nw = ptr.shape[0] - 1
     t_all = dx.shape[0]
     for w in prange(nw):
         acc = dx if w == 0 else dxbuf[w - 1]
         acc[:, :] = 0.0
-        xw = xs[w]
         dw = ds[w]
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
             s = offsets[e]
             n = offsets[e + 1] - s
-            lo = e * m
-            if n == 0:
-                # an expert nobody chose gets exactly zero gradient
-                dw1[lo:lo + m, :] = 0.0
-                dw2[:, lo:lo + m] = 0.0
-                db1[lo:lo + m] = 0.0
-                if glu:
-                    dw3[lo:lo + m, :] = 0.0
-                    db3[lo:lo + m] = 0.0
-                continue
-            for r in range(n):
-                t = order[s + r] // k
-                xw[r, :] = x[t]
-                dw[r, :] = dy[t]
-            gemm(dw[:n].T, gh[s:s + n], dw2[:, lo:lo + m], 0.0)  # (d, m)
-            gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
-            db1[lo:lo + m] = 0.0
-            for r in range(n):
-                db1[lo:lo + m] += da1[s + r]
-            gemm(da1[s:s + n], w1[lo:lo + m], dw[:n], 0.0)  # dx rows (n, d), dy no longer needed
-            if glu:
-                gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
-                db3[lo:lo + m] = 0.0
-                for r in range(n):
-                    db3[lo:lo + m] += da3[s + r]
-                gemm(da3[s:s + n], w3[lo:lo + m], dw[:n], 1.0)
+            # the pairs' input-gradient rows land in dw (their dy rows are dead by then)
+            expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, e * m, m,
+                         dw1, dw2, dw3, db1, db3, xs[w], dw, dw[:n])
             for r in range(n):
                 acc[order[s + r] // k, :] += dw[r]
     _reduce(dx, dxbuf, nw, t_all)

@@ -33,7 +33,7 @@ from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
 
-__all__ = ["bwd_dh", "bwd_weights", "count_sort", "fwd_down", "fwd_up", "plan"]
+__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up", "plan"]
 
 
 def _sigs(make):
@@ -251,6 +251,43 @@ def bwd_dh(dy, w2, gate, order, offsets, k, ptr, experts, h, dh, dgate, ds):
                 hrow *= g
 
 
+@njit(cache=True, nogil=True)
+def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
+                 dw1, dw2, dw3, db1, db3, xw, dw, dxrows):
+    """One expert's weight and bias gradients, and its pairs' input-gradient rows.
+
+    The expert owns neurons [lo, lo + m) and pairs order[s:s + n]; xw, dw (nmax, d) are the
+    worker's scratch (dw may back dxrows: the dy rows are dead by the time dxrows is written);
+    dxrows (n, d) receives da1 w1_e (+ da3 w3_e). Shapes as in `bwd_weights`.
+    """
+    glu = w3.shape[0] > 0
+    if n == 0:
+        # an expert nobody chose gets exactly zero gradient
+        dw1[lo:lo + m, :] = 0.0
+        dw2[:, lo:lo + m] = 0.0
+        db1[lo:lo + m] = 0.0
+        if glu:
+            dw3[lo:lo + m, :] = 0.0
+            db3[lo:lo + m] = 0.0
+        return
+    for r in range(n):
+        t = order[s + r] // k
+        xw[r, :] = x[t]
+        dw[r, :] = dy[t]
+    gemm(dw[:n].T, gh[s:s + n], dw2[:, lo:lo + m], 0.0)  # (d, m)
+    gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
+    db1[lo:lo + m] = 0.0
+    for r in range(n):
+        db1[lo:lo + m] += da1[s + r]
+    gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
+    if glu:
+        gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
+        db3[lo:lo + m] = 0.0
+        for r in range(n):
+            db3[lo:lo + m] += da3[s + r]
+        gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
+
+
 @njit(
     _sigs(lambda f: types.void(
         _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
@@ -273,39 +310,12 @@ def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
-    glu = w3.shape[0] > 0
     nw = ptr.shape[0] - 1
     for w in prange(nw):
-        xw = xs[w]
-        dw = ds[w]
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
             s = offsets[e]
             n = offsets[e + 1] - s
-            lo = e * m
-            if n == 0:
-                # an expert nobody chose gets exactly zero gradient
-                dw1[lo:lo + m, :] = 0.0
-                dw2[:, lo:lo + m] = 0.0
-                db1[lo:lo + m] = 0.0
-                if glu:
-                    dw3[lo:lo + m, :] = 0.0
-                    db3[lo:lo + m] = 0.0
-                continue
-            for r in range(n):
-                t = order[s + r] // k
-                xw[r, :] = x[t]
-                dw[r, :] = dy[t]
-            gemm(dw[:n].T, gh[s:s + n], dw2[:, lo:lo + m], 0.0)  # (d, m)
-            gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
-            db1[lo:lo + m] = 0.0
-            for r in range(n):
-                db1[lo:lo + m] += da1[s + r]
-            gemm(da1[s:s + n], w1[lo:lo + m], dxpair[s:s + n], 0.0)  # (n, d)
-            if glu:
-                gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
-                db3[lo:lo + m] = 0.0
-                for r in range(n):
-                    db3[lo:lo + m] += da3[s + r]
-                gemm(da3[s:s + n], w3[lo:lo + m], dxpair[s:s + n], 1.0)
+            expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, e * m, m,
+                         dw1, dw2, dw3, db1, db3, xs[w], ds[w], dxpair[s:s + n])
     _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)

@@ -11,7 +11,7 @@ bench/results/pretrain/<model>/<mode>/ (resumable: a finished run is not redone)
   dense at k/E in {1/8, 1/4, 1/2} and with dynamic-k, timed in one run (interleaved medians).
 
     python bench/pretrain.py --model gpt2            # the full comparison (~60 min on 2 cores)
-    python bench/pretrain.py --model gpt2 --modes dense,ssd,ssd_120,sparse   # as in RESULTS.md
+    python bench/pretrain.py --model gpt2 --modes dense,ssd,ssd_120,sparse --rounds 7   # RESULTS.md
     python bench/pretrain.py --model bert --modes dense   # sparsity/stability findings for BERT
     python bench/pretrain.py --quick                 # a 2-minute smoke run of the whole script
 """
@@ -163,7 +163,8 @@ def _median_time(fn, reps: int) -> float:
 
 
 @torch.no_grad()
-def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) -> list[dict]:
+def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7,
+                  rounds: int = 3) -> list[dict]:
     """The SSD-trained model as an MoE at several k, against itself dense (one run, interleaved)."""
     from ssdfx.stats import observe
     from ssdfx.split import coactivation_split, kmeans_split
@@ -174,6 +175,9 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
     from ssdfx.hf import mlm_batch
 
     src = run_dir(root, model_name, "ssd")
+    if not (src / "final_dense").is_dir():
+        raise SystemExit(f"{src}/final_dense is missing: the repository keeps the runs' logs but not their "
+                         f"weights. Retrain with `rm -r {src}` and run this again, or pass --no-inference.")
     cfg = TrainConfig(model=model_name, activation="relu", **settings)
     corpus = load_corpus(cfg.corpus)
     specials = 2 if model_name == "bert" else 0
@@ -220,7 +224,8 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
                (km, e, e // 2, None, "mlp"), (km, e, e, 0.9, "mlp"), (km, e, e, 0.95, "mlp"),
                (km, 2 * e, e // 2, None, "mlp"), (km, 2 * e, 2 * e, 0.95, "mlp"),
                (co, e, e // 4, None, "mlp"), (co, e, e, 0.95, "mlp"), (co, e, e, 0.9, "mlp"),
-               (co, e, e, 0.8, "mlp"), (co, 2 * e, 2 * e, 0.9, "mlp")]
+               (co, e, e // 2, 0.9, "mlp"), (co, e, e, 0.85, "mlp"), (co, e, e, 0.8, "mlp"),
+               (co, 2 * e, 2 * e, 0.9, "mlp")]
     for split, e, k, dyn, router in configs:
         if (split, e) not in parts:
             parts[split, e] = {s.name: (kmeans_split(s, dense, e) if split == km else
@@ -230,7 +235,7 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
                       stats=stats if (dyn or router == "mlp") else None)
         loss = val_loss(sparse)
         t_dense_f, t_sparse_f, t_dense_m, t_sparse_m = [], [], [], []
-        for _ in range(3):  # interleave: the machine is shared and noisy
+        for _ in range(rounds):  # interleave: the machine is shared and noisy
             t_dense_f.append(ffn_time(dense))
             t_sparse_f.append(ffn_time(sparse))
             t_dense_m.append(_median_time(lambda: dense(**batches[0]), reps))
@@ -248,6 +253,7 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7) ->
             "mean_k": mean_k if dyn else k,
             "val_loss": loss, "dense_val_loss": base, "loss_increase_pct": 100 * (loss / base - 1),
             "ffn_speedup": statistics.median(t_dense_f) / statistics.median(t_sparse_f),
+            "ffn_speedup_per_round": [a / b for a, b in zip(t_dense_f, t_sparse_f)],
             "forward_speedup": statistics.median(t_dense_m) / statistics.median(t_sparse_m),
         })
         print(rows[-1])
@@ -280,6 +286,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results", help="results root")
     ap.add_argument("--no-inference", action="store_true", help="skip the MoE inference measurements")
     ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="MoE inference: interleaved dense/sparse timing rounds per setting (median)")
     args = ap.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.steps:
@@ -293,7 +301,7 @@ def main(argv=None) -> None:
     plots += plot_findings(root, args.model, Path(args.out)) if "dense" in modes else []
     summary = summarize(root, args.model, modes)
     if "ssd" in modes and not args.no_inference:
-        summary["moe_inference"] = moe_inference(root, args.model, settings)
+        summary["moe_inference"] = moe_inference(root, args.model, settings, rounds=args.rounds)
     summary["settings"] = settings
     path = Path(args.out) / f"pretrain_{args.model}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(summary, indent=1, default=str))

@@ -159,6 +159,20 @@ def test_torch_bf16_matches_reference(spec):
     check_against_reference("torch", spec, torch.bfloat16, 3e-2)
 
 
+@SETTINGS
+@given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_torch_blocked_variant_matches_reference(spec, dtype):
+    # large CPU problems run per-expert blocks (torch_path._backward_blocks); force them here
+    from ssdfx.ops import torch_path
+
+    saved = torch_path.BLOCKS_FROM_BYTES
+    torch_path.BLOCKS_FROM_BYTES = 0
+    try:
+        check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+    finally:
+        torch_path.BLOCKS_FROM_BYTES = saved
+
+
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")
 @SETTINGS
 @given(problems(align=8))

@@ -224,7 +224,8 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7,
                (km, e, e // 2, None, "mlp"), (km, e, e, 0.9, "mlp"), (km, e, e, 0.95, "mlp"),
                (km, 2 * e, e // 2, None, "mlp"), (km, 2 * e, 2 * e, 0.95, "mlp"),
                (co, e, e // 4, None, "mlp"), (co, e, e, 0.95, "mlp"), (co, e, e, 0.9, "mlp"),
-               (co, e, e // 2, 0.9, "mlp"), (co, e, e, 0.85, "mlp"), (co, e, e, 0.8, "mlp"),
+               (co, e, e // 2, 0.9, "mlp"), (co, e, e, 0.875, "mlp"), (co, e, e, 0.85, "mlp"),
+               (co, e, e, 0.8, "mlp"),
                (co, 2 * e, 2 * e, 0.9, "mlp")]
     for split, e, k, dyn, router in configs:
         if (split, e) not in parts:

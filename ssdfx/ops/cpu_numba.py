@@ -38,9 +38,12 @@ __all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "num_
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
-# Up to this size the down-projection writes every pair's row to one (P, d) buffer and sums per
-# token (numba_kernels); above it, where glibc maps fresh pages for each allocation, workers
-# accumulate into private (T, d) buffers instead (numba_acc). See numba_acc's docstring.
+# Below this size the down-projection writes every pair's row to one (P, d) buffer and sums per
+# token (numba_kernels); from it on workers accumulate into private (T, d) buffers instead
+# (numba_acc). 32 MiB is glibc's largest dynamic mmap threshold: a request of that size or more
+# is mapped fresh, and page-faults, on every call (an exactly-32 MiB buffer at T=2048, d=256,
+# E=32, k=16 made the forward 0.71-1.01x of dense against 1.11-1.12x through numba_acc).
+# See numba_acc's docstring.
 PAIR_BUFFER_BYTES = 32 * 2**20
 
 
@@ -173,7 +176,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     h = hidden(a1[:pairs], a3[:pairs] if glu else None, kp, dropout_p, activation)
     y = torch.empty(t_all, d, dtype=x.dtype)
     h, g = _np(h.contiguous()), _np(gate.contiguous()).reshape(-1)
-    if pairs * d * scratch.itemsize <= PAIR_BUFFER_BYTES:
+    if pairs * d * scratch.itemsize < PAIR_BUFFER_BYTES:
         ypair = np.empty((pairs, d), dtype=scratch.dtype)  # (P, d)
         with _numba_phase():
             nk.fwd_down(h, _np(w2), g, _np(order), _inverse(order), _np(offsets), k, ptr,
@@ -242,7 +245,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         _np(order), _np(offsets), k, ptr, experts,
         _np(dw1), _np(dw2), _np(dw3) if glu else _empty2(x, d), _np(db1), _np(db3),
     )
-    if pairs * d * xs.itemsize <= PAIR_BUFFER_BYTES:
+    if pairs * d * xs.itemsize < PAIR_BUFFER_BYTES:
         dxpair = np.empty((pairs, d), dtype=xs.dtype)  # (P, d)
         with _numba_phase():
             nk.bwd_weights(*args, _inverse(order), _np(dx), dxpair, xs, ds)

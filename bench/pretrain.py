@@ -197,7 +197,7 @@ def moe_inference(root: Path, model_name: str, settings: dict, reps: int = 7,
     auto = AutoModelForCausalLM if model_name == "gpt2" else AutoModelForMaskedLM
     dense = auto.from_pretrained(src / "final_dense").eval()
     sites = ssdfx.find_ffns(dense)
-    parts = {}  # one k-means partition per expert count, shared by every row that uses it
+    parts = {}  # one partition per (split, expert count), shared by every row that uses it
     stats = observe(dense, [inputs(b, i) for i, b in enumerate(fit)], sites=sites)
     ffn_inputs = {}
     hooks = [dense.get_submodule(s.path).register_forward_pre_hook(
@@ -267,7 +267,7 @@ def summarize(root: Path, model: str, modes: list[str]) -> dict:
     out = {"final_val_loss": {m: final_val(l) for m, l in logs.items()},
            "final_val_loss_dense": {m: f.get("val_loss_dense") for m, f in finals.items()},
            "final_val_loss_moe": {m: f.get("val_loss_moe", f.get("val_loss_sparse")) for m, f in finals.items()},
-           "train_time_s": {m: next(r for r in l if r["kind"] == "final")["time"] for m, l in logs.items()}}
+           "train_time_s": {m: f["time"] for m, f in finals.items()}}
     if "dense" in logs:
         target = out["final_val_loss"]["dense"] * 1.01
         out["target"] = target

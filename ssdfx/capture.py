@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ssdfx.errors import TraceError
-from ssdfx.match import GraphView, SiteMatch, find_sites, owner_of
+from ssdfx.match import _DROPOUT, GraphView, SiteMatch, find_sites, op_name, owner_of
 from ssdfx.site import FFNSite, LinearRef, Scope
 
 __all__ = ["Located", "locate", "trace", "example_inputs", "plan_scope", "swap_module", "ROOT_SLOT"]
@@ -123,8 +123,6 @@ def _owners(match: SiteMatch, prefix: str) -> list[str]:
 def _zero_dropout(node) -> bool:
     """A functional dropout of rate 0 (BART's inline activation_dropout): an identity, whoever
     runs it. Modules' dropouts are call_module nodes and keep their owner."""
-    from ssdfx.match import _DROPOUT, op_name
-
     if node.op != "call_function" or op_name(node) not in _DROPOUT:
         return False
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)

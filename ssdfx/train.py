@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ssdfx
+from ssdfx.capture import ROOT_SLOT
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
 from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
@@ -417,8 +418,6 @@ class Trainer:
 
 def _perm_buffer(site) -> str:
     scope = site.scope
-    from ssdfx.capture import ROOT_SLOT
-
     holder = (scope.path or ROOT_SLOT) if scope.kind == "module" else scope.children[0]
     return f"{holder}.ssdfx_perm"
 

@@ -85,23 +85,24 @@ def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([a, a.new_zeros(rows - a.shape[0], a.shape[1])])
 
 
+def _spans(bounds):
+    """(e, s, t) for every expert with rows: its block is layout rows [s, t)."""
+    return [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if s < t]
+
+
 def _mm(a, b_e, bounds):
     """(P, N): each expert block a[s:t] (rows of the layout) times b_e[e] (E, K, N)."""
     out = a.new_empty(a.shape[0], b_e.shape[2])
-    for e in range(len(bounds) - 1):
-        s, t = bounds[e], bounds[e + 1]
-        if s < t:
-            torch.mm(a[s:t], b_e[e], out=out[s:t])
+    for e, s, t in _spans(bounds):
+        torch.mm(a[s:t], b_e[e], out=out[s:t])
     return out
 
 
 def _add_bias(a, bias, bounds):
     """a (P, m) += expert e's bias slice on its block of rows (no (P, m) bias is built)."""
     m = a.shape[1]
-    for e in range(len(bounds) - 1):
-        s, t = bounds[e], bounds[e + 1]
-        if s < t:
-            a[s:t] += bias[e * m:(e + 1) * m]
+    for e, s, t in _spans(bounds):
+        a[s:t] += bias[e * m:(e + 1) * m]
 
 
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
@@ -152,38 +153,32 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
 def _grad_weights(a_t, b, bounds):
     """(E, M, N): per expert a_t[:, s:t] @ b[s:t] (the contraction runs over layout rows);
     an expert with no rows gets exactly zero."""
-    num_experts = len(bounds) - 1
-    out = a_t.new_zeros(num_experts, a_t.shape[0], b.shape[1])
-    for e in range(num_experts):
-        s, t = bounds[e], bounds[e + 1]
-        if s < t:
-            torch.mm(a_t[:, s:t], b[s:t], out=out[e])
+    out = a_t.new_zeros(len(bounds) - 1, a_t.shape[0], b.shape[1])
+    for e, s, t in _spans(bounds):
+        torch.mm(a_t[:, s:t], b[s:t], out=out[e])
     return out
 
 
 def _segment_sum(a, bounds):
     """(E*m,): each expert's column sums of a (P, m), zero for empty experts."""
-    num_experts = len(bounds) - 1
-    out = a.new_zeros(num_experts, a.shape[1])
-    for e in range(num_experts):
-        s, t = bounds[e], bounds[e + 1]
-        if s < t:
-            torch.sum(a[s:t], 0, out=out[e])
+    out = a.new_zeros(len(bounds) - 1, a.shape[1])
+    for e, s, t in _spans(bounds):
+        torch.sum(a[s:t], 0, out=out[e])
     return out.reshape(-1)
 
 
 def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
              dropout_p):
-    t_all, d = x.shape
-    k = gate.shape[1]
-    f_all = w1.shape[0]
-    m = f_all // num_experts
-    glu = w3 is not None
     bounds = offsets.tolist()
     pairs = bounds[-1]
     if _blocked(x, pairs):
         return _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,
                                 activation, dropout_p)
+    t_all, d = x.shape
+    k = gate.shape[1]
+    f_all = w1.shape[0]
+    m = f_all // num_experts
+    glu = w3 is not None
     w1t, w3t, _, w2_edm = _expert_views(w1, w2, w3, num_experts)
     sel = order[:pairs]
     tok = sel // k
@@ -221,11 +216,6 @@ def _expert_rows_grad(w, per_expert):
     out = torch.empty_like(w)
     out.view(per_expert.shape).copy_(per_expert)
     return out
-
-
-def _spans(bounds):
-    """(e, s, t) for every expert with rows: its block is layout rows [s, t)."""
-    return [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if s < t]
 
 
 def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,

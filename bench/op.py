@@ -4,7 +4,7 @@
 
 The dense model is Linear(d, 4d) -> GELU -> Linear(4d, d). The sparse model is the same module
 after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid scores, top-k,
-straight-through gate), or, when ssdfx.convert is unavailable, the op behind a Linear router.
+straight-through gate).
 Dense and sparse runs are interleaved and each figure is a median, so the ratio is measured
 under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal.
 Prints a markdown table and writes CSV (default bench/results/op.csv).
@@ -27,34 +27,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ssdfx  # noqa: E402
-from ssdfx.ops import moe_ffn  # noqa: E402
 
 FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
 
 
-class _OwnRouter(nn.Module):
-    """Fallback sparse FFN when ssdfx.convert is missing: Linear router, top-k, ST gate."""
-
-    def __init__(self, dense: nn.Sequential, num_experts: int, k: int):
-        super().__init__()
-        self.dense, self.e, self.k = dense, num_experts, k
-        self.router = nn.Linear(dense[0].in_features, num_experts, bias=False)
-
-    def forward(self, x):
-        top = self.router(x).topk(self.k, dim=-1)
-        soft = torch.softmax(top.values, dim=-1)
-        gate = soft - soft.detach() + 1.0  # forward value 1, gradient of the softmax
-        up, down = self.dense[0], self.dense[2]
-        return moe_ffn(x, up.weight, up.bias, down.weight, None, None, top.indices, gate,
-                       num_experts=self.e, activation="gelu") + down.bias
-
-
 def sparse_model(dense: nn.Sequential, num_experts: int, k: int) -> nn.Module:
-    model = copy.deepcopy(dense)
-    if hasattr(ssdfx, "convert"):
-        return ssdfx.convert(model, num_experts=num_experts, top_k=k)
-    return _OwnRouter(model, num_experts, k)
+    return ssdfx.convert(copy.deepcopy(dense), num_experts=num_experts, top_k=k)
 
 
 def _cpu_idle_share(seconds: float = 0.3) -> float:
@@ -176,7 +155,7 @@ def main(argv=None) -> int:
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"router: {'ssdfx.convert' if hasattr(ssdfx, 'convert') else 'own'}", flush=True)
+          "router: ssdfx.convert", flush=True)
     rows = []
     for dtype in dtypes:
         for t, d, e, k in configs(args.quick):

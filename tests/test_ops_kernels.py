@@ -11,6 +11,8 @@ hidden activations are rounded once more before the down-projection).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -137,12 +139,8 @@ def test_numba_accumulator_variant_matches_reference(spec):
     # large problems take the per-worker-accumulator kernels (numba_acc); force them here
     from ssdfx.ops import cpu_numba
 
-    saved = cpu_numba.PAIR_BUFFER_BYTES
-    cpu_numba.PAIR_BUFFER_BYTES = 0
-    try:
+    with _patched(cpu_numba, PAIR_BUFFER_BYTES=0):
         check_against_reference("numba", spec, torch.float32, 1e-4)
-    finally:
-        cpu_numba.PAIR_BUFFER_BYTES = saved
 
 
 @SETTINGS
@@ -163,14 +161,50 @@ def test_torch_bf16_matches_reference(spec):
 @given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_torch_blocked_variant_matches_reference(spec, dtype):
     # large CPU problems run per-expert blocks (torch_path._backward_blocks); force them here
-    from ssdfx.ops import torch_path
+    from ssdfx.ops import padded, torch_path
 
-    saved = torch_path.BLOCKS_FROM_BYTES
-    torch_path.BLOCKS_FROM_BYTES = 0
-    try:
+    with _patched(torch_path, BLOCKS_FROM_BYTES=0), _patched(padded, MAX_BUFFER_BYTES=0):
         check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_torch_padded_variant_matches_reference(spec, dtype):
+    # small CPU problems run one bmm over padded expert blocks (ssdfx.ops.padded); force it for
+    # every problem with pairs, whatever its padding
+    from ssdfx.ops import padded
+
+    taken = []
+
+    def always(x, w1, bounds):
+        taken.append(bounds[-1] > 0)
+        return taken[-1]
+
+    with _patched(padded, use=always):
+        check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+    assert taken  # forward and backward asked; every call with pairs took the variant
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_torch_loop_variant_matches_reference(spec, dtype):
+    # one mm per expert on (P, d) buffers: the variant between the padded and blocked ones
+    from ssdfx.ops import padded
+
+    with _patched(padded, MAX_BUFFER_BYTES=0):
+        check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
     finally:
-        torch_path.BLOCKS_FROM_BYTES = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")

@@ -6,7 +6,8 @@ Backends (explicit strings; there is no global switch):
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
-    "torch"       sort-by-expert with one torch.mm per expert (`ssdfx.ops.torch_path`)
+    "torch"       sort-by-expert with one torch.mm per expert (`ssdfx.ops.torch_path`; small
+                  CPU problems: one torch.bmm over padded expert blocks, `ssdfx.ops.padded`)
     "grouped_mm"  one torch._grouped_mm per projection and no host sync (`ssdfx.ops.grouped`;
                   CUDA bf16 on sm90+, and CPU in recent torch)
     "numba"       numba CPU kernels with BLAS per expert (`ssdfx.ops.cpu_numba`), fp32/fp64

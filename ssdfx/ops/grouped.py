@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ssdfx.ops.layout import hidden, hidden_backward, sort_pairs
+from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad, sort_pairs
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["backward", "forward", "grouped_mm_ok"]
@@ -31,17 +31,6 @@ def grouped_mm_ok(x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> bool:
     f_all, d = w1.shape
     align = 16 // x.element_size()
     return d % align == 0 and (f_all // num_experts) % align == 0 and f_all % align == 0
-
-
-def _views(w1, w2, w3, num_experts):
-    # per-expert weight views, no copy for Linear or Conv1D layouts:
-    # w1_e^T, w3_e^T (E, d, m); w2_e^T (E, m, d); w2_e (E, d, m); w1_e, w3_e (E, m, d)
-    f_all, d = w1.shape
-    m = f_all // num_experts
-    w1e = w1.reshape(num_experts, m, d)
-    w3e = w3.reshape(num_experts, m, d) if w3 is not None else None
-    w2_edm = w2.reshape(d, num_experts, m).permute(1, 0, 2)
-    return w1e, w3e, w2_edm
 
 
 def _gmm(a, b, offs32):
@@ -84,7 +73,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         check_expert_idx(expert_idx, num_experts)  # a sync on GPUs: CPU only
     order, offsets = sort_pairs(expert_idx, num_experts)
     offs32 = offsets[1:].to(torch.int32)
-    w1e, w3e, w2_edm = _views(w1, w2, w3, num_experts)
+    w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     xs = x.index_select(0, order // k)  # (T*K, d)
     row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)
     a1 = _gmm(xs, w1e.transpose(1, 2), offs32)  # (T*K, m)
@@ -117,15 +106,6 @@ def _bias_grad(a, offs32, nonempty):
     return _weight_grads(ones, a, offs32, nonempty)[:, 0].reshape(-1)
 
 
-def _rows_grad(w, per_expert):
-    """(F, d) gradient with w's strides from (E, m, d) blocks; no copy when w is contiguous."""
-    if w.is_contiguous() and per_expert.is_contiguous():
-        return per_expert.view(w.shape)
-    out = torch.empty_like(w)
-    out.view(per_expert.shape).copy_(per_expert)
-    return out
-
-
 def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
              dropout_p):
     t_all, d = x.shape
@@ -136,7 +116,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     offs32 = offsets[1:].to(torch.int32)
     nonempty = offsets[1:] > offsets[:-1]  # (E,)
     n_rows = offsets[num_experts:]  # (1,) = P, on the device
-    w1e, w3e, w2_edm = _views(w1, w2, w3, num_experts)
+    w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     tok = order // k
     xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
     dh = _gmm(dys, w2_edm, offs32)  # (T*K, m)
@@ -148,11 +128,11 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     dw2 = torch.empty_like(w2)
     dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
         _weight_grads(dys.t(), gh, offs32, nonempty))
-    dw1 = _rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty))
+    dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty))
     db1 = _bias_grad(da1, offs32, nonempty)
     dxs = _gmm(da1, w1e, offs32)  # (T*K, d)
     if glu:
-        dw3 = _rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty))
+        dw3 = rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty))
         db3 = _bias_grad(da3, offs32, nonempty)
         dxs += _gmm(da3, w3e, offs32)
     else:

@@ -23,7 +23,7 @@ import torch
 
 from ssdfx.activations import activation_backward, activation_fn
 
-__all__ = ["hidden", "hidden_backward", "sort_pairs"]
+__all__ = ["expert_views", "hidden", "hidden_backward", "rows_grad", "sort_pairs"]
 
 
 def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,27 @@ def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     bounds = torch.arange(num_experts + 1, dtype=key.dtype, device=key.device)
     offsets = torch.searchsorted(key.index_select(0, order), bounds)  # (E+1,)
     return order, offsets
+
+
+def expert_views(w1, w2, w3, num_experts):
+    """Per-expert weight views, no copy for Linear or Conv1D layouts: w1_e and w3_e (E, m, d)
+    (w3's None for a plain FFN) and w2_e (E, d, m)."""
+    f_all, d = w1.shape
+    m = f_all // num_experts
+    w1e = w1.reshape(num_experts, m, d)
+    w3e = w3.reshape(num_experts, m, d) if w3 is not None else None
+    w2_edm = w2.reshape(d, num_experts, m).permute(1, 0, 2)
+    return w1e, w3e, w2_edm
+
+
+def rows_grad(w: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+    """(F, d) gradient with w's strides from per-expert blocks (E, m, d); no copy when w and
+    the blocks are contiguous (the blocks then already are its rows)."""
+    if w.is_contiguous() and per_expert.is_contiguous():
+        return per_expert.view(w.shape)
+    out = torch.empty_like(w)
+    out.view(per_expert.shape).copy_(per_expert)
+    return out
 
 
 def _keep_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtype):

@@ -15,6 +15,9 @@ mapped anew by glibc on every call and page-faults on first touch, which cost 14
 the forward there (measured: 18 ms with the faults suppressed through MALLOC_MMAP_THRESHOLD_;
 the per-expert blocks are small enough to be reused from the heap).
 
+Small CPU problems take `ssdfx.ops.padded` instead (one bmm per projection over padded
+expert blocks), where per-call overhead, not GEMM work, dominated.
+
 On CUDA the default is `ssdfx.ops.grouped` (one grouped GEMM per projection, no host sync);
 this backend reads the expert offsets back to the host to loop over experts.
 """
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ssdfx.ops.layout import hidden, hidden_backward, sort_pairs
+from ssdfx.ops import padded
+from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad, sort_pairs
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["backward", "forward"]
@@ -40,12 +44,9 @@ def _blocked(x: torch.Tensor, pairs: int) -> bool:
 def _expert_views(w1, w2, w3, num_experts):
     """Per-expert weight views (no copy when the strides allow, as for Linear and Conv1D):
     w1_e^T (E, d, m), w3_e^T, w2_e^T (E, m, d) and w2_e (E, d, m)."""
-    f_all, d = w1.shape
-    m = f_all // num_experts
-    w1t = w1.reshape(num_experts, m, d).transpose(1, 2)
-    w3t = w3.reshape(num_experts, m, d).transpose(1, 2) if w3 is not None else None
-    w2_edm = w2.reshape(d, num_experts, m).permute(1, 0, 2)  # (E, d, m)
-    return w1t, w3t, w2_edm.transpose(1, 2), w2_edm
+    w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
+    w3t = w3e.transpose(1, 2) if w3e is not None else None
+    return w1e.transpose(1, 2), w3t, w2_edm.transpose(1, 2), w2_edm
 
 
 def _inverse(order: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -60,6 +61,11 @@ def _per_slot(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torc
     if rows.shape[0] < t_all * k:  # dynamic-k: unused slots read an appended zero row
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     return rows.index_select(0, inv).view(t_all, k, -1)
+
+
+def _dgate(dg: torch.Tensor, order: torch.Tensor, pairs: int, t_all: int, k: int):
+    """dg (P,) in layout order -> dgate (T, K), zero for unused slots."""
+    return _per_slot(dg.unsqueeze(1), _inverse(order, pairs), t_all, k).view(t_all, k)
 
 
 def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: int,
@@ -114,6 +120,10 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     order, offsets = sort_pairs(expert_idx, num_experts)
     bounds = offsets.tolist()  # the one host sync: shapes depend on P
     pairs = bounds[-1]
+    if padded.use(x, w1, bounds):  # small CPU problem: one bmm per projection (ssdfx.ops.padded)
+        y, a1, a3 = padded.forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep,
+                                   num_experts, activation, dropout_p)
+        return _outputs(y, a1, a3, order, offsets, t_all * k)
     w1t, w3t, w2t, _ = _expert_views(w1, w2, w3, num_experts)
     sel = order[:pairs]
     tok = sel // k
@@ -145,9 +155,14 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     else:
         ys = _mm(gh, w2t, bounds)  # (P, d)
         y = _combine(ys, order, _inverse(order, pairs), t_all, k)
-    a1 = _pad_rows(a1, t_all * k)
-    a3 = _pad_rows(a3, t_all * k) if a3 is not None else x.new_zeros(0, m)
-    return y, a1, a3, order, offsets
+    return _outputs(y, a1, a3, order, offsets, t_all * k)
+
+
+def _outputs(y, a1, a3, order, offsets, rows):
+    # the forward kernel contract: a1/a3 with all T*K layout rows (zeros past P), a3 (0, m)
+    # for a plain FFN
+    a3 = _pad_rows(a3, rows) if a3 is not None else a1.new_zeros(0, a1.shape[1])
+    return y, _pad_rows(a1, rows), a3, order, offsets
 
 
 def _grad_weights(a_t, b, bounds):
@@ -171,6 +186,10 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
              dropout_p):
     bounds = offsets.tolist()
     pairs = bounds[-1]
+    if padded.use(x, w1, bounds):
+        *grads, dg = padded.backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets,
+                                     bounds, num_experts, activation, dropout_p)
+        return (*grads, _dgate(dg, order, pairs, x.shape[0], gate.shape[1]))
     if _blocked(x, pairs):
         return _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,
                                 activation, dropout_p)
@@ -195,27 +214,17 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     dw2 = torch.empty_like(w2)
     dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
         _grad_weights(dys.t(), gh, bounds))
-    dw1 = _expert_rows_grad(w1, _grad_weights(da1.t(), xs, bounds))
+    dw1 = rows_grad(w1, _grad_weights(da1.t(), xs, bounds))
     db1 = _segment_sum(da1, bounds)
     dxs = _mm(da1, w1t.transpose(1, 2), bounds)  # (P, d)
     if glu:
-        dw3 = _expert_rows_grad(w3, _grad_weights(da3.t(), xs, bounds))
+        dw3 = rows_grad(w3, _grad_weights(da3.t(), xs, bounds))
         db3 = _segment_sum(da3, bounds)
         dxs += _mm(da3, w3t.transpose(1, 2), bounds)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
     dx = _combine(dxs, order, inv, t_all, k)
     return dx, dw1, db1, dw2, dw3, db3, dgate
-
-
-def _expert_rows_grad(w, per_expert):
-    """(F, d) gradient with w's strides from per-expert blocks (E, m, d); no copy if w is
-    contiguous (the blocks already are its rows)."""
-    if w.is_contiguous() and per_expert.is_contiguous():
-        return per_expert.view(w.shape)
-    out = torch.empty_like(w)
-    out.view(per_expert.shape).copy_(per_expert)
-    return out
 
 
 def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,
@@ -255,9 +264,9 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
         dx.index_add_(0, tok[s:t], dxe)
-    dgate = _per_slot(dg.unsqueeze(1), _inverse(order, pairs), t_all, k).view(t_all, k)
+    dgate = _dgate(dg, order, pairs, t_all, k)
     dw2 = torch.empty_like(w2)
     dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(dw2e)
-    dw1 = _expert_rows_grad(w1, dw1e)
-    dw3 = _expert_rows_grad(w3, dw3e) if glu else x.new_empty(0)
+    dw1 = rows_grad(w1, dw1e)
+    dw3 = rows_grad(w3, dw3e) if glu else x.new_empty(0)
     return dx, dw1, db1.reshape(-1), dw2, dw3, db3.reshape(-1), dgate

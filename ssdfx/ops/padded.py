@@ -1,0 +1,146 @@
+"""The torch path for small CPU problems: all experts in one batched GEMM over padded blocks.
+
+At small shapes the per-expert loop of `torch_path` is dominated by call overhead: at T=512,
+d=256, E=16, K=4 in bf16 each expert's GEMM is 128 x 256 x 64, and the 16 calls of one
+projection took 337 us, as long as the whole dense up-projection (339 us), while one
+`torch.bmm` over the 16 blocks took 97 us (this 2-core CPU, oneDNN). So here every expert's
+rows are laid out in a block of C = (largest expert's row count) rows, padding rows are zero,
+and each projection is one `bmm` against per-expert weight views (no weight copy).
+
+The padding is computed (E*C - P rows of GEMM work, none of it dense-and-masked: rows belong
+to no pair and are never read back), and the down-projection needs w2_e^T contiguous, one
+transposed copy of w2 per forward. `use()` takes this variant when both costs stay below what
+it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256, 768}, E in {8, 16, 32},
+k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no larger than the padded
+buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for the loop), and an
+(E*C, d) buffer under 8 MiB (T=2048, d=256, E=16: 0.99x against 0.70x; at E=32, 8.7 MiB,
+both 0.44x). Other problems take `torch_path`'s per-expert loops.
+
+Zero padding rows stay harmless through the backward: their dy rows are zero, so dh, da1, da3
+and the gate-weighted h are zero there and add nothing to any weight gradient, bias gradient
+or dx (and an expert without rows gets exactly zero gradients). The forward returns a1/a3 in
+the shared pair layout (`ssdfx.ops.layout`), so this backward accepts any kernel's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad
+
+__all__ = ["backward", "forward", "use"]
+
+# the limits described in the module docstring
+MAX_BUFFER_BYTES = 8 << 20  # of one (E*C, d) buffer
+MAX_PAD = 2.0  # padded rows per pair row, E*C / P
+
+
+def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int]) -> bool:
+    """Whether this call takes the padded variant (see the module docstring)."""
+    pairs = bounds[-1]
+    if x.device.type != "cpu" or pairs == 0:
+        return False
+    rows = (len(bounds) - 1) * _capacity(bounds)
+    return (w1.shape[0] <= rows <= MAX_PAD * pairs
+            and rows * x.shape[1] * x.element_size() < MAX_BUFFER_BYTES)
+
+
+def _capacity(bounds: list[int]) -> int:
+    return max(t - s for s, t in zip(bounds[:-1], bounds[1:]))
+
+
+def _slots(offsets: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, int]:
+    """pos (P,): the padded row of each layout row (expert e's i-th row -> e*C + i), and C."""
+    cap = _capacity(bounds)
+    num_experts = len(bounds) - 1
+    counts = offsets[1:] - offsets[:-1]  # (E,)
+    row_expert = torch.repeat_interleave(torch.arange(num_experts), counts,
+                                         output_size=bounds[-1])  # (P,)
+    pos = torch.arange(bounds[-1]) + (row_expert * cap - offsets[:-1].index_select(0, row_expert))
+    return pos, cap
+
+
+def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """(P, c) layout rows -> (n, c) padded rows, zeros elsewhere."""
+    return rows.new_zeros(n, rows.shape[1]).index_copy_(0, pos, rows)
+
+
+def _gather(x, order, offsets, bounds, k):
+    """pos and C (`_slots`), the pairs sel (P,) and their tokens tok (P,) in layout order, and
+    the padded token rows xs (E, C, d)."""
+    pos, cap = _slots(offsets, bounds)
+    sel = order[:bounds[-1]]
+    tok = sel // k
+    num_experts = len(bounds) - 1
+    xs = _scatter(x.index_select(0, tok), pos, num_experts * cap)
+    return pos, cap, sel, tok, xs.view(num_experts, cap, x.shape[1])
+
+
+def _up(xs, we, bias, num_experts):
+    # (E, C, m) = xs_e @ w_e^T [+ b_e]
+    a = torch.bmm(xs, we.transpose(1, 2))
+    if bias is not None:
+        a += bias.view(num_experts, 1, -1)
+    return a
+
+
+def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_experts, activation,
+            dropout_p):
+    """Same contract as `torch_path.forward` after its sort: returns y (T, d), a1, a3."""
+    t_all, d = x.shape
+    k = gate.shape[1]
+    m = w1.shape[0] // num_experts
+    pos, cap, sel, tok, xs = _gather(x, order, offsets, bounds, k)
+    n = num_experts * cap
+    w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
+    a1 = _up(xs, w1e, b1, num_experts).view(n, m)
+    a3 = _up(xs, w3e, b3, num_experts).view(n, m) if w3 is not None else None
+    kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
+    g = _scatter(gate.reshape(-1, 1)[sel], pos, n)  # (n, 1), zero on padding rows
+    gh = hidden(a1, a3, kp, dropout_p, activation) * g
+    # w2_e^T as (E, m, d) is a column-major view with leading dimension F, which bmm copies
+    # batch by batch (250 us at the sizes above, bf16); one 2-D transposed copy is 85 us
+    w2t = w2.t().contiguous().view(num_experts, m, d)
+    ys = torch.bmm(gh.view(num_experts, cap, m), w2t)  # (E, C, d)
+    # index_add_ in layout order, as torch_path's combine (deterministic)
+    y = x.new_zeros(t_all, d).index_add_(0, tok, ys.view(n, d).index_select(0, pos))
+    a1 = a1.index_select(0, pos)
+    a3 = a3.index_select(0, pos) if a3 is not None else None
+    return y, a1, a3
+
+
+def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_experts,
+             activation, dropout_p):
+    """Same contract as `torch_path.backward` after its host sync."""
+    t_all, d = x.shape
+    k = gate.shape[1]
+    m = w1.shape[0] // num_experts
+    glu = w3 is not None
+    pairs = bounds[-1]
+    pos, cap, sel, tok, xs = _gather(x, order, offsets, bounds, k)
+    n = num_experts * cap
+    w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
+    dys = _scatter(dy.index_select(0, tok), pos, n).view(num_experts, cap, d)
+    dh = torch.bmm(dys, w2_edm).view(n, m)
+    kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
+    dg, gh, da1, da3 = hidden_backward(
+        dh, _scatter(gate.reshape(-1, 1)[sel], pos, n).view(n), _scatter(a1[:pairs], pos, n),
+        _scatter(a3[:pairs], pos, n) if glu else None, kp, dropout_p, activation,
+    )
+    da1 = da1.view(num_experts, cap, m)
+    dw2 = torch.empty_like(w2)
+    dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
+        torch.bmm(dys.transpose(1, 2), gh.view(num_experts, cap, m)))
+    dw1 = rows_grad(w1, torch.bmm(da1.transpose(1, 2), xs))
+    db1 = da1.sum(1).reshape(-1)
+    dxs = torch.bmm(da1, w1e)  # (E, C, d)
+    if glu:
+        da3 = da3.view(num_experts, cap, m)
+        dw3 = rows_grad(w3, torch.bmm(da3.transpose(1, 2), xs))
+        db3 = da3.sum(1).reshape(-1)
+        dxs.baddbmm_(da3, w3e)
+    else:
+        dw3, db3 = x.new_empty(0), x.new_empty(0)
+    dx = x.new_zeros(t_all, d).index_add_(0, tok, dxs.view(n, d).index_select(0, pos))
+    return dx, dw1, db1, dw2, dw3, db3, dg.index_select(0, pos)
+

@@ -30,8 +30,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ssdfx.ops import moe_ffn  # noqa: E402
+from ssdfx.ops import grouped, moe_ffn  # noqa: E402
 from ssdfx.ops.grouped import grouped_mm_ok  # noqa: E402
+
+FUSED = "grouped_mm+fused"  # grouped_mm with its elementwise middle compiled (FUSED_DEVICES)
+
+
+def _backend(name, dev):
+    """The backend string for moe_ffn, after setting grouped.FUSED_DEVICES for this variant."""
+    grouped.FUSED_DEVICES = (dev,) if name == FUSED else ()
+    return "grouped_mm" if name == FUSED else name
 
 
 def route(x, wr, k):
@@ -77,8 +85,9 @@ def bench_shape(t, d, e, k, backends, repeats, inner, dtype=torch.bfloat16, dev=
     def dense_fb():
         F.linear(F.gelu(F.linear(xg, w1, b1)), w2).backward(dy)
 
-    def sparse(backend, backward):
+    def sparse(name, backward):
         def fn():
+            backend = _backend(name, dev)
             if backward:
                 idx, gate = route(xg, wr, k)
                 moe_ffn(xg, w1, b1, w2, None, None, idx, gate, num_experts=e,
@@ -128,7 +137,7 @@ def profile_headline(out: Path, backend: str, t=16384, d=4096, e=16, k=4):
     def step():
         idx, gate = route(x, wr, k)
         moe_ffn(x, w1, None, w2, None, None, idx, gate, num_experts=e, activation="gelu",
-                backend=backend).sum().backward()
+                backend=_backend(backend, "cuda")).sum().backward()
 
     step()
     torch.cuda.synchronize()
@@ -137,7 +146,7 @@ def profile_headline(out: Path, backend: str, t=16384, d=4096, e=16, k=4):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    (out / f"cuda_profile_{backend}.txt").write_text(table)
+    (out / f"cuda_profile_{backend.replace('+', '_')}.txt").write_text(table)
     print(table[:4000], flush=True)
 
 
@@ -162,7 +171,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
-        rows = bench_shape(64, 64, 8, 2, ["torch", "grouped_mm"], repeats=2, inner=1, dev="cpu")
+        rows = bench_shape(64, 64, 8, 2, ["torch", "grouped_mm", FUSED], repeats=2, inner=1,
+                           dev="cpu")
         print(rows)
         return 0
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
@@ -175,8 +185,8 @@ def main(argv=None):
     rows = []
     for t, d, e, k in shapes:
         probe = torch.empty(1, d, device="cuda", dtype=torch.bfloat16)
-        backends = ["torch"] + (["grouped_mm"] if grouped_mm_ok(probe, torch.empty(4 * d, d), e)
-                                else [])
+        backends = ["torch"] + (["grouped_mm", FUSED]
+                                if grouped_mm_ok(probe, torch.empty(4 * d, d), e) else [])
         try:
             new = bench_shape(t, d, e, k, backends, repeats=5 if args.quick else 7, inner=3)
         except Exception as exc:  # keep what was measured so far
@@ -188,7 +198,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if rows:
         write_tables(rows, args.out)
-    for backend in ("grouped_mm",):
+    for backend in ("grouped_mm", FUSED):
         try:
             profile_headline(args.out, backend)
         except Exception as exc:

@@ -7,6 +7,8 @@ for float32 (TF32 is off in torch by default for matmuls) and 3e-2 for bfloat16.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from ssdfx.ops import moe_ffn
 from ssdfx.ops.dispatch import select
 from ssdfx.ops.grouped import grouped_mm_ok
 
-from test_ops_kernels import _close, _upcast, make, run
+from test_ops_kernels import _close, _patched, _upcast, make, run
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,8 +47,20 @@ def _cuda(p):
 def _backends(x, w1, e):
     names = ["torch", "auto"]
     if grouped_mm_ok(x, w1, e):
-        names.append("grouped_mm")
+        names += ["grouped_mm", "grouped_mm+fused"]
     return names
+
+
+def _variant(backend):
+    """(backend string, context, compiled functions): "grouped_mm+fused" is grouped_mm with its
+    elementwise middle compiled (grouped.FUSED_DEVICES); the others run as they are."""
+    from ssdfx.ops import grouped
+
+    if backend != "grouped_mm+fused":
+        return backend, contextlib.nullcontext(), {}
+    fresh = dict(_up_epilogue_op=grouped._Fusable(grouped._up_epilogue),
+                 _hidden_backward_op=grouped._Fusable(grouped.hidden_backward))
+    return "grouped_mm", _patched(grouped, FUSED_DEVICES=("cuda",), **fresh), fresh
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -61,7 +75,10 @@ def test_cuda_kernels_match_cpu_reference(row, dtype):
     rel = 1e-4 if dtype == torch.float32 else 3e-2
     pairs = int(ref_fwd[4][-1])
     for backend in _backends(pc["x"], pc["w1"], spec["e"]):
-        fwd, bwd = run(select(backend, pc["x"], pc["w1"], spec["e"]), pc, spec)
+        name, context, fused = _variant(backend)
+        with context:
+            fwd, bwd = run(select(name, pc["x"], pc["w1"], spec["e"]), pc, spec)
+        assert not any(f.broken for f in fused.values()), "compiling fell back to eager"
         assert torch.equal(fwd[3].cpu(), ref_fwd[3]) and torch.equal(fwd[4].cpu(), ref_fwd[4])
         _close(fwd[0].cpu(), ref_fwd[0], rel)
         for got, want in zip(fwd[1:3], ref_fwd[1:3]):  # rows >= P are unspecified

@@ -217,6 +217,56 @@ def test_grouped_mm_bf16_matches_reference(spec):
     check_against_reference("grouped_mm", spec, torch.bfloat16, 3e-2)
 
 
+# every activation once, with GLU, bias, dropout, unused slots and empty experts among them
+FUSED_SPECS = [
+    dict(e=4, m=8, d=16, t=20, k=2, glu=glu, bias=bias, unused=unused, skew=skew, seed=i,
+         activation=act, dropout_p=p)
+    for i, (act, glu, bias, unused, skew, p) in enumerate([
+        ("gelu", False, True, 0.0, False, 0.0), ("gelu_tanh", True, True, 0.2, False, 0.0),
+        ("relu", False, False, 0.0, True, 0.3), ("relu2", True, False, 0.0, False, 0.0),
+        ("silu", True, True, 0.0, False, 0.3), ("quick_gelu", False, True, 0.3, True, 0.0),
+        ("identity", False, False, 0.0, False, 0.0),
+    ])
+]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")
+@pytest.mark.parametrize("spec", FUSED_SPECS, ids=[s["activation"] for s in FUSED_SPECS])
+def test_grouped_mm_fused_elementwise_matches_reference(spec):
+    # the grouped backend's elementwise middle compiled by inductor (FUSED_DEVICES, meant for
+    # CUDA); on CPU inductor writes C++ instead of Triton from the same graph
+    from ssdfx.ops import grouped
+
+    compiled = []
+    compile_ = torch.compile
+
+    def counting(fn, **kw):
+        compiled.append(fn.__name__)
+        return compile_(fn, **kw)
+
+    fresh = grouped._Fusable(grouped._up_epilogue), grouped._Fusable(grouped.hidden_backward)
+    with _patched(grouped, FUSED_DEVICES=("cpu",), _up_epilogue_op=fresh[0],
+                  _hidden_backward_op=fresh[1]), _patched(torch, compile=counting):
+        check_against_reference("grouped_mm", spec, torch.bfloat16, 3e-2)
+    assert compiled == ["_up_epilogue", "hidden_backward"]
+    assert not any(f.broken for f in fresh)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")
+def test_grouped_mm_fused_falls_back_when_compiling_fails():
+    from ssdfx.ops import grouped
+
+    def failing(fn, **kw):
+        raise RuntimeError("no compiler here")
+
+    fresh = grouped._Fusable(grouped._up_epilogue), grouped._Fusable(grouped.hidden_backward)
+    with _patched(grouped, FUSED_DEVICES=("cpu",), _up_epilogue_op=fresh[0],
+                  _hidden_backward_op=fresh[1]), _patched(torch, compile=failing):
+        with pytest.warns(UserWarning, match="no compiler here"):
+            check_against_reference("grouped_mm", FUSED_SPECS[1], torch.bfloat16, 3e-2)
+    assert all(f.broken for f in fresh)
+
+
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_transposed_weights_match_reference(backend):
     spec = dict(e=4, m=3, d=5, t=11, k=2, glu=True, bias=True, unused=0.2, skew=False, seed=7,

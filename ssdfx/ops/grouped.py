@@ -9,16 +9,31 @@ memory. The cost is GEMM work on unused-slot rows only when dynamic-k leaves slo
 
 Layout as in `ssdfx.ops.layout`, except that a1/a3 rows >= P are unspecified here.
 Needs 16-byte aligned strides (`grouped_mm_ok`).
+
+Between the GEMMs sits elementwise work on (T*K, m) tensors: the expert bias and the activation
+forward; the activation derivative, the gate and the gate's gradient (a row sum) backward. In
+eager torch ops that is ~10 kernels, each reading and writing the whole tensor; on an H200 at
+T=16384, d=4096, E=16, K=4 those passes took about 1 of the 8.4 ms of a forward+backward
+(bench/results/cuda_profile_grouped_mm.txt). On the device types in FUSED_DEVICES the two
+functions run through `torch.compile` (inductor: one or two fused kernels each, the first call
+compiles). Off by default: it has not yet been measured on a GPU; `bench/cuda_check.py` times
+both variants. The compiled code computes in fp32 and rounds once, so bf16 results can differ
+from the eager variant in the last bit.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad, sort_pairs
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["backward", "forward", "grouped_mm_ok"]
+__all__ = ["FUSED_DEVICES", "backward", "forward", "grouped_mm_ok"]
+
+# device types whose elementwise middle runs compiled (module docstring); e.g. ("cuda",)
+FUSED_DEVICES: tuple[str, ...] = ()
 
 
 def grouped_mm_ok(x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> bool:
@@ -59,9 +74,38 @@ def _sum_slots(rows, inv, n_rows, t_all, k, gate=None):
     return per_slot.sum(1)
 
 
-def _expert_bias(bias, row_expert, num_experts):
-    # (T*K, m): the bias slice of each layout row's expert (unused rows: expert 0's)
-    return bias.view(num_experts, -1).index_select(0, row_expert)
+def _up_epilogue(a1, a3, b1, b3, row_expert, keep, dropout_p, activation):
+    """Adds each layout row's expert bias to a1 and a3 in place; returns h (T*K, m)."""
+    if b1 is not None:
+        a1 += b1.view(-1, a1.shape[1]).index_select(0, row_expert)
+    if a3 is not None and b3 is not None:
+        a3 += b3.view(-1, a3.shape[1]).index_select(0, row_expert)
+    return hidden(a1, a3, keep, dropout_p, activation)
+
+
+class _Fusable:
+    """fn, or fn compiled by inductor on the device types in FUSED_DEVICES. A compile failure
+    (no compiler or Triton here) warns once and falls back to fn for the rest of the process."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.broken = fn, None, False
+
+    def __call__(self, device: torch.device, *args):
+        if self.broken or device.type not in FUSED_DEVICES:
+            return self.fn(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; fn reruns the work
+            self.broken = True
+            warnings.warn(f"ssdfx: compiling {self.fn.__name__} failed ({exc!r:.300}); "
+                          "running it as separate torch ops from now on", stacklevel=2)
+            return self.fn(*args)
+
+
+_up_epilogue_op = _Fusable(_up_epilogue)
+_hidden_backward_op = _Fusable(hidden_backward)
 
 
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
@@ -77,15 +121,9 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     xs = x.index_select(0, order // k)  # (T*K, d)
     row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)
     a1 = _gmm(xs, w1e.transpose(1, 2), offs32)  # (T*K, m)
-    if b1 is not None:
-        a1 += _expert_bias(b1, row_expert, num_experts)
-    a3 = None
-    if w3 is not None:
-        a3 = _gmm(xs, w3e.transpose(1, 2), offs32)
-        if b3 is not None:
-            a3 += _expert_bias(b3, row_expert, num_experts)
+    a3 = _gmm(xs, w3e.transpose(1, 2), offs32) if w3 is not None else None
     kp = keep.reshape(tk, m)[order] if keep is not None else None
-    h = hidden(a1, a3, kp, dropout_p, activation)
+    h = _up_epilogue_op(x.device, a1, a3, b1, b3, row_expert, kp, dropout_p, activation)
     ys = _gmm(h, w2_edm.transpose(1, 2), offs32)  # (T*K, d)
     # the gate is applied in the combine, which reads each row once anyway
     y = _sum_slots(ys, _inverse(order), offsets[num_experts:], t_all, k, gate)
@@ -121,8 +159,8 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
     dh = _gmm(dys, w2_edm, offs32)  # (T*K, m)
     kp = keep.reshape(tk, m)[order] if keep is not None else None
-    dg, gh, da1, da3 = hidden_backward(dh, gate.reshape(-1)[order], a1, a3 if glu else None,
-                                       kp, dropout_p, activation)
+    dg, gh, da1, da3 = _hidden_backward_op(x.device, dh, gate.reshape(-1)[order], a1,
+                                           a3 if glu else None, kp, dropout_p, activation)
     inv = _inverse(order)
     dgate = torch.where(inv < n_rows, dg.index_select(0, inv), 0).view(t_all, k)
     dw2 = torch.empty_like(w2)

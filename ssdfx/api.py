@@ -25,7 +25,7 @@ from ssdfx.site import FFNSite
 
 __all__ = [
     "find_ffns", "convert", "revert", "is_converted", "converted_sites", "conversion", "original_modules",
-    "ConversionReport",
+    "permutation_buffers", "ConversionReport",
 ]
 
 _STATE = "_ssdfx_converted"  # attribute on the root module while it is converted
@@ -100,6 +100,16 @@ def conversion(model: nn.Module) -> ConversionReport | None:
     when the model is dense."""
     state = getattr(model, _STATE, None)
     return state.report if isinstance(state, _State) else None
+
+
+def permutation_buffers(model: nn.Module) -> dict[str, str]:
+    """site name -> state-dict key of the buffer holding that site's neuron permutation (how
+    `revert` restores the original order); empty when the model is dense. The site's router
+    sits beside it with the same suffix: `x.ssdfx_perm_1` goes with `x.ssdfx_router_1`."""
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        return {}
+    return {site: f"{holder}.{buf}" for site, (holder, buf) in state.perm_holders.items()}
 
 
 def _partition(spec: PartitionSpec, site: FFNSite, model: nn.Module, num_experts: int,

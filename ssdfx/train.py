@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ssdfx
+from ssdfx.api import permutation_buffers
 from ssdfx.capture import ROOT_SLOT
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
@@ -340,7 +341,9 @@ class Trainer:
             "config": self.cfg.as_dict(),
             "step": self.step, "phase": self.phase, "phase_start": self.phase_start,
             "elapsed": self.elapsed, "tokens": self.tokens,
-            "partitions": {s.name: self.model.get_buffer(_perm_buffer(s)).clone() for s in conv.sites} if conv else None,
+            "partitions": {site: self.model.get_buffer(path).clone()
+                           for site, path in permutation_buffers(self.model).items()} if conv else None,
+            "perm_buffers": permutation_buffers(self.model) if conv else None,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "monitor": self.monitor.state_dict(), "last_report": self.last_report,
             "log_lines": self.log_lines,
@@ -352,8 +355,9 @@ class Trainer:
         expect = {k: v for k, v in cfg.as_dict().items() if k in _ARCH_KEYS}
         ckpt = load_checkpoint(self.out / "checkpoint.pt", expect)
         if ckpt["phase"] == "sparse":
+            paths = ckpt.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in self.sites}
             ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites,
-                          partition=ckpt["partitions"], router=_shell_routers(ckpt["model"], self.sites),
+                          partition=ckpt["partitions"], router=_shell_routers(ckpt["model"], paths),
                           dynamic_k=cfg.dynamic_k, backend=cfg.backend)
             routers = [p for n, p in self.model.named_parameters() if ".ssdfx_router" in n]
             self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
@@ -416,24 +420,27 @@ class Trainer:
         return sum(self.model(**self._inputs(b, i)).loss.item() for i, b in enumerate(self.val)) / len(self.val)
 
 
-def _perm_buffer(site) -> str:
+def _legacy_perm_path(site) -> str:
+    # moe.json files written before "perm_buffers" was saved: one site per module scope
     scope = site.scope
     holder = (scope.path or ROOT_SLOT) if scope.kind == "module" else scope.children[0]
     return f"{holder}.ssdfx_perm"
 
 
-def _shell_routers(state: dict, sites) -> dict:
-    """Routers shaped like those in a saved state dict, to be filled by load_state_dict."""
+def _shell_routers(state: dict, perm_paths: dict[str, str]) -> dict:
+    """Routers shaped like those in a saved state dict, to be filled by load_state_dict. A site's
+    router sits beside its permutation buffer, with the same suffix (ssdfx_perm_i, ssdfx_router_i)."""
     from ssdfx.routing import CentroidRouter, MLPRouter
 
     out = {}
-    for s in sites:
-        prefix = _perm_buffer(s)[: -len("ssdfx_perm")] + "ssdfx_router."
+    for site, path in perm_paths.items():
+        holder, buf = path.rsplit(".", 1)
+        prefix = f"{holder}.ssdfx_router{buf[len('ssdfx_perm'):]}."
         if prefix + "weight" in state:
-            out[s.name] = CentroidRouter(torch.zeros_like(state[prefix + "weight"]))
+            out[site] = CentroidRouter(torch.zeros_like(state[prefix + "weight"]))
         else:
             w0, w1 = state[prefix + "net.0.weight"], state[prefix + "net.2.weight"]
-            out[s.name] = MLPRouter(w0.shape[1], w1.shape[0], w0.shape[0])
+            out[site] = MLPRouter(w0.shape[1], w1.shape[0], w0.shape[0])
     return out
 
 
@@ -445,7 +452,7 @@ def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     save_model(model, str(path / "model.safetensors"))  # handles tied weights (lm_head = wte)
     (path / "moe.json").write_text(json.dumps({
         "config": cfg.as_dict(), "num_experts": conv.num_experts, "top_k": conv.top_k,
-        "sites": [s.as_dict() for s in conv.sites]}, indent=1))
+        "sites": [s.as_dict() for s in conv.sites], "perm_buffers": permutation_buffers(model)}, indent=1))
 
 
 def load_moe(path: str | Path) -> nn.Module:
@@ -461,9 +468,10 @@ def load_moe(path: str | Path) -> nn.Module:
     model = build_model(cfg.model, vocab_size=vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                         ctx=cfg.ctx, d_ff=cfg.ffn_dim, activation=cfg.activation, seed=cfg.seed)
     sites = ssdfx.find_ffns(model)
-    parts = {s.name: state[_perm_buffer(s)] for s in sites}
+    paths = meta.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in sites}
+    parts = {site: state[path] for site, path in paths.items()}
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
-                  router=_shell_routers(state, sites), dynamic_k=cfg.dynamic_k)
+                  router=_shell_routers(state, paths), dynamic_k=cfg.dynamic_k)
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
 

@@ -115,3 +115,42 @@ def test_converted_model_state_dict_has_routers_and_permutations():
     assert "bert.encoder.layer.0.intermediate.ssdfx_router.weight" in keys
     assert "bert.encoder.layer.0.intermediate.ssdfx_perm" in keys
     assert "bert.encoder.layer.0.output.dense.weight" in keys  # w_out keeps its name
+
+
+class _TwoFFNs(torch.nn.Module):
+    """Two FFNs inline in one forward: one module scope holding two sites."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a1, self.a2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        self.b1, self.b2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.a2(torch.relu(self.a1(x)))
+        return x + self.b2(torch.relu(self.b1(x)))
+
+
+def test_permutation_buffers_name_each_site_of_a_shared_scope():
+    # the training driver rebuilds converted models from a state dict by these names
+    # (checkpoints, final_moe/); two sites in one forward get suffixed buffers and routers
+    from ssdfx.train import _shell_routers
+
+    torch.manual_seed(0)
+    model, x = _TwoFFNs(), torch.randn(3, 5, 16)
+    sites = ssdfx.find_ffns(model, (x,))
+    parts = {s.name: torch.randperm(64) for s in sites}
+    ssdfx.convert(model, 4, 2, sites=sites, partition=parts, example_inputs=(x,))
+    paths = ssdfx.api.permutation_buffers(model)
+    assert len(paths) == 2 and len(set(paths.values())) == 2
+    state = model.state_dict()
+    for site, path in paths.items():
+        assert torch.equal(state[path], parts[site])
+
+    fresh = _TwoFFNs()
+    fresh_sites = ssdfx.find_ffns(fresh, (x,))
+    ssdfx.convert(fresh, 4, 2, sites=fresh_sites, example_inputs=(x,),
+                  partition={site: state[path] for site, path in paths.items()},
+                  router=_shell_routers(state, paths))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert ssdfx.api.permutation_buffers(ssdfx.revert(model)) == {}

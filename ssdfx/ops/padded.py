@@ -13,8 +13,10 @@ transposed copy of w2 per forward. `use()` takes this variant when both costs st
 it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256, 768}, E in {8, 16, 32},
 k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no larger than the padded
 buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for the loop), and an
-(E*C, d) buffer under 8 MiB (T=2048, d=256, E=16: 0.99x against 0.70x; at E=32, 8.7 MiB,
-both 0.44x). Other problems take `torch_path`'s per-expert loops.
+(E*C, d) buffer under 5 MiB (T=2048, d=256, E=16, 4.3 MiB: 1.00x against 0.81x; from 6.5 MiB
+on it lost, as fresh buffers that large page-fault: T=512, d=768, E=16, k=8: 0.70x against
+0.96x; T=2048, d=256, E=16, k=8, 8.4 MiB: 0.28x against 0.59x). Other problems take
+`torch_path`'s per-expert loops.
 
 Zero padding rows stay harmless through the backward: their dy rows are zero, so dh, da1, da3
 and the gate-weighted h are zero there and add nothing to any weight gradient, bias gradient
@@ -31,7 +33,7 @@ from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad
 __all__ = ["backward", "forward", "use"]
 
 # the limits described in the module docstring
-MAX_BUFFER_BYTES = 8 << 20  # of one (E*C, d) buffer
+MAX_BUFFER_BYTES = 5 << 20  # of one (E*C, d) buffer
 MAX_PAD = 2.0  # padded rows per pair row, E*C / P
 
 

@@ -1,6 +1,7 @@
 """Dense FFN vs the sparse routed-expert op on CPU: forward and forward+backward speedups.
 
     python bench/op.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--out CSV]
+    python bench/op.py --router-share    # routing's share of the sparse forward, d=768
 
 The dense model is Linear(d, 4d) -> GELU -> Linear(4d, d). The sparse model is the same module
 after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid scores, top-k,
@@ -121,6 +122,33 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
     return rows
 
 
+def router_share(t, d, e, k, repeats=20) -> str:
+    """The routing work (router scores, top-k, the op's sort by expert) as a share of the
+    whole sparse forward (fp32, no grad, medians of back-to-back calls)."""
+    from ssdfx.ops.layout import sort_pairs
+    from ssdfx.routing import select_top_k
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    sparse = sparse_model(dense, e, k)
+    router = next(m for n, m in sparse.named_modules() if n.endswith("ssdfx_router"))
+    x = torch.randn(t, d)
+
+    def route():
+        idx, _ = select_top_k(router(x), k)
+        sort_pairs(idx, e)
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        return statistics.median(_timed(fn) for _ in range(repeats))
+
+    with torch.no_grad():
+        whole, part = median_ms(lambda: sparse(x)), median_ms(route)
+    return (f"T={t} d={d} E={e} k={k}: sparse forward {whole:.2f} ms, router + top-k + sort "
+            f"{part:.3f} ms = {100 * part / whole:.1f}%")
+
+
 def configs(quick: bool):
     if quick:
         return QUICK
@@ -151,7 +179,13 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each repeat wait up to S seconds for an idle CPU (shared "
                          "machines); the CSV records how many repeats started idle")
+    ap.add_argument("--router-share", action="store_true",
+                    help="only print the routing share of the sparse forward at d=768 (fp32)")
     args = ap.parse_args(argv)
+    if args.router_share:
+        for t in FULL["T"]:
+            print(router_share(t, 768, 16, 4), flush=True)
+        return 0
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

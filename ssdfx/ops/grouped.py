@@ -18,8 +18,9 @@ T=16384, d=4096, E=16, K=4 those passes took about 1 of the 8.4 ms of a forward+
 functions run through `torch.compile` (inductor: one or two fused kernels each, the first call
 compiles; each new combination of dtype, activation, GLU, bias and dropout compiles again, and
 past torch's recompile limit, 8 per function, dynamo runs further combinations eagerly). Off by
-default: it has not yet been measured on a GPU; `bench/cuda_check.py` times both variants. The compiled code computes in fp32 and rounds once, so bf16 results can differ
-from the eager variant in the last bit.
+default: it has not yet been measured on a GPU; `bench/cuda_check.py` times both variants.
+The compiled code computes in fp32 and rounds once, so bf16 results can differ from the eager
+variant in the last bit.
 """
 
 from __future__ import annotations

@@ -452,7 +452,19 @@ def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     save_model(model, str(path / "model.safetensors"))  # handles tied weights (lm_head = wte)
     (path / "moe.json").write_text(json.dumps({
         "config": cfg.as_dict(), "num_experts": conv.num_experts, "top_k": conv.top_k,
+        "vocab_size": model.config.vocab_size,
         "sites": [s.as_dict() for s in conv.sites], "perm_buffers": permutation_buffers(model)}, indent=1))
+
+
+def _vocab_from_state(state: dict) -> int:
+    # moe.json files without "vocab_size": the embedding or its tied output layer, whichever
+    # name safetensors kept for the shared tensor
+    for suffix in ("wte.weight", "word_embeddings.weight", "lm_head.weight", "decoder.weight"):
+        for key, value in state.items():
+            if key.endswith(suffix):
+                return value.shape[0]
+    raise ValueError("cannot tell the vocabulary size: the saved state has no embedding or "
+                     "output-layer weight (expected a key ending in wte.weight or lm_head.weight)")
 
 
 def load_moe(path: str | Path) -> nn.Module:
@@ -464,7 +476,7 @@ def load_moe(path: str | Path) -> nn.Module:
     meta = json.loads((path / "moe.json").read_text())
     cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     state = load_file(str(path / "model.safetensors"))
-    vocab = state[next(k for k in state if k.endswith("wte.weight") or k.endswith("word_embeddings.weight"))].shape[0]
+    vocab = meta.get("vocab_size") or _vocab_from_state(state)
     model = build_model(cfg.model, vocab_size=vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                         ctx=cfg.ctx, d_ff=cfg.ffn_dim, activation=cfg.activation, seed=cfg.seed)
     sites = ssdfx.find_ffns(model)

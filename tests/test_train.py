@@ -161,19 +161,28 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-def test_bert_mlm_ssd_run_with_final_models(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "b", model="bert", mode="ssd-fixed", fixed_start=10, sparse_steps=10,
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_ssd_run_with_final_models(corpus, tmp_path, model):
+    # GPT-2 ties lm_head to the embedding, and safetensors keeps only one of the two names
+    cfg = tiny(corpus, tmp_path / "b", model=model, mode="ssd-fixed", fixed_start=10, sparse_steps=10,
                steps=30, check_every=10, save_final=True)
     result = Trainer(cfg).run()
     assert {"val_loss_dense", "val_loss_moe"} <= set(result)
     moe = load_moe(tmp_path / "b" / "final_moe")
     assert ssdfx.is_converted(moe)
-    from transformers import BertForMaskedLM
-    dense = BertForMaskedLM.from_pretrained(tmp_path / "b" / "final_dense")
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
+
+    dense = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}[model].from_pretrained(tmp_path / "b" / "final_dense")
     ids = torch.randint(0, 256, (2, 16))
     # the MoE with every expert selected is the dense model
     ssdfx.revert(moe)
     torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # files written before moe.json recorded the vocabulary size still load
+    meta_path = tmp_path / "b" / "final_moe" / "moe.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["vocab_size"]
+    meta_path.write_text(json.dumps(meta))
+    assert ssdfx.is_converted(load_moe(tmp_path / "b" / "final_moe"))
 
 
 def test_stability_triggered_ssd_run_switches_and_logs(corpus, tmp_path):

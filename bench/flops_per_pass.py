@@ -18,11 +18,8 @@ Prints a table and writes CSV (default bench/results/flops_per_pass.csv).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import ssdfx  # noqa: E402
+from ssdfx.benchmark import time_passes  # noqa: E402
 from ssdfx.modelspec import ModelSpec, build  # noqa: E402
 from ssdfx.tables import render, si  # noqa: E402
 
@@ -49,52 +46,16 @@ PASSES = [(8, 2), (8, 1), (16, 4), (32, 4)]  # moefy (E, k)
 QUICK_MODELS, QUICK_PASSES = ["gpt2", "llama"], [(8, 2), (16, 4)]
 
 
-def _timed(model, args, kwargs) -> float:
-    t0 = time.perf_counter()
-    model(*args, **kwargs)
-    return time.perf_counter() - t0
-
-
-def _ffn(table) -> tuple[int, int]:
-    sites = table.sites
-    return sum(r.flops[0] for r in sites), sum(r.flops[-1] for r in sites)
-
-
 def bench_model(name: str, passes, repeats: int, seq_len: int, batch: int) -> list[dict]:
     aliases, overrides = MODELS[name]
     built = build(ModelSpec(name, overrides, aliases, batch=batch, seq_len=seq_len))
-    dense, args, kwargs = built.model, built.args, built.kwargs
+    kwargs = built.kwargs
     kwargs = {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
-    dense_table = ssdfx.flops(dense, *args, **kwargs)
-    sparse = []
-    for e, k in passes:
-        m = ssdfx.convert(copy.deepcopy(dense), num_experts=e, top_k=k,
-                          example_inputs=args or None, example_kwargs=kwargs or None)
-        sparse.append((e, k, m, ssdfx.flops(m, *args, **kwargs)))
-    times = {key: [] for key in ["dense"] + [(e, k) for e, k, _, _ in sparse]}
-    with torch.no_grad():
-        for _ in range(2):  # warm-up: numba compiles once, allocators and thread pools settle
-            for m in [dense] + [m for _, _, m, _ in sparse]:
-                _timed(m, args, kwargs)
-        for r in range(repeats):  # interleaved rounds; the order alternates to spread any bias
-            order = [("dense", dense)] + [((e, k), m) for e, k, m, _ in sparse]
-            for key, m in (order if r % 2 == 0 else order[::-1]):
-                times[key].append(_timed(m, args, kwargs))
-    t_dense = statistics.median(times["dense"])
-    rows = [dict(model=name, pass_="dense", E=None, k=None, tokens=batch * seq_len,
-                 dense_flops=dense_table.total, sparse_flops=dense_table.total, ratio=1.0,
-                 ffn_ratio=1.0, ms=t_dense * 1e3, gflops=dense_table.total / t_dense / 1e9,
-                 time_ratio=1.0)]
-    for e, k, _, table in sparse:
-        ffn_dense, ffn_sparse = _ffn(table)
-        t = statistics.median(times[(e, k)])
-        per_round = [ts / td for ts, td in zip(times[(e, k)], times["dense"])]
-        rows.append(dict(model=name, pass_="moefy", E=e, k=k, tokens=batch * seq_len,
-                         dense_flops=table.dense_total, sparse_flops=table.total,
-                         ratio=table.total / table.dense_total, ffn_ratio=ffn_sparse / ffn_dense,
-                         ms=t * 1e3, gflops=table.total / t / 1e9,
-                         time_ratio=statistics.median(per_round)))
-    return rows
+    rows = time_passes(built.model, built.args, kwargs, passes, repeats=repeats)
+    return [dict(model=name, pass_="dense" if r.E is None else "moefy", E=r.E, k=r.k,
+                 tokens=batch * seq_len, dense_flops=r.dense_flops, sparse_flops=r.flops,
+                 ratio=r.ratio, ffn_ratio=r.ffn_ratio, ms=r.ms,
+                 gflops=r.flops / r.ms / 1e6, time_ratio=r.time_ratio) for r in rows]
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@
     print(ssdfx.flops(model))                         # FLOPs per site, dense and sparse
     print(ssdfx.debug.listing(model, 0))              # a site's graph before and after
     stats = ssdfx.observe(model, batches)             # sparsity, activation mass, co-activation
+    ssdfx.save_converted(model, "moe/")               # weights, splits, routers
+    model = ssdfx.load_converted("moe/")              # rebuilt (HF models; else pass model=)
     ssdfx.revert(model)                               # back to dense, exactly
 """
 
@@ -32,6 +34,7 @@ from ssdfx import debug
 from ssdfx.flopcount import flops
 from ssdfx.floptable import FlopTable
 from ssdfx.relu import relufy
+from ssdfx.saving import load_converted, save_converted
 from ssdfx.stats import SiteStats, observe
 
 __version__ = "0.1.0"
@@ -43,4 +46,5 @@ __all__ = [
     "SSDFXError", "NoFFNFoundError", "TraceError", "UnsupportedSiteError", "NotConvertedError",
     "AlreadyConvertedError",
     "flops", "FlopTable", "debug", "observe", "SiteStats", "relufy", "original_modules",
+    "save_converted", "load_converted",
 ]

@@ -3,7 +3,9 @@
     ssdfx train                                  # the main job: SSD pre-training on Shakespeare
     ssdfx plot runs/ssd                          # PNG plots of a run
     ssdfx demo                                   # the convert/revert tour on a small GPT-2
+    ssdfx convert gpt2 --n-layer 2 -E 8 -k 2 --out moe/   # convert and save (load_converted)
     ssdfx flops gpt2 --n-layer 2                 # FLOPs per site, dense and after convert
+    ssdfx bench gpt2 --n-layer 2 --pass 8:2 --pass 16:4   # forward time, dense vs converted
     ssdfx flops llama --device meta --json       # full-size config, shapes only
     ssdfx inspect bert --n-layer 2 --site 0      # site table, one site before/after, node diff
     ssdfx inspect tests/models.py:llama --draw graphs/
@@ -100,8 +102,9 @@ def _add_demo(sub) -> None:
 
 _MODEL_HELP = """\
 MODEL is an HF model type (gpt2, bert, llama, t5, opt, ...), built from transformers' default
-config for that type with random weights (nothing is downloaded), or a Python factory
-MODULE:FUNCTION or FILE.py:FUNCTION returning a module or (module, example kwargs).
+config for that type with random weights (nothing is downloaded), a directory written by
+save_pretrained (loaded with its weights, e.g. a training run's final_dense/), or a Python
+factory MODULE:FUNCTION or FILE.py:FUNCTION returning a module or (module, example kwargs).
 Config settings: --n-layer/--d-model/--d-ff/--n-head/--vocab-size map to each family's own
 key; any other config key works as --KEY VALUE (e.g. --n-embd 256) or --set KEY=VALUE.
 For a factory, every such setting (--n-layer 2, --set NAME=VALUE, --NAME VALUE) is passed
@@ -109,7 +112,8 @@ to it as a keyword argument (n_layer=2, NAME=VALUE)."""
 
 
 def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
-    p.add_argument("model", metavar="MODEL", help="HF model type or MODULE:FACTORY (see below)")
+    p.add_argument("model", metavar="MODEL",
+                   help="HF model type, saved model directory, or MODULE:FACTORY (see below)")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, metavar="N", help="transformer layers")
     g.add_argument("--d-model", type=int, metavar="D", help="model width (hidden size)")
@@ -327,6 +331,122 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=_inspect)
 
 
+# -- bench ----------------------------------------------------------------------------------------
+
+
+def _pass_arg(text: str) -> tuple[int, int]:
+    e, sep, k = text.partition(":")
+    if not sep or not e.isdigit() or not k.isdigit():
+        raise argparse.ArgumentTypeError(f"expected E:K such as 16:4, got {text!r}")
+    return int(e), int(k)
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from ssdfx.benchmark import time_passes
+    from ssdfx.tables import render, si
+
+    if args.device == "meta":
+        raise UsageError("bench runs the model: use --device cpu (meta tensors hold no data)")
+    passes = args.passes or [(args.num_experts, args.top_k)]
+    built = _build(args, extra)
+    kwargs = built.kwargs
+    if "use_cache" in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    rows = time_passes(built.model, built.args, kwargs, passes, repeats=args.repeats,
+                       partition=args.partition)
+    if args.json:
+        _emit({"model": built.description, "repeats": args.repeats,
+               "rows": [r.as_dict() for r in rows]})
+        return 0
+    print(built.description)
+    print(f"forward (eval, no grad), {args.repeats} interleaved rounds, medians; "
+          f"{__import__('torch').get_num_threads()} threads")
+    body = [["dense" if r.E is None else "moefy", r.E, r.k, si(r.flops), f"{r.ratio:.3f}",
+             f"{r.ffn_ratio:.3f}", f"{r.ms:.2f}", f"{r.time_ratio:.3f}"] for r in rows]
+    print(render(["pass", "E", "k", "FLOPs", "ratio", "FFN ratio", "forward ms", "time ratio"],
+                 body, left=2))
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="forward time and FLOPs, dense against converted",
+        description="Time the model's forward pass dense and after convert (one copy per "
+                    "E:K pass), interleaved rounds and medians so the ratio is measured under "
+                    "one machine load, next to the FLOP ratio. For the sparse operator alone see "
+                    "bench/op.py in the repository.",
+        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, device="cpu")
+    g = p.add_argument_group("conversion")
+    g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
+                   help="experts per FFN (default: 8)")
+    g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
+                   help="experts per token (default: 2)")
+    g.add_argument("--pass", dest="passes", type=_pass_arg, action="append", metavar="E:K",
+                   help="time this conversion; repeatable (replaces -E/-k), e.g. --pass 8:2 "
+                        "--pass 16:4")
+    g.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
+                   help="how neurons are split into experts (default: contiguous; the time does "
+                        "not depend on it)")
+    g = p.add_argument_group("timing and output")
+    g.add_argument("--repeats", type=int, default=7, metavar="N",
+                   help="timed rounds (default: 7)")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_bench)
+
+
+# -- convert --------------------------------------------------------------------------------------
+
+
+def _convert_cmd(args: argparse.Namespace, extra: list[str]) -> int:
+    import ssdfx
+    from ssdfx.saving import save_converted
+
+    if args.device == "meta":
+        raise UsageError("convert needs real weights: use --device cpu")
+    built = _build(args, extra)
+    stats = None
+    if args.router == "mlp" or args.partition == "coactivation" or args.dynamic_k is not None:
+        # fitted on activation statistics of the example batch (--batch, --seq-len)
+        stats = ssdfx.observe(built.model, [built.args] if built.args else [built.kwargs])
+    ssdfx.convert(built.model, num_experts=args.num_experts, top_k=args.top_k,
+                  partition=args.partition, router=args.router, dynamic_k=args.dynamic_k,
+                  stats=stats, example_inputs=built.args or None,
+                  example_kwargs=built.kwargs or None)
+    out = save_converted(built.model, args.out)
+    print(built.description)
+    print(ssdfx.conversion(built.model))
+    print(f"wrote {out} (load it with ssdfx.load_converted)")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a model's FFNs to routed experts and save it",
+        description="Build the model, convert every FFN to router + routed experts, and save "
+                    "the result (weights, neuron splits, routers) to a directory that "
+                    "ssdfx.load_converted(DIR) rebuilds. MODEL can also be a directory written by "
+                    "save_pretrained (e.g. a training run's final_dense/).",
+        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, device="cpu")
+    g = p.add_argument_group("conversion")
+    g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
+                   help="experts per FFN (default: 8)")
+    g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
+                   help="experts per token, or the cap with --dynamic-k (default: 2)")
+    g.add_argument("--partition", default="kmeans",
+                   choices=["contiguous", "random", "kmeans", "coactivation"],
+                   help="how neurons are split into experts (default: kmeans; coactivation "
+                        "records activation statistics on the example batch first)")
+    g.add_argument("--router", default="centroid", choices=["centroid", "mlp"],
+                   help="router kind (default: centroid; mlp is fitted on the example batch)")
+    g.add_argument("--dynamic-k", type=float, metavar="SHARE",
+                   help="per token, the fewest experts whose predicted activation mass reaches "
+                        "SHARE (e.g. 0.9), at most --top-k")
+    g.add_argument("--out", required=True, metavar="DIR", help="where to save the converted model")
+    p.set_defaults(func=_convert_cmd)
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 
@@ -342,8 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_plot(sub)
     _add_demo(sub)
-    _add_flops(sub)
+    _add_convert(sub)
     _add_inspect(sub)
+    _add_flops(sub)
+    _add_bench(sub)
     return parser
 
 

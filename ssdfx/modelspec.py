@@ -1,11 +1,13 @@
 """Build a model and example inputs from a short description, as the `ssdfx` CLI takes them.
 
-Two kinds of spec:
+Three kinds of spec:
 
 * an HF model type ("gpt2", "bert", "llama", "t5", "opt", ...): built from transformers'
   default config for that type with `overrides` applied (`AutoConfig.for_model(type, **o)`),
   random weights, nothing downloaded. Example inputs: `input_ids` of (batch, seq_len) (and the
   other inputs the model's own dummy inputs name, e.g. T5's decoder ids), `use_cache=False`.
+* a directory written by an HF model's `save_pretrained` (config.json and weights, e.g. a
+  training run's final_dense/): that model, loaded with its own class; no config settings.
 * a Python factory "package.module:function" or "path/to/file.py:function", called with
   `overrides` as keyword arguments. It returns a module, or a tuple whose first item is the
   module and whose other items give example inputs: a dict (keyword arguments of forward)
@@ -85,7 +87,12 @@ class ModelSpec:
 
     @property
     def is_factory(self) -> bool:
-        return ":" in self.name
+        return ":" in self.name and not self.is_directory
+
+    @property
+    def is_directory(self) -> bool:
+        """A local directory written by save_pretrained (config.json + weights)."""
+        return os.path.isfile(os.path.join(self.name, "config.json"))
 
 
 @dataclass(frozen=True)
@@ -225,9 +232,36 @@ def _hf_inputs(spec: ModelSpec, model: nn.Module, cfg) -> tuple[tuple, dict]:
     return tuple(args), out
 
 
+def _from_directory(spec: ModelSpec):
+    """An HF model saved with save_pretrained: its own class and weights (no download)."""
+    import transformers
+
+    if spec.overrides or spec.aliases:
+        raise ValueError(f"{spec.name} is a saved model: its config is fixed, so config settings "
+                         "do not apply")
+    cfg = transformers.AutoConfig.from_pretrained(spec.name, local_files_only=True)
+    names = list(getattr(cfg, "architectures", None) or [])
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if spec.device == "meta":
+        model = _hf_model(spec, cfg)  # shapes only: the weights are not read
+    elif cls is not None:
+        model = cls.from_pretrained(spec.name, local_files_only=True)
+    else:
+        raise ValueError(f"{spec.name}/config.json names no transformers class "
+                         f"(architectures: {names}); build it with a MODULE:FACTORY instead")
+    return model, cfg
+
+
 def build(spec: ModelSpec) -> Built:
     """The model (in eval mode) and example inputs that `spec` describes."""
-    if spec.is_factory:
+    if spec.is_directory:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        model, cfg = _from_directory(spec)
+        args, kwargs = _hf_inputs(spec, model, cfg)
+        origin = spec.name
+    elif spec.is_factory:
         model, args, kwargs, origin = _from_factory(spec)
     else:
         from transformers.utils import logging as hf_logging

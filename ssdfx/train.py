@@ -32,6 +32,7 @@ from torch import nn
 
 import ssdfx
 from ssdfx.api import permutation_buffers
+from ssdfx.saving import shell_routers
 from ssdfx.capture import ROOT_SLOT
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
@@ -357,7 +358,7 @@ class Trainer:
         if ckpt["phase"] == "sparse":
             paths = ckpt.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in self.sites}
             ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites,
-                          partition=ckpt["partitions"], router=_shell_routers(ckpt["model"], paths),
+                          partition=ckpt["partitions"], router=shell_routers(ckpt["model"], paths),
                           dynamic_k=cfg.dynamic_k, backend=cfg.backend)
             routers = [p for n, p in self.model.named_parameters() if ".ssdfx_router" in n]
             self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
@@ -427,23 +428,6 @@ def _legacy_perm_path(site) -> str:
     return f"{holder}.ssdfx_perm"
 
 
-def _shell_routers(state: dict, perm_paths: dict[str, str]) -> dict:
-    """Routers shaped like those in a saved state dict, to be filled by load_state_dict. A site's
-    router sits beside its permutation buffer, with the same suffix (ssdfx_perm_i, ssdfx_router_i)."""
-    from ssdfx.routing import CentroidRouter, MLPRouter
-
-    out = {}
-    for site, path in perm_paths.items():
-        holder, buf = path.rsplit(".", 1)
-        prefix = f"{holder}.ssdfx_router{buf[len('ssdfx_perm'):]}."
-        if prefix + "weight" in state:
-            out[site] = CentroidRouter(torch.zeros_like(state[prefix + "weight"]))
-        else:
-            w0, w1 = state[prefix + "net.0.weight"], state[prefix + "net.2.weight"]
-            out[site] = MLPRouter(w0.shape[1], w1.shape[0], w0.shape[0])
-    return out
-
-
 def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     from safetensors.torch import save_model
 
@@ -483,7 +467,7 @@ def load_moe(path: str | Path) -> nn.Module:
     paths = meta.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in sites}
     parts = {site: state[path] for site, path in paths.items()}
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
-                  router=_shell_routers(state, paths), dynamic_k=cfg.dynamic_k)
+                  router=shell_routers(state, paths), dynamic_k=cfg.dynamic_k)
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
 

@@ -133,7 +133,7 @@ class _TwoFFNs(torch.nn.Module):
 def test_permutation_buffers_name_each_site_of_a_shared_scope():
     # the training driver rebuilds converted models from a state dict by these names
     # (checkpoints, final_moe/); two sites in one forward get suffixed buffers and routers
-    from ssdfx.train import _shell_routers
+    from ssdfx.saving import shell_routers
 
     torch.manual_seed(0)
     model, x = _TwoFFNs(), torch.randn(3, 5, 16)
@@ -150,7 +150,7 @@ def test_permutation_buffers_name_each_site_of_a_shared_scope():
     fresh_sites = ssdfx.find_ffns(fresh, (x,))
     ssdfx.convert(fresh, 4, 2, sites=fresh_sites, example_inputs=(x,),
                   partition={site: state[path] for site, path in paths.items()},
-                  router=_shell_routers(state, paths))
+                  router=shell_routers(state, paths))
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     assert ssdfx.api.permutation_buffers(ssdfx.revert(model)) == {}

@@ -1,0 +1,138 @@
+"""Save a converted model to a directory and rebuild it: `save_converted`, `load_converted`.
+
+A directory holds
+
+    model.safetensors   the converted model's state dict (shared tensors, such as GPT-2's tied
+                        embedding and output layer, are stored once)
+    ssdfx.json          num_experts, top_k, dynamic_k, the sites and, per site, the state-dict
+                        key of its neuron permutation (its router sits beside it)
+    config.json         for Hugging Face models: their config (`save_pretrained`), so that
+                        `load_converted(dir)` can build the model by itself
+
+Rebuilding is convert again with the saved splits and routers of the right shapes, then
+loading the weights: the result computes exactly what was saved. Any other model is rebuilt by
+passing a dense instance of the same architecture: `load_converted(dir, model=MyModel())`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_converted", "save_converted"]
+
+FORMAT = 1
+META = "ssdfx.json"
+WEIGHTS = "model.safetensors"
+
+
+def save_converted(model: nn.Module, path: str | Path) -> Path:
+    """Write a converted model to directory `path` (created if needed); returns the path."""
+    from safetensors.torch import save_model
+
+    import ssdfx
+    from ssdfx.api import permutation_buffers
+    from ssdfx.errors import NotConvertedError
+
+    conv = ssdfx.conversion(model)
+    if conv is None:
+        raise NotConvertedError("save_converted saves a converted model; call ssdfx.convert(model) "
+                                "first (or save a dense model with its own save method)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(path)
+    save_model(model, str(path / WEIGHTS))
+    meta = {
+        "format": FORMAT, "model_class": type(model).__name__,
+        "num_experts": conv.num_experts, "top_k": conv.top_k, "dynamic_k": conv.dynamic_k,
+        "sites": [s.name for s in conv.sites], "perm_buffers": permutation_buffers(model),
+    }
+    tmp = path / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path / META)
+    return path
+
+
+def shell_routers(state: dict, perm_paths: dict[str, str]) -> dict[str, nn.Module]:
+    """Routers shaped like those in a saved state dict, for convert(router=...) before the
+    state is loaded. A site's router sits beside its permutation buffer with the same suffix
+    (`x.ssdfx_perm_1` goes with `x.ssdfx_router_1`)."""
+    from ssdfx.routing import CentroidRouter, MLPRouter
+
+    out = {}
+    for site, key in perm_paths.items():
+        holder, buf = key.rsplit(".", 1)
+        prefix = f"{holder}.ssdfx_router{buf[len('ssdfx_perm'):]}."
+        if prefix + "weight" in state:
+            out[site] = CentroidRouter(torch.zeros_like(state[prefix + "weight"]))
+        elif prefix + "net.0.weight" in state:
+            w0, w1 = state[prefix + "net.0.weight"], state[prefix + "net.2.weight"]
+            out[site] = MLPRouter(w0.shape[1], w1.shape[0], w0.shape[0])
+        else:
+            raise ValueError(f"the saved state has no router for site {site} (expected keys "
+                             f"starting with {prefix!r}); the file is incomplete")
+    return out
+
+
+def load_converted(path: str | Path, model: nn.Module | None = None, *,
+                   example_inputs: tuple | None = None,
+                   example_kwargs: dict | None = None) -> nn.Module:
+    """Rebuild a model written by `save_converted` (in eval mode).
+
+    Without `model`, the directory must hold a Hugging Face config (config.json); the model
+    class is the saved one. Otherwise pass a dense instance of the saved architecture (its
+    weights are replaced), with example inputs if it needs them to be traced.
+    """
+    from safetensors.torch import load_file, load_model
+
+    import ssdfx
+
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} has no {META}: not a directory written by "
+                                "ssdfx.save_converted (or `ssdfx convert --out`)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file} is format {meta.get('format')!r}; this ssdfx reads "
+                         f"format {FORMAT}")
+    if model is None:
+        model = _hf_model(path, meta["model_class"])
+    elif ssdfx.is_converted(model):
+        raise ValueError("load_converted needs a dense model to convert; got a converted one")
+    state = load_file(str(path / WEIGHTS))
+    paths = meta["perm_buffers"]
+    missing = [k for k in paths.values() if k not in state]
+    if missing:
+        raise ValueError(f"{path / WEIGHTS} lacks the permutation buffers {missing}")
+    sites = [s for s in ssdfx.find_ffns(model, example_inputs, example_kwargs)
+             if s.name in paths]
+    if {s.name for s in sites} != set(paths):
+        found = sorted(s.name for s in ssdfx.find_ffns(model, example_inputs, example_kwargs))
+        raise ValueError(f"the model's FFN sites {found} do not match the saved ones "
+                         f"{sorted(paths)}: pass a model of the saved architecture")
+    ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites,
+                  partition={site: state[key] for site, key in paths.items()},
+                  router=shell_routers(state, paths), dynamic_k=meta.get("dynamic_k"),
+                  example_inputs=example_inputs, example_kwargs=example_kwargs)
+    load_model(model, str(path / WEIGHTS))
+    return model.eval()
+
+
+def _hf_model(path: Path, class_name: str) -> nn.Module:
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} holds no config.json (the saved model was not a Hugging Face "
+                         "model): pass a dense instance, load_converted(path, model=...)")
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {class_name!r}: pass a dense instance, "
+                         "load_converted(path, model=...)")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return cls(config)

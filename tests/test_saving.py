@@ -1,0 +1,119 @@
+"""save_converted / load_converted, and the `ssdfx convert` and `ssdfx bench` commands.
+
+The reference is the converted model in memory: what is loaded back must compute exactly what
+was saved (and revert to the same dense model)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import models
+import ssdfx
+from ssdfx.cli import main
+from ssdfx.modelspec import ModelSpec, build
+
+
+def _gpt2(activation="relu"):
+    model, kwargs, _ = models.gpt2(activation=activation)
+    return model.eval(), {"input_ids": kwargs["input_ids"]}
+
+
+def _logits(model, kwargs):
+    with torch.no_grad():
+        return models.output_of(model, kwargs)
+
+
+def test_round_trip_of_a_converted_hf_model(tmp_path):
+    model, kwargs = _gpt2()
+    dense = _logits(model, kwargs)
+    ssdfx.convert(model, 4, 2, partition="kmeans")
+    want = _logits(model, kwargs)
+    ssdfx.save_converted(model, tmp_path / "moe")
+    assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == [
+        "config.json", "model.safetensors", "ssdfx.json"]
+    loaded = ssdfx.load_converted(tmp_path / "moe")  # built from config.json, no model given
+    assert type(loaded) is type(model) and ssdfx.conversion(loaded).top_k == 2
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+    ssdfx.revert(loaded)  # the saved neuron permutation is undone too
+    torch.testing.assert_close(_logits(loaded, kwargs), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_round_trip_keeps_dynamic_k_and_mlp_routers(tmp_path):
+    model, kwargs = _gpt2()
+    stats = ssdfx.observe(model, [kwargs])
+    ssdfx.convert(model, 4, 3, partition="coactivation", router="mlp", dynamic_k=0.8,
+                  stats=stats)
+    want = _logits(model, kwargs)
+    loaded = ssdfx.load_converted(ssdfx.save_converted(model, tmp_path / "moe"))
+    assert ssdfx.conversion(loaded).dynamic_k == 0.8
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+
+
+def test_non_hf_models_are_rebuilt_from_a_dense_instance(tmp_path):
+    model, kwargs, _ = models.block()
+    model.eval()
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fresh.parameters():  # the loaded weights must replace these
+            p.add_(1.0)
+    ssdfx.convert(model, 4, 2, partition="random")
+    want = _logits(model, kwargs)
+    ssdfx.save_converted(model, tmp_path / "moe")
+    with pytest.raises(ValueError, match="config.json"):
+        ssdfx.load_converted(tmp_path / "moe")
+    loaded = ssdfx.load_converted(tmp_path / "moe", model=fresh)
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+    other, _, _ = models.root_mlp()
+    with pytest.raises(ValueError, match="do not match the saved ones"):
+        ssdfx.load_converted(tmp_path / "moe", model=other)
+
+
+def test_bad_input_is_refused_before_writing(tmp_path):
+    model, _ = _gpt2()
+    with pytest.raises(ssdfx.NotConvertedError, match="convert"):
+        ssdfx.save_converted(model, tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
+    with pytest.raises(FileNotFoundError, match="ssdfx.json"):
+        ssdfx.load_converted(tmp_path)
+
+
+def test_cli_convert_of_a_saved_directory_then_load(tmp_path, capsys):
+    # MODEL may be a save_pretrained directory (e.g. a run's final_dense/), loaded with weights
+    model, kwargs = _gpt2()
+    model.save_pretrained(tmp_path / "dense")
+    built = build(ModelSpec(str(tmp_path / "dense"), seq_len=8))
+    torch.testing.assert_close(_logits(built.model, kwargs), _logits(model, kwargs))
+    code = main(["convert", str(tmp_path / "dense"), "-E", "4", "-k", "2", "--seq-len", "16",
+                 "--batch", "2", "--router", "mlp", "--out", str(tmp_path / "moe")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "converted 2 FFN site(s) to 4 experts, top-2" in out
+    loaded = ssdfx.load_converted(tmp_path / "moe")
+    ssdfx.revert(loaded)
+    torch.testing.assert_close(_logits(loaded, kwargs), _logits(model, kwargs),
+                               rtol=1e-6, atol=1e-6)
+    code = main(["convert", str(tmp_path / "dense"), "--n-layer", "3", "--out", str(tmp_path / "x")])
+    assert code == 1 and "config settings do not apply" in capsys.readouterr().err
+
+
+def test_cli_bench_reports_flops_of_each_pass(capsys):
+    argv = ["gpt2", "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--vocab-size", "97",
+            "--seq-len", "16"]
+    code = main(["bench", *argv, "--pass", "4:2", "--pass", "4:1", "--repeats", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["E"], r["k"]) for r in rows] == [(None, None), (4, 2), (4, 1)]
+    built = build(ModelSpec("gpt2", aliases=dict(n_layer=1, d_model=32, n_head=4, vocab_size=97),
+                            seq_len=16))
+    kwargs = {**built.kwargs, "use_cache": False}
+    assert rows[0]["flops"] == ssdfx.flops(built.model, **kwargs).total
+    ssdfx.convert(built.model, 4, 2)
+    assert rows[1]["flops"] == ssdfx.flops(built.model, **kwargs).total
+    assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
+    assert all(r["ms"] > 0 and r["time_ratio"] > 0 for r in rows)
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        main(["bench", *argv, "--pass", "4"])
+    assert exit_.value.code == 2 and "expected E:K" in capsys.readouterr().err

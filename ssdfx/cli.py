@@ -138,14 +138,22 @@ def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
     p.set_defaults(config_flags=True)
 
 
-def _add_convert_args(p: argparse.ArgumentParser, what: str) -> None:
+def _expert_group(p: argparse.ArgumentParser, partition: str, partitions: list[str],
+                  partition_note: str = "", top_k_note: str = ""):
+    """The "conversion" option group: -E, -k and --partition (callers add their own)."""
     g = p.add_argument_group("conversion")
     g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
                    help="experts per FFN (default: 8)")
     g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
-                   help="experts per token (default: 2)")
-    g.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
-                   help="how neurons are split into experts (default: contiguous)")
+                   help=f"experts per token{top_k_note} (default: 2)")
+    g.add_argument("--partition", default=partition, choices=partitions,
+                   help=f"how neurons are split into experts (default: {partition}"
+                        f"{partition_note})")
+    return g
+
+
+def _add_convert_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = _expert_group(p, "contiguous", ["contiguous", "random", "kmeans"])
     g.add_argument("--dense", action="store_true", help=f"do not convert: {what}")
 
 
@@ -377,17 +385,11 @@ def _add_bench(sub) -> None:
                     "bench/op.py in the repository.",
         epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p, device="cpu")
-    g = p.add_argument_group("conversion")
-    g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
-                   help="experts per FFN (default: 8)")
-    g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
-                   help="experts per token (default: 2)")
+    g = _expert_group(p, "contiguous", ["contiguous", "random", "kmeans"],
+                      partition_note="; the time does not depend on it")
     g.add_argument("--pass", dest="passes", type=_pass_arg, action="append", metavar="E:K",
                    help="time this conversion; repeatable (replaces -E/-k), e.g. --pass 8:2 "
                         "--pass 16:4")
-    g.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
-                   help="how neurons are split into experts (default: contiguous; the time does "
-                        "not depend on it)")
     g = p.add_argument_group("timing and output")
     g.add_argument("--repeats", type=int, default=7, metavar="N",
                    help="timed rounds (default: 7)")
@@ -429,15 +431,10 @@ def _add_convert(sub) -> None:
                     "save_pretrained (e.g. a training run's final_dense/).",
         epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p, device="cpu")
-    g = p.add_argument_group("conversion")
-    g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
-                   help="experts per FFN (default: 8)")
-    g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
-                   help="experts per token, or the cap with --dynamic-k (default: 2)")
-    g.add_argument("--partition", default="kmeans",
-                   choices=["contiguous", "random", "kmeans", "coactivation"],
-                   help="how neurons are split into experts (default: kmeans; coactivation "
-                        "records activation statistics on the example batch first)")
+    g = _expert_group(p, "kmeans", ["contiguous", "random", "kmeans", "coactivation"],
+                      partition_note="; coactivation records activation statistics on the "
+                                     "example batch first",
+                      top_k_note=", or the cap with --dynamic-k")
     g.add_argument("--router", default="centroid", choices=["centroid", "mlp"],
                    help="router kind (default: centroid; mlp is fitted on the example batch)")
     g.add_argument("--dynamic-k", type=float, metavar="SHARE",

@@ -429,11 +429,10 @@ def _legacy_perm_path(site) -> str:
 
 
 def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
-    from safetensors.torch import save_model
+    from ssdfx.saving import save_converted
 
-    path.mkdir(parents=True, exist_ok=True)
+    save_converted(model, path)  # model.safetensors, ssdfx.json, config.json
     conv = ssdfx.conversion(model)
-    save_model(model, str(path / "model.safetensors"))  # handles tied weights (lm_head = wte)
     (path / "moe.json").write_text(json.dumps({
         "config": cfg.as_dict(), "num_experts": conv.num_experts, "top_k": conv.top_k,
         "vocab_size": model.config.vocab_size,
@@ -453,10 +452,15 @@ def _vocab_from_state(state: dict) -> int:
 
 def load_moe(path: str | Path) -> nn.Module:
     """Rebuild a model saved in final_moe/: dense model from its config, converted with the saved
-    splits, weights loaded. Ready for sparse inference."""
+    splits, weights loaded. Ready for sparse inference. (`ssdfx.load_converted` reads the same
+    directory; this also reads final_moe/ directories written before it existed.)"""
     from safetensors.torch import load_file, load_model
 
+    from ssdfx.saving import META, load_converted
+
     path = Path(path)
+    if (path / META).is_file():
+        return load_converted(path)
     meta = json.loads((path / "moe.json").read_text())
     cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     state = load_file(str(path / "model.safetensors"))

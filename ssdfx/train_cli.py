@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"plots:        {out}/plots/ ({', '.join(p.name for p in plots)})")
         if cfg.save_final:
             print(f"dense model:  {out}/final_dense/ (transformers from_pretrained)")
-            print(f"MoE model:    {out}/final_moe/ (ssdfx.train.load_moe)")
+            print(f"MoE model:    {out}/final_moe/ (ssdfx.load_converted)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

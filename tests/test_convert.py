@@ -58,6 +58,22 @@ def test_round_trip_is_exact(family):
     assert not ssdfx.is_converted(model)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_save_pretrained_after_revert_reloads_the_same_model(family, tmp_path):
+    # SPEC: an HF model keeps save_pretrained after revert (no ssdfx buffers, names or modules
+    # left behind), and from_pretrained gives back the same outputs
+    model, kwargs, _ = models.ALL[family]()
+    model.eval()
+    ssdfx.convert(model, num_experts=4, top_k=2, partition="kmeans")
+    ssdfx.revert(model)
+    ref = models.output_of(model, kwargs)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert not any("ssdfx" in k for k in loaded.state_dict())
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    torch.testing.assert_close(models.output_of(loaded, kwargs), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert", "t5_gated", "llama"])
 def test_hf_forward_with_labels_and_loss(family):
     model, kwargs, _ = models.ALL[family]()

@@ -43,18 +43,22 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
                                 "first (or save a dense model with its own save method)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # every file is written under a temporary name and renamed into place at the end, so an
+    # interrupted save leaves the previous one in the directory as it was
+    renames = []
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(path)
-    save_model(model, str(path / WEIGHTS))
-    meta = {
+    if config is not None and hasattr(config, "to_json_file"):  # a Hugging Face config
+        config.to_json_file(path / "config.json.tmp")
+        renames.append("config.json")
+    tmp_weights, tmp_meta = path / (WEIGHTS + ".tmp"), path / (META + ".tmp")
+    save_model(model, str(tmp_weights))
+    tmp_meta.write_text(json.dumps({
         "format": FORMAT, "model_class": type(model).__name__,
         "num_experts": conv.num_experts, "top_k": conv.top_k, "dynamic_k": conv.dynamic_k,
         "sites": [s.name for s in conv.sites], "perm_buffers": permutation_buffers(model),
-    }
-    tmp = path / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(path / META)
+    }, indent=1))
+    for name in renames + [WEIGHTS, META]:
+        (path / (name + ".tmp")).replace(path / name)
     return path
 
 

@@ -70,6 +70,26 @@ def test_non_hf_models_are_rebuilt_from_a_dense_instance(tmp_path):
         ssdfx.load_converted(tmp_path / "moe", model=other)
 
 
+def test_an_interrupted_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    from ssdfx import saving
+
+    model, kwargs = _gpt2()
+    ssdfx.convert(model, 4, 2)
+    want = _logits(model, kwargs)
+    ssdfx.save_converted(model, tmp_path / "moe")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing the weights of a second save
+    monkeypatch.setattr("safetensors.torch.save_model", dies)
+    with pytest.raises(KeyboardInterrupt):
+        saving.save_converted(model, tmp_path / "moe")
+    loaded = ssdfx.load_converted(tmp_path / "moe")
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+
+
 def test_bad_input_is_refused_before_writing(tmp_path):
     model, _ = _gpt2()
     with pytest.raises(ssdfx.NotConvertedError, match="convert"):

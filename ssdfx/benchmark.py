@@ -1,9 +1,12 @@
 """Forward time and FLOPs of a model, dense and converted: what `ssdfx bench` and
 bench/flops_per_pass.py report.
 
-Dense and converted forwards (eval, no_grad) run in interleaved rounds, alternating their order,
-and every figure is a median, so ratios are measured under the same machine load: `time_ratio`
-is the median over rounds of converted/dense forward time within the round.
+Dense and converted forwards (eval mode, no_grad) run in interleaved rounds, alternating their
+order, and every figure is a median, so ratios are measured under the same machine load:
+`time_ratio` is the median over rounds of converted/dense time within the round. With
+`backward=True` each timed call is a forward and a backward of a scalar loss instead (the
+model's own `.loss` when the inputs include labels, else the mean square of its output), still
+in eval mode so that dropout does not differ between the models.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class PassTiming:
     dense_flops: int
     flops: int
     ffn_ratio: float  # FFN FLOPs after the pass / dense FFN FLOPs
-    ms: float  # median forward time
+    ms: float  # median time of a forward (or forward + backward)
     time_ratio: float  # median over rounds of this forward / the dense forward
 
     @property
@@ -39,9 +42,24 @@ class PassTiming:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def _timed(model: nn.Module, args: tuple, kwargs: dict) -> float:
+def _loss(out) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is not None:
+        return loss
+    if not isinstance(out, torch.Tensor):  # an HF output without labels: its first tensor
+        out = next(v for v in (out.values() if hasattr(out, "values") else out)
+                   if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return out.float().square().mean()
+
+
+def _timed(model: nn.Module, args: tuple, kwargs: dict, backward: bool) -> float:
     t0 = time.perf_counter()
-    model(*args, **kwargs)
+    if backward:
+        model.zero_grad(set_to_none=True)
+        _loss(model(*args, **kwargs)).backward()
+    else:
+        with torch.no_grad():
+            model(*args, **kwargs)
     return time.perf_counter() - t0
 
 
@@ -50,10 +68,11 @@ def _ffn(table) -> tuple[int, int]:
 
 
 def time_passes(dense: nn.Module, args: tuple, kwargs: dict, passes, *, repeats: int = 7,
-                warmup: int = 2, partition: str = "contiguous") -> list[PassTiming]:
-    """Time `dense` and one converted copy per (E, k) in `passes` (dense is not modified).
-
-    Returns the dense row first, then one row per pass, in order.
+                warmup: int = 2, partition: str = "contiguous",
+                backward: bool = False) -> list[PassTiming]:
+    """Time `dense` and one converted copy per (E, k) in `passes` (dense's weights are not
+    changed; with backward=True its .grad fields are). `ms` is a forward, or a forward and a
+    backward with backward=True. Returns the dense row first, then one row per pass, in order.
     """
     import ssdfx
 
@@ -66,13 +85,15 @@ def time_passes(dense: nn.Module, args: tuple, kwargs: dict, passes, *, repeats:
                           example_inputs=args or None, example_kwargs=kwargs or None)
         models.append(((e, k), m, ssdfx.flops(m, *args, **kwargs)))
     times: dict = {key: [] for key, _, _ in models}
-    with torch.no_grad():
-        for _ in range(warmup):  # numba compiles once, allocators and thread pools settle
-            for _, m, _ in models:
-                _timed(m, args, kwargs)
-        for r in range(repeats):
-            for key, m, _ in (models if r % 2 == 0 else models[::-1]):
-                times[key].append(_timed(m, args, kwargs))
+    for _ in range(warmup):  # numba compiles once, allocators and thread pools settle
+        for _, m, _ in models:
+            _timed(m, args, kwargs, backward)
+    for r in range(repeats):
+        for key, m, _ in (models if r % 2 == 0 else models[::-1]):
+            times[key].append(_timed(m, args, kwargs, backward))
+    if backward:
+        for _, m, _ in models:
+            m.zero_grad(set_to_none=True)
     rows = []
     for key, _, table in models:
         per_round = [t / td for t, td in zip(times[key], times["dense"])]

@@ -350,6 +350,8 @@ def _pass_arg(text: str) -> tuple[int, int]:
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
     from ssdfx.benchmark import time_passes
     from ssdfx.tables import render, si
 
@@ -361,18 +363,19 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     if "use_cache" in kwargs:
         kwargs = {**kwargs, "use_cache": False}
     rows = time_passes(built.model, built.args, kwargs, passes, repeats=args.repeats,
-                       partition=args.partition)
+                       partition=args.partition, backward=args.backward)
+    what = "forward+backward" if args.backward else "forward"
     if args.json:
-        _emit({"model": built.description, "repeats": args.repeats,
+        _emit({"model": built.description, "timed": what, "repeats": args.repeats,
                "rows": [r.as_dict() for r in rows]})
         return 0
     print(built.description)
-    print(f"forward (eval, no grad), {args.repeats} interleaved rounds, medians; "
-          f"{__import__('torch').get_num_threads()} threads")
+    print(f"{what} ({'eval mode' if args.backward else 'eval, no grad'}), {args.repeats} "
+          f"interleaved rounds, medians; {torch.get_num_threads()} threads")
     body = [["dense" if r.E is None else "moefy", r.E, r.k, si(r.flops), f"{r.ratio:.3f}",
              f"{r.ffn_ratio:.3f}", f"{r.ms:.2f}", f"{r.time_ratio:.3f}"] for r in rows]
-    print(render(["pass", "E", "k", "FLOPs", "ratio", "FFN ratio", "forward ms", "time ratio"],
-                 body, left=2))
+    print(render(["pass", "E", "k", "forward FLOPs", "ratio", "FFN ratio", f"{what} ms",
+                  "time ratio"], body, left=2))
     return 0
 
 
@@ -393,6 +396,9 @@ def _add_bench(sub) -> None:
     g = p.add_argument_group("timing and output")
     g.add_argument("--repeats", type=int, default=7, metavar="N",
                    help="timed rounds (default: 7)")
+    g.add_argument("--backward", action="store_true",
+                   help="time forward + backward of a loss (the model's own with labels, else "
+                        "the mean square of its output) instead of the forward alone")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench)
 

@@ -134,6 +134,10 @@ def test_cli_bench_reports_flops_of_each_pass(capsys):
     assert rows[1]["flops"] == ssdfx.flops(built.model, **kwargs).total
     assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
     assert all(r["ms"] > 0 and r["time_ratio"] > 0 for r in rows)
+    code = main(["bench", *argv, "--pass", "4:2", "--repeats", "1", "--backward", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["timed"] == "forward+backward"
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error
         main(["bench", *argv, "--pass", "4"])
     assert exit_.value.code == 2 and "expected E:K" in capsys.readouterr().err

@@ -87,7 +87,12 @@ def _up_epilogue(a1, a3, b1, b3, row_expert, keep, dropout_p, activation):
 
 class _Fusable:
     """fn, or fn compiled by inductor on the device types in FUSED_DEVICES. A compile failure
-    (no compiler or Triton here) warns once and falls back to fn for the rest of the process."""
+    (no compiler or Triton here) warns once and falls back to fn for the rest of the process.
+
+    The two instances below are process-wide on purpose, like torch.compile's own cache (keyed
+    on the function's code) and the Triton kernel cache: compiling takes seconds and must
+    happen once, and a failed compile must not be retried on every call. Neither changes what
+    is computed beyond the last bit of bf16 rounding."""
 
     def __init__(self, fn):
         self.fn, self.compiled, self.broken = fn, None, False

@@ -1,0 +1,124 @@
+"""`ssdfx convert` and `ssdfx bench`: build a MODEL, convert it, and save or time it.
+
+Registered by `ssdfx.cli.build_parser`; the shared MODEL options and helpers live in
+`ssdfx.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ssdfx.cli import _MODEL_HELP, UsageError, _add_model_args, _build, _emit, _expert_group
+
+__all__ = ["add_bench", "add_convert"]
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+
+def _pass_arg(text: str) -> tuple[int, int]:
+    e, sep, k = text.partition(":")
+    if not sep or not e.isdigit() or not k.isdigit():
+        raise argparse.ArgumentTypeError(f"expected E:K such as 16:4, got {text!r}")
+    return int(e), int(k)
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from ssdfx.benchmark import time_passes
+    from ssdfx.tables import render, si
+
+    if args.device == "meta":
+        raise UsageError("bench runs the model: use --device cpu (meta tensors hold no data)")
+    passes = args.passes or [(args.num_experts, args.top_k)]
+    built = _build(args, extra)
+    kwargs = built.kwargs
+    if "use_cache" in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    rows = time_passes(built.model, built.args, kwargs, passes, repeats=args.repeats,
+                       partition=args.partition, backward=args.backward)
+    what = "forward+backward" if args.backward else "forward"
+    if args.json:
+        _emit({"model": built.description, "timed": what, "repeats": args.repeats,
+               "rows": [r.as_dict() for r in rows]})
+        return 0
+    print(built.description)
+    print(f"{what} ({'eval mode' if args.backward else 'eval, no grad'}), {args.repeats} "
+          f"interleaved rounds, medians; {torch.get_num_threads()} threads")
+    body = [["dense" if r.E is None else "moefy", r.E, r.k, si(r.flops), f"{r.ratio:.3f}",
+             f"{r.ffn_ratio:.3f}", f"{r.ms:.2f}", f"{r.time_ratio:.3f}"] for r in rows]
+    print(render(["pass", "E", "k", "forward FLOPs", "ratio", "FFN ratio", f"{what} ms",
+                  "time ratio"], body, left=2))
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="forward time and FLOPs, dense against converted",
+        description="Time the model's forward pass dense and after convert (one copy per "
+                    "E:K pass), interleaved rounds and medians so the ratio is measured under "
+                    "one machine load, next to the FLOP ratio. For the sparse operator alone see "
+                    "bench/op.py in the repository.",
+        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, device="cpu")
+    g = _expert_group(p, "contiguous", ["contiguous", "random", "kmeans"],
+                      partition_note="; the time does not depend on it")
+    g.add_argument("--pass", dest="passes", type=_pass_arg, action="append", metavar="E:K",
+                   help="time this conversion; repeatable (replaces -E/-k), e.g. --pass 8:2 "
+                        "--pass 16:4")
+    g = p.add_argument_group("timing and output")
+    g.add_argument("--repeats", type=int, default=7, metavar="N",
+                   help="timed rounds (default: 7)")
+    g.add_argument("--backward", action="store_true",
+                   help="time forward + backward of a loss (the model's own with labels, else "
+                        "the mean square of its output) instead of the forward alone")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_bench)
+
+
+# -- convert --------------------------------------------------------------------------------------
+
+
+def _convert_cmd(args: argparse.Namespace, extra: list[str]) -> int:
+    import ssdfx
+    from ssdfx.saving import save_converted
+
+    if args.device == "meta":
+        raise UsageError("convert needs real weights: use --device cpu")
+    built = _build(args, extra)
+    stats = None
+    if args.router == "mlp" or args.partition == "coactivation" or args.dynamic_k is not None:
+        # fitted on activation statistics of the example batch (--batch, --seq-len)
+        stats = ssdfx.observe(built.model, [built.args] if built.args else [built.kwargs])
+    ssdfx.convert(built.model, num_experts=args.num_experts, top_k=args.top_k,
+                  partition=args.partition, router=args.router, dynamic_k=args.dynamic_k,
+                  stats=stats, example_inputs=built.args or None,
+                  example_kwargs=built.kwargs or None)
+    out = save_converted(built.model, args.out)
+    print(built.description)
+    print(ssdfx.conversion(built.model))
+    print(f"wrote {out} (load it with ssdfx.load_converted)")
+    return 0
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a model's FFNs to routed experts and save it",
+        description="Build the model, convert every FFN to router + routed experts, and save "
+                    "the result (weights, neuron splits, routers) to a directory that "
+                    "ssdfx.load_converted(DIR) rebuilds. MODEL can also be a directory written by "
+                    "save_pretrained (e.g. a training run's final_dense/).",
+        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, device="cpu")
+    g = _expert_group(p, "kmeans", ["contiguous", "random", "kmeans", "coactivation"],
+                      partition_note="; coactivation records activation statistics on the "
+                                     "example batch first",
+                      top_k_note=", or the cap with --dynamic-k")
+    g.add_argument("--router", default="centroid", choices=["centroid", "mlp"],
+                   help="router kind (default: centroid; mlp is fitted on the example batch)")
+    g.add_argument("--dynamic-k", type=float, metavar="SHARE",
+                   help="per token, the fewest experts whose predicted activation mass reaches "
+                        "SHARE (e.g. 0.9), at most --top-k")
+    g.add_argument("--out", required=True, metavar="DIR", help="where to save the converted model")
+    p.set_defaults(func=_convert_cmd)

@@ -29,7 +29,8 @@ import warnings
 
 import torch
 
-from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad, sort_pairs
+from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
+                              sort_pairs)
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["FUSED_DEVICES", "backward", "forward", "grouped_mm_ok"]
@@ -170,9 +171,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
                                            a3 if glu else None, kp, dropout_p, activation)
     inv = _inverse(order)
     dgate = torch.where(inv < n_rows, dg.index_select(0, inv), 0).view(t_all, k)
-    dw2 = torch.empty_like(w2)
-    dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
-        _weight_grads(dys.t(), gh, offs32, nonempty))
+    dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty))
     dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty))
     db1 = _bias_grad(da1, offs32, nonempty)
     dxs = _gmm(da1, w1e, offs32)  # (T*K, d)

@@ -23,7 +23,7 @@ import torch
 
 from ssdfx.activations import activation_backward, activation_fn
 
-__all__ = ["expert_views", "hidden", "hidden_backward", "rows_grad", "sort_pairs"]
+__all__ = ["cols_grad", "expert_views", "hidden", "hidden_backward", "rows_grad", "sort_pairs"]
 
 
 def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +56,13 @@ def rows_grad(w: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
         return per_expert.view(w.shape)
     out = torch.empty_like(w)
     out.view(per_expert.shape).copy_(per_expert)
+    return out
+
+
+def cols_grad(w2: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+    """(d, F) gradient with w2's strides from per-expert blocks (E, d, m) of its columns."""
+    out = torch.empty_like(w2)
+    out.view(w2.shape[0], per_expert.shape[0], -1).permute(1, 0, 2).copy_(per_expert)
     return out
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad
+from ssdfx.ops.layout import cols_grad, expert_views, hidden, hidden_backward, rows_grad
 
 __all__ = ["backward", "forward", "use"]
 
@@ -130,9 +130,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
         _scatter(a3[:pairs], pos, n) if glu else None, kp, dropout_p, activation,
     )
     da1 = da1.view(num_experts, cap, m)
-    dw2 = torch.empty_like(w2)
-    dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
-        torch.bmm(dys.transpose(1, 2), gh.view(num_experts, cap, m)))
+    dw2 = cols_grad(w2, torch.bmm(dys.transpose(1, 2), gh.view(num_experts, cap, m)))
     dw1 = rows_grad(w1, torch.bmm(da1.transpose(1, 2), xs))
     db1 = da1.sum(1).reshape(-1)
     dxs = torch.bmm(da1, w1e)  # (E, C, d)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import padded
-from ssdfx.ops.layout import expert_views, hidden, hidden_backward, rows_grad, sort_pairs
+from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
+                              sort_pairs)
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["backward", "forward"]
@@ -63,9 +64,9 @@ def _per_slot(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torc
     return rows.index_select(0, inv).view(t_all, k, -1)
 
 
-def _dgate(dg: torch.Tensor, order: torch.Tensor, pairs: int, t_all: int, k: int):
-    """dg (P,) in layout order -> dgate (T, K), zero for unused slots."""
-    return _per_slot(dg.unsqueeze(1), _inverse(order, pairs), t_all, k).view(t_all, k)
+def _dgate(dg: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:
+    """dg (P,) in layout order -> dgate (T, K), zero for unused slots (inv: `_inverse`)."""
+    return _per_slot(dg.unsqueeze(1), inv, t_all, k).view(t_all, k)
 
 
 def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: int,
@@ -189,7 +190,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     if padded.use(x, w1, bounds):
         *grads, dg = padded.backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets,
                                      bounds, num_experts, activation, dropout_p)
-        return (*grads, _dgate(dg, order, pairs, x.shape[0], gate.shape[1]))
+        return (*grads, _dgate(dg, _inverse(order, pairs), x.shape[0], gate.shape[1]))
     if _blocked(x, pairs):
         return _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,
                                 activation, dropout_p)
@@ -209,11 +210,9 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         dropout_p, activation,
     )
     inv = _inverse(order, pairs)
-    dgate = _per_slot(dg.unsqueeze(1), inv, t_all, k).view(t_all, k)
+    dgate = _dgate(dg, inv, t_all, k)
     # weight gradients come out per expert, (E, d, m) for w2 and (E, m, d) for w1 and w3
-    dw2 = torch.empty_like(w2)
-    dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(
-        _grad_weights(dys.t(), gh, bounds))
+    dw2 = cols_grad(w2, _grad_weights(dys.t(), gh, bounds))
     dw1 = rows_grad(w1, _grad_weights(da1.t(), xs, bounds))
     db1 = _segment_sum(da1, bounds)
     dxs = _mm(da1, w1t.transpose(1, 2), bounds)  # (P, d)
@@ -264,9 +263,8 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
         dx.index_add_(0, tok[s:t], dxe)
-    dgate = _dgate(dg, order, pairs, t_all, k)
-    dw2 = torch.empty_like(w2)
-    dw2.view(d, num_experts, m).permute(1, 0, 2).copy_(dw2e)
+    dgate = _dgate(dg, _inverse(order, pairs), t_all, k)
+    dw2 = cols_grad(w2, dw2e)
     dw1 = rows_grad(w1, dw1e)
     dw3 = rows_grad(w3, dw3e) if glu else x.new_empty(0)
     return dx, dw1, db1.reshape(-1), dw2, dw3, db3.reshape(-1), dgate

@@ -32,11 +32,11 @@ from torch import nn
 
 import ssdfx
 from ssdfx.api import permutation_buffers
-from ssdfx.saving import shell_routers
 from ssdfx.capture import ROOT_SLOT
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
 from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
+from ssdfx.saving import shell_routers
 from ssdfx.stats import observe
 from ssdfx.stability import StabilityMonitor
 
@@ -337,14 +337,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        conv = ssdfx.conversion(self.model)
+        perm_paths = permutation_buffers(self.model)  # {} when dense
         save_atomic({
             "config": self.cfg.as_dict(),
             "step": self.step, "phase": self.phase, "phase_start": self.phase_start,
             "elapsed": self.elapsed, "tokens": self.tokens,
-            "partitions": {site: self.model.get_buffer(path).clone()
-                           for site, path in permutation_buffers(self.model).items()} if conv else None,
-            "perm_buffers": permutation_buffers(self.model) if conv else None,
+            "partitions": {site: self.model.get_buffer(key).clone()
+                           for site, key in perm_paths.items()} or None,
+            "perm_buffers": perm_paths or None,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "monitor": self.monitor.state_dict(), "last_report": self.last_report,
             "log_lines": self.log_lines,
@@ -422,7 +422,8 @@ class Trainer:
 
 
 def _legacy_perm_path(site) -> str:
-    # moe.json files written before "perm_buffers" was saved: one site per module scope
+    # checkpoints and final_moe/ directories written before the keys were recorded: one site
+    # per module scope, which holds for the GPT-2 and BERT models the driver builds
     scope = site.scope
     holder = (scope.path or ROOT_SLOT) if scope.kind == "module" else scope.children[0]
     return f"{holder}.ssdfx_perm"
@@ -433,15 +434,15 @@ def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 
     save_converted(model, path)  # model.safetensors, ssdfx.json, config.json
     conv = ssdfx.conversion(model)
+    # the training configuration and the sites, for the record (load_converted needs neither)
     (path / "moe.json").write_text(json.dumps({
         "config": cfg.as_dict(), "num_experts": conv.num_experts, "top_k": conv.top_k,
-        "vocab_size": model.config.vocab_size,
-        "sites": [s.as_dict() for s in conv.sites], "perm_buffers": permutation_buffers(model)}, indent=1))
+        "sites": [s.as_dict() for s in conv.sites]}, indent=1))
 
 
 def _vocab_from_state(state: dict) -> int:
-    # moe.json files without "vocab_size": the embedding or its tied output layer, whichever
-    # name safetensors kept for the shared tensor
+    # the embedding or its tied output layer, whichever name safetensors kept for the shared
+    # tensor
     for suffix in ("wte.weight", "word_embeddings.weight", "lm_head.weight", "decoder.weight"):
         for key, value in state.items():
             if key.endswith(suffix):
@@ -464,12 +465,12 @@ def load_moe(path: str | Path) -> nn.Module:
     meta = json.loads((path / "moe.json").read_text())
     cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     state = load_file(str(path / "model.safetensors"))
-    vocab = meta.get("vocab_size") or _vocab_from_state(state)
-    model = build_model(cfg.model, vocab_size=vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                        ctx=cfg.ctx, d_ff=cfg.ffn_dim, activation=cfg.activation, seed=cfg.seed)
+    model = build_model(cfg.model, vocab_size=_vocab_from_state(state), n_layer=cfg.n_layer,
+                        n_embd=cfg.n_embd, n_head=cfg.n_head, ctx=cfg.ctx, d_ff=cfg.ffn_dim,
+                        activation=cfg.activation, seed=cfg.seed)
     sites = ssdfx.find_ffns(model)
-    paths = meta.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in sites}
-    parts = {site: state[path] for site, path in paths.items()}
+    paths = {s.name: _legacy_perm_path(s) for s in sites}
+    parts = {site: state[key] for site, key in paths.items()}
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
                   router=shell_routers(state, paths), dynamic_k=cfg.dynamic_k)
     load_model(model, str(path / "model.safetensors"))

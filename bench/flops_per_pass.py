@@ -49,9 +49,7 @@ QUICK_MODELS, QUICK_PASSES = ["gpt2", "llama"], [(8, 2), (16, 4)]
 def bench_model(name: str, passes, repeats: int, seq_len: int, batch: int) -> list[dict]:
     aliases, overrides = MODELS[name]
     built = build(ModelSpec(name, overrides, aliases, batch=batch, seq_len=seq_len))
-    kwargs = built.kwargs
-    kwargs = {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
-    rows = time_passes(built.model, built.args, kwargs, passes, repeats=repeats)
+    rows = time_passes(built.model, built.args, built.kwargs, passes, repeats=repeats)
     return [dict(model=name, pass_="dense" if r.E is None else "moefy", E=r.E, k=r.k,
                  tokens=batch * seq_len, dense_flops=r.dense_flops, sparse_flops=r.flops,
                  ratio=r.ratio, ffn_ratio=r.ffn_ratio, ms=r.ms,

@@ -33,6 +33,12 @@ FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 /
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
 
 
+def dense_ffn(d: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """The dense baseline: Linear(d, 4d) -> GELU -> Linear(4d, d), seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)).to(dtype)
+
+
 def sparse_model(dense: nn.Sequential, num_experts: int, k: int) -> nn.Module:
     return ssdfx.convert(copy.deepcopy(dense), num_experts=num_experts, top_k=k)
 
@@ -68,8 +74,7 @@ def _timed(fn) -> float:
 
 
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
-    torch.manual_seed(0)
-    dense = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)).to(dtype)
+    dense = dense_ffn(d, dtype)
     sparse = sparse_model(dense, e, k)
     x = torch.randn(t, d, dtype=dtype)
     dy = torch.randn(t, d, dtype=dtype)
@@ -128,9 +133,7 @@ def router_share(t, d, e, k, repeats=20) -> str:
     from ssdfx.ops.layout import sort_pairs
     from ssdfx.routing import select_top_k
 
-    torch.manual_seed(0)
-    dense = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-    sparse = sparse_model(dense, e, k)
+    sparse = sparse_model(dense_ffn(d), e, k)
     router = next(m for n, m in sparse.named_modules() if n.endswith("ssdfx_router"))
     x = torch.randn(t, d)
 

@@ -12,9 +12,9 @@
 
 Each subcommand has one `_add_<name>(subparsers)` function that declares its options and sets
 `func`, registered in `build_parser` (train and plot live in train_cli.py, convert and bench in
-convert_cli.py); shared option groups are `_add_model_args` (MODEL and its
-config settings; `func` then gets `(args, extra)` and builds with `_build(args, extra)`) and
-`_add_convert_args`. Exit status: 0 on success, 1 when the model cannot be built, converted or
+convert_cli.py); a subcommand that takes a MODEL starts from `_model_command` (its parser
+with `_add_model_args`: MODEL and its config settings; `func` then gets `(args, extra)` and
+builds with `_build(args, extra)`), and the conversion options come from `_expert_group`. Exit status: 0 on success, 1 when the model cannot be built, converted or
 captured (the message says why, on stderr; --traceback shows the trace), 2 for usage errors.
 """
 
@@ -112,6 +112,15 @@ For a factory, every such setting (--n-layer 2, --set NAME=VALUE, --NAME VALUE) 
 to it as a keyword argument (n_layer=2, NAME=VALUE)."""
 
 
+def _model_command(sub, name: str, help: str, description: str,
+                   device: str) -> argparse.ArgumentParser:
+    """A subcommand that takes a MODEL: its parser, with the model options and their epilog."""
+    p = sub.add_parser(name, help=help, description=description, epilog=_MODEL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, device)
+    return p
+
+
 def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="HF model type, saved model directory, or MODULE:FACTORY (see below)")
@@ -202,7 +211,8 @@ def _build(args, extra):
     return build(_spec(args, extra))
 
 
-def _convert(args, built) -> None:
+def _convert(args, built, **options) -> None:
+    """Convert built.model with the -E/-k/--partition options (and convert's other `options`)."""
     import ssdfx
 
     if args.device == "meta" and args.partition == "kmeans":
@@ -210,7 +220,7 @@ def _convert(args, built) -> None:
                          "have: use --device cpu (FLOPs do not depend on the partition)")
     ssdfx.convert(built.model, num_experts=args.num_experts, top_k=args.top_k,
                   partition=args.partition, example_inputs=built.args or None,
-                  example_kwargs=built.kwargs or None)
+                  example_kwargs=built.kwargs or None, **options)
 
 
 def _emit(obj) -> None:
@@ -253,13 +263,11 @@ def _flops(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _add_flops(sub) -> None:
-    p = sub.add_parser(
-        "flops", help="forward FLOPs per FFN site and in total, dense and converted",
+    p = _model_command(
+        sub, "flops", help="forward FLOPs per FFN site and in total, dense and converted",
         description="Count forward FLOPs (2 per multiply-add, matrix products only, from the "
                     "shapes torch.export records) per FFN site and in total: dense, and after "
-                    "convert at the given E and k.",
-        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, device="meta")
+                    "convert at the given E and k.", device="meta")
     _add_convert_args(p, "dense figures only")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -319,12 +327,11 @@ def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser(
-        "inspect", help="site table, one site's graph before/after, node counts, drawings",
+    p = _model_command(
+        sub, "inspect", help="site table, one site's graph before/after, node counts, drawings",
         description="Find the model's FFN sites, convert them, and show the site table, one "
                     "site's generated code before and after, and the node count per op.",
-        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, device="cpu")
+        device="cpu")
     _add_convert_args(p, "show the dense sites and graphs only")
     g = p.add_argument_group("output")
     g.add_argument("--site", metavar="SITE",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ssdfx.cli import _MODEL_HELP, UsageError, _add_model_args, _build, _emit, _expert_group
+from ssdfx.cli import UsageError, _build, _convert, _emit, _expert_group, _model_command
 
 __all__ = ["add_bench", "add_convert"]
 
@@ -33,10 +33,7 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError("bench runs the model: use --device cpu (meta tensors hold no data)")
     passes = args.passes or [(args.num_experts, args.top_k)]
     built = _build(args, extra)
-    kwargs = built.kwargs
-    if "use_cache" in kwargs:
-        kwargs = {**kwargs, "use_cache": False}
-    rows = time_passes(built.model, built.args, kwargs, passes, repeats=args.repeats,
+    rows = time_passes(built.model, built.args, built.kwargs, passes, repeats=args.repeats,
                        partition=args.partition, backward=args.backward)
     what = "forward+backward" if args.backward else "forward"
     if args.json:
@@ -54,14 +51,12 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="forward time and FLOPs, dense against converted",
+    p = _model_command(
+        sub, "bench", help="forward time and FLOPs, dense against converted",
         description="Time the model's forward pass dense and after convert (one copy per "
                     "E:K pass), interleaved rounds and medians so the ratio is measured under "
                     "one machine load, next to the FLOP ratio. For the sparse operator alone see "
-                    "bench/op.py in the repository.",
-        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, device="cpu")
+                    "bench/op.py in the repository.", device="cpu")
     g = _expert_group(p, "contiguous", ["contiguous", "random", "kmeans"],
                       partition_note="; the time does not depend on it")
     g.add_argument("--pass", dest="passes", type=_pass_arg, action="append", metavar="E:K",
@@ -91,10 +86,7 @@ def _convert_cmd(args: argparse.Namespace, extra: list[str]) -> int:
     if args.router == "mlp" or args.partition == "coactivation" or args.dynamic_k is not None:
         # fitted on activation statistics of the example batch (--batch, --seq-len)
         stats = ssdfx.observe(built.model, [built.args] if built.args else [built.kwargs])
-    ssdfx.convert(built.model, num_experts=args.num_experts, top_k=args.top_k,
-                  partition=args.partition, router=args.router, dynamic_k=args.dynamic_k,
-                  stats=stats, example_inputs=built.args or None,
-                  example_kwargs=built.kwargs or None)
+    _convert(args, built, router=args.router, dynamic_k=args.dynamic_k, stats=stats)
     out = save_converted(built.model, args.out)
     print(built.description)
     print(ssdfx.conversion(built.model))
@@ -103,14 +95,12 @@ def _convert_cmd(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser(
-        "convert", help="convert a model's FFNs to routed experts and save it",
+    p = _model_command(
+        sub, "convert", help="convert a model's FFNs to routed experts and save it",
         description="Build the model, convert every FFN to router + routed experts, and save "
                     "the result (weights, neuron splits, routers) to a directory that "
                     "ssdfx.load_converted(DIR) rebuilds. MODEL can also be a directory written by "
-                    "save_pretrained (e.g. a training run's final_dense/).",
-        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, device="cpu")
+                    "save_pretrained (e.g. a training run's final_dense/).", device="cpu")
     g = _expert_group(p, "kmeans", ["contiguous", "random", "kmeans", "coactivation"],
                       partition_note="; coactivation records activation statistics on the "
                                      "example batch first",

@@ -12,6 +12,7 @@ import torch
 import models
 import ssdfx
 from ssdfx.cli import main
+from ssdfx.flopcount import counter_flops
 from ssdfx.modelspec import ModelSpec, build
 
 
@@ -128,10 +129,13 @@ def test_cli_bench_reports_flops_of_each_pass(capsys):
     assert [(r["E"], r["k"]) for r in rows] == [(None, None), (4, 2), (4, 1)]
     built = build(ModelSpec("gpt2", aliases=dict(n_layer=1, d_model=32, n_head=4, vocab_size=97),
                             seq_len=16))
-    kwargs = {**built.kwargs, "use_cache": False}
+    kwargs = built.kwargs
     assert rows[0]["flops"] == ssdfx.flops(built.model, **kwargs).total
+    # and torch's own count agrees (the independent reference; tolerances as in test_flops)
+    assert rows[0]["flops"] == pytest.approx(counter_flops(built.model, **kwargs), rel=0.01)
     ssdfx.convert(built.model, 4, 2)
     assert rows[1]["flops"] == ssdfx.flops(built.model, **kwargs).total
+    assert rows[1]["flops"] == pytest.approx(counter_flops(built.model, **kwargs), rel=0.02)
     assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
     assert all(r["ms"] > 0 and r["time_ratio"] > 0 for r in rows)
     code = main(["bench", *argv, "--pass", "4:2", "--repeats", "1", "--backward", "--json"])

@@ -114,12 +114,11 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
     missing = [k for k in paths.values() if k not in state]
     if missing:
         raise ValueError(f"{path / WEIGHTS} lacks the permutation buffers {missing}")
-    sites = [s for s in ssdfx.find_ffns(model, example_inputs, example_kwargs)
-             if s.name in paths]
+    found = ssdfx.find_ffns(model, example_inputs, example_kwargs)
+    sites = [s for s in found if s.name in paths]
     if {s.name for s in sites} != set(paths):
-        found = sorted(s.name for s in ssdfx.find_ffns(model, example_inputs, example_kwargs))
-        raise ValueError(f"the model's FFN sites {found} do not match the saved ones "
-                         f"{sorted(paths)}: pass a model of the saved architecture")
+        raise ValueError(f"the model's FFN sites {sorted(s.name for s in found)} do not match "
+                         f"the saved ones {sorted(paths)}: pass a model of the saved architecture")
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites,
                   partition={site: state[key] for site, key in paths.items()},
                   router=shell_routers(state, paths), dynamic_k=meta.get("dynamic_k"),

@@ -271,6 +271,29 @@ def test_threads_follow_torch_and_import_leaves_them_alone():
     assert "ok" in out.stdout
 
 
+def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
+    # Workers call BLAS concurrently, so inside a numba phase every BLAS library runs one
+    # thread; afterwards the user's counts are back. Read independently with threadpoolctl.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from ssdfx.ops import cpu_numba
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    cpu_numba._blas_libraries()  # loads SciPy's BLAS, so it is among those read
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        assert before and set(before) == {2}
+        with cpu_numba._numba_phase():
+            assert set(blas_threads()) == {1}
+        assert blas_threads() == before
+        x = torch.randn(16, 8)
+        moe_ffn(x, torch.randn(12, 8), None, torch.randn(8, 12), None, None,
+                torch.randint(0, 3, (16, 1)), torch.ones(16, 1), num_experts=3,
+                activation="relu", backend="numba")
+        assert blas_threads() == before
+
+
 def _repo_root():
     import pathlib
 

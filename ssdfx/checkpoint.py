@@ -13,13 +13,17 @@ from pathlib import Path
 
 import torch
 
+from ssdfx.errors import SSDFXError
+
 __all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "FORMAT"]
 
 FORMAT = "ssdfx-train-v1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or from an incompatible run."""
+class CheckpointError(SSDFXError, RuntimeError):
+    """A checkpoint that is missing, corrupt, or from an incompatible run. An `SSDFXError`, so
+    the command line prints its message (not a traceback); still a `RuntimeError` for callers
+    that catch that."""
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:

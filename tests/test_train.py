@@ -101,6 +101,17 @@ def test_switch_continues_the_loss_curve(corpus, tmp_path):
     assert mean(dense_again[:5]) - mean(sparse[-5:]) < 3 * sd(sparse[-10:]), (sparse[-10:], dense_again[:5])
 
 
+def _argv(cfg, *extra):
+    """`ssdfx train` arguments for a TrainConfig."""
+    args = ["train", "--no-plots", *extra]
+    for k, v in cfg.as_dict().items():
+        if isinstance(v, bool):
+            args.append(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
+        elif v is not None:
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
 def _losses(run_dir):
     recs = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
     return [(r["step"], r["phase"], r["loss"]) for r in recs if r["kind"] == "step"]
@@ -113,12 +124,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert {p for _, p, _ in ref} == {"dense", "sparse"}
 
     cfg = tiny(corpus, tmp_path / "killed", **kw)
-    args = [sys.executable, "-m", "ssdfx", "train", "--no-plots"]
-    for k, v in cfg.as_dict().items():
-        if isinstance(v, bool):
-            args.append(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
-        elif v is not None:
-            args += [f"--{k.replace('_', '-')}", str(v)]
+    args = [sys.executable, "-m", "ssdfx", *_argv(cfg)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = tmp_path / "killed" / "log.jsonl"
     deadline = time.time() + 120
@@ -145,6 +151,22 @@ def test_corrupt_and_incompatible_checkpoints(corpus, tmp_path):
         Trainer(cfg, resume=True)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Trainer(tiny(corpus, tmp_path / "none"), resume=True)
+
+
+def test_resume_errors_are_one_line_on_the_command_line(corpus, tmp_path, capsys):
+    """CheckpointError is an SSDFXError: `ssdfx train --resume` without a checkpoint, or with an
+    incompatible one, exits 1 with the message, not a traceback."""
+    from ssdfx.cli import main
+
+    assert main(_argv(tiny(corpus, tmp_path / "none"), "--resume")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssdfx train: error: no checkpoint at") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    Trainer(tiny(corpus, tmp_path / "r")).save_checkpoint()
+    assert main(_argv(tiny(corpus, tmp_path / "r", n_embd=64), "--resume")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssdfx train: error: checkpoint") and "incompatible run" in err and "n_embd" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

@@ -385,20 +385,31 @@ def _evaluate(view: GraphView, chain: Iterable[fx.Node], env: dict) -> torch.Ten
     return env[last]
 
 
+def _probe(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Pre-activation probe values: dense around 0, plus magnitudes up to 1e6 of both signs.
+
+    The far values matter: ReLU6 or Hardtanh(0, 20) equal ReLU on [-6, 6] and differ only
+    beyond it (taking one for ReLU silently changed converted outputs by up to 7).
+    """
+    near = torch.linspace(-6.0, 6.0, n, dtype=torch.float64)
+    far = torch.logspace(-3, 6, 91, dtype=torch.float64)
+    vals = torch.cat([near, far, -far])
+    return vals[torch.randperm(vals.numel(), generator=gen)]
+
+
 def _identify(view: GraphView, chain, srcs) -> tuple[str, bool]:
     """(activation name, True if srcs[0] is the activated branch)."""
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
             if len(srcs) == 1:
-                a = torch.linspace(-6.0, 6.0, 1201, dtype=torch.float64)
+                a = _probe(1201, gen)
                 out = _evaluate(view, chain, {srcs[0].out: a})
                 for name, fn in ACTIVATIONS.items():
                     if _close(out, fn(a)):
                         return name, True
                 return "unknown", True
-            a = torch.randn(512, generator=gen, dtype=torch.float64) * 3
-            b = torch.randn(512, generator=gen, dtype=torch.float64) * 3
+            a, b = _probe(513, gen), _probe(513, gen)  # independently shuffled
             out = _evaluate(view, chain, {srcs[0].out: a, srcs[1].out: b})
             for name, fn in ACTIVATIONS.items():
                 if _close(out, fn(a) * b):

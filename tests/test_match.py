@@ -95,6 +95,48 @@ def test_unknown_activation_reported():
     assert s.activation == "unknown"
 
 
+class _Clamped(nn.Module):
+    """relu(x) then x.clamp(max=cap): equal to ReLU on [-6, 6] whenever cap >= 6."""
+
+    def __init__(self, cap):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        return torch.relu(x).clamp(max=self.cap)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(0.0, 6.0), nn.Hardtanh(0.0, 20.0),
+                                 _Clamped(1e4)], ids=["relu6", "hardtanh6", "hardtanh20", "clamp1e4"])
+def test_clamped_relus_are_not_taken_for_relu(act):
+    # They equal ReLU near zero; converting them as ReLU silently changed outputs by up to 7.
+    (s,) = ssdfx.find_ffns(nn.Sequential(nn.Linear(8, 32), act, nn.Linear(32, 8)))
+    assert s.activation == "unknown"
+
+
+def test_clamped_gate_is_not_taken_for_a_glu():
+    class ClampedGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.u, self.o = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.o(nn.functional.relu6(self.g(x)) * self.u(x))
+
+    (s,) = ssdfx.find_ffns(nn.Sequential(ClampedGLU()))
+    assert s.activation == "unknown"
+
+
+def test_relu6_site_is_refused_by_convert_and_the_model_is_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU6(), nn.Linear(64, 16)).eval()
+    x = torch.randn(4, 16) * 20
+    ref = model(x)
+    with pytest.raises(ssdfx.UnsupportedSiteError):
+        ssdfx.convert(model, num_experts=4, top_k=4)
+    assert torch.equal(model(x), ref) and not ssdfx.is_converted(model)
+
+
 def test_find_ffns_does_not_modify_the_model():
     model, _, _ = models.gpt2()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -66,6 +66,14 @@ def _check_model(model) -> None:
                         "pass the model object itself (e.g. AutoModelForCausalLM.from_config(cfg))")
 
 
+def _check_backend(backend) -> None:
+    from ssdfx.ops.dispatch import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
+                         "('auto' picks the fastest available for each call)")
+
+
 def find_ffns(model: nn.Module, example_inputs: tuple | None = None,
               example_kwargs: dict | None = None) -> list[FFNSite]:
     """Every FFN site of `model`, found by graph structure. Does not modify the model.
@@ -161,6 +169,7 @@ def convert(
     _check_model(model)
     validate_experts(num_experts, top_k)
     validate_dynamic_k(dynamic_k)
+    _check_backend(backend)
     if is_converted(model):
         raise AlreadyConvertedError("the model is already converted; call ssdfx.revert(model) first")
     found, located = _resolve_sites(model, sites, example_inputs, example_kwargs)

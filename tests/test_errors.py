@@ -122,6 +122,15 @@ def test_bad_partition():
     assert _unchanged(model, snap)
 
 
+def test_unknown_backend_refused_before_conversion():
+    # it used to convert, and fail only at the first forward
+    model, _, _ = models.gpt2()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"unknown backend 'foo'; choose one of .*'auto'"):
+        ssdfx.convert(model, num_experts=4, top_k=2, backend="foo")
+    assert _unchanged(model, snap) and not ssdfx.is_converted(model)
+
+
 def test_failure_midway_rolls_back():
     """A site that fails in the rewrite phase undoes the permutations of the sites before it."""
     model, _, _ = models.gpt2(n_layer=3)

@@ -100,7 +100,8 @@ def check_site(site: str, activation: str, d_ff: int, num_experts: int) -> None:
         from ssdfx.activations import ACTIVATIONS
         raise UnsupportedSiteError(
             f"FFN {site}: its activation matches none of the supported ones {sorted(ACTIVATIONS)}; "
-            f"use ssdfx.passes.relufy to swap it for ReLU, or exclude the site with sites=[...]")
+            f"replace it with a supported one (e.g. nn.ReLU() for a clamped ReLU such as ReLU6, "
+            f"then train or fine-tune), or exclude the site with sites=[...]")
     if d_ff % num_experts:
         divisors = [e for e in range(2, min(d_ff, 64) + 1) if d_ff % e == 0]
         raise UnsupportedSiteError(

@@ -45,7 +45,10 @@ class ConversionReport:
     router: str = "centroid"
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.sites)} FFN site(s) to {self.num_experts} experts, top-{self.top_k}"]
+        select = (f"top-{self.top_k}" if self.dynamic_k is None else
+                  f"dynamic-k (coverage {self.dynamic_k:g}, at most {self.top_k})")
+        lines = [f"converted {len(self.sites)} FFN site(s) to {self.num_experts} experts, {select}, "
+                 f"{self.router} router"]
         for s in self.sites:
             lines.append(f"  {s.path or '<root>'}: {s.kind} d={s.d_model} d_ff={s.d_ff} "
                          f"act={s.activation} scope={s.scope.kind}")

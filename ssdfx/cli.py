@@ -139,8 +139,9 @@ def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
                         "causal LM, else the base model)")
     g.add_argument("--batch", type=int, default=1, metavar="B",
                    help="example batch size for HF models (default: 1)")
-    g.add_argument("--seq-len", type=int, default=128, metavar="S",
-                   help="example sequence length for HF models (default: 128)")
+    g.add_argument("--seq-len", type=int, metavar="S",
+                   help="example sequence length for HF models (default: 128, or the model's "
+                        "positions if fewer)")
     g.add_argument("--device", choices=["cpu", "meta"], default=device,
                    help=f"cpu: real random weights; meta: shapes only, no memory (full-size "
                         f"configs in seconds; nothing can run) (default: {device})")
@@ -390,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.strerror and e.filename:  # not "[Errno 2] ..."
+            msg = f"{e.filename}: {e.strerror}"
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -57,6 +57,9 @@ _ALSO = {
 }
 
 
+DEFAULT_SEQ_LEN = 128  # example sequence length, unless the model has fewer positions
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to build: `name` (HF model type or MODULE:FACTORY), config overrides or factory
@@ -68,7 +71,7 @@ class ModelSpec:
     aliases: dict = field(default_factory=dict)
     head: str = "auto"
     batch: int = 1
-    seq_len: int = 128
+    seq_len: int | None = None  # None: min(128, the model's positions)
     seed: int = 0
     device: str = "cpu"
 
@@ -77,7 +80,7 @@ class ModelSpec:
             raise ValueError("model spec is empty; give an HF model type (e.g. gpt2) or MODULE:FACTORY")
         if self.head != "auto" and self.head not in HEADS:
             raise ValueError(f"head must be 'auto' or one of {sorted(HEADS)}, got {self.head!r}")
-        if self.batch < 1 or self.seq_len < 1:
+        if self.batch < 1 or (self.seq_len is not None and self.seq_len < 1):
             raise ValueError(f"batch and seq_len must be >= 1, got {self.batch} and {self.seq_len}")
         if self.device not in ("cpu", "meta"):
             raise ValueError(f"device must be 'cpu' or 'meta', got {self.device!r}")
@@ -176,6 +179,11 @@ def _config(spec: ModelSpec):
 
         near = difflib.get_close_matches(spec.name, list(CONFIG_MAPPING_NAMES), n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        if os.path.isdir(spec.name):
+            raise ValueError(f"{spec.name} is a directory without config.json, not one written by "
+                             "save_pretrained") from None
+        if os.sep in spec.name or spec.name.startswith((".", "~")):
+            raise ValueError(f"{spec.name}: no such directory") from None
         raise ValueError(f"{spec.name!r} is neither an HF model type{hint} nor a "
                          "MODULE:FACTORY path") from None
     keys = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
@@ -193,7 +201,12 @@ def _config(spec: ModelSpec):
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ValueError(f"{type(default).__name__} has no setting {key!r}{hint}")
         overrides[key] = value
-    return AutoConfig.for_model(spec.name, **overrides)
+    try:
+        return AutoConfig.for_model(spec.name, **overrides)
+    except Exception as e:  # transformers' validators raise their own exception types
+        detail = str(e).strip().splitlines()
+        raise ValueError(f"{type(default).__name__} rejected the settings {overrides}: "
+                         f"{detail[0] if detail else type(e).__name__}") from None
 
 
 def _hf_model(spec: ModelSpec, cfg) -> nn.Module:
@@ -213,8 +226,11 @@ def _hf_inputs(spec: ModelSpec, model: nn.Module, cfg) -> tuple[tuple, dict]:
     from ssdfx.capture import example_inputs
 
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int) and spec.seq_len > limit:
-        raise ValueError(f"--seq-len {spec.seq_len} exceeds the model's {limit} positions")
+    limit = limit if isinstance(limit, int) else None
+    seq_len = spec.seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's {limit} positions; "
+                         f"pass --seq-len {limit} or less")
     auto = example_inputs(model)
     if auto is None:
         raise ValueError(f"{type(model).__name__} describes no example inputs")
@@ -224,7 +240,7 @@ def _hf_inputs(spec: ModelSpec, model: nn.Module, cfg) -> tuple[tuple, dict]:
     out = {}
     for key, v in kwargs.items():
         if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.dtype.is_floating_point:
-            shape = (spec.batch, spec.seq_len)
+            shape = (spec.batch, seq_len)
             # 0/1 tensors are masks: attend everywhere; the others are token ids: random tokens
             v = torch.ones(shape, dtype=v.dtype) if int(v.max()) <= 1 else \
                 torch.randint(0, vocab, shape, generator=g, dtype=v.dtype)
@@ -236,6 +252,12 @@ def _from_directory(spec: ModelSpec):
     """An HF model saved with save_pretrained: its own class and weights (no download)."""
     import transformers
 
+    from ssdfx.saving import META
+
+    if os.path.isfile(os.path.join(spec.name, META)):
+        raise ValueError(f"{spec.name} holds a model converted by ssdfx ({META}); open it in Python "
+                         f"with ssdfx.load_converted({spec.name!r}) (ssdfx.revert(model) then gives "
+                         "the dense model), or pass the dense model's directory")
     if spec.overrides or spec.aliases:
         raise ValueError(f"{spec.name} is a saved model: its config is fixed, so config settings "
                          "do not apply")

@@ -12,7 +12,18 @@ def read_log(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} an ssdfx training run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # the last line of a run still writing (or killed mid-write)
+                break
+            raise ValueError(f"{path}, line {i} is not JSON ({e.msg}); the log is damaged") from None
+    return records
 
 
 def sparse_spans(log: list[dict], key: str = "step") -> list[tuple[float, float]]:

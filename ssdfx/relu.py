@@ -29,6 +29,12 @@ def relufy(model: nn.Module, *, sites: list[FFNSite] | None = None) -> list[FFNS
     if is_converted(model):
         raise ValueError("relufy needs the dense model; call ssdfx.revert(model) first")
     sites = [s for s in (find_ffns(model) if sites is None else sites) if s.activation != "relu"]
+    unknown = [s.name for s in sites if s.activation == "unknown"]
+    if unknown:
+        raise UnsupportedSiteError(
+            f"relufy: the activation of {', '.join(unknown)} is none of the supported ones, so it "
+            "cannot be located to swap; replace that activation module with nn.ReLU() yourself, "
+            "or pass sites=[...] without it")
     swaps: dict[str, nn.Module] = {}
     for s in sites:
         module = _activation_module(model, s)

@@ -42,6 +42,9 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
         raise NotConvertedError("save_converted saves a converted model; call ssdfx.convert(model) "
                                 "first (or save a dense model with its own save method)")
     path = Path(path)
+    if (path / WEIGHTS).exists() and not (path / META).exists():
+        raise FileExistsError(f"{path} holds a {WEIGHTS} that ssdfx did not write (no {META}), "
+                              "e.g. the dense model; choose another directory")
     path.mkdir(parents=True, exist_ok=True)
     # every file is written under a temporary name and renamed into place at the end, so an
     # interrupted save leaves the previous one in the directory as it was

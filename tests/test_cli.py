@@ -82,6 +82,11 @@ def test_inspect_text_dense_and_draw(capsys, tmp_path):
     (["flops", *SMALL_GPT2, "--partition", "kmeans"], 2, "use --device cpu"),
     (["flops", f"{FACTORY}:nope"], 1, "no callable 'nope'"),
     (["inspect", *SMALL_GPT2, "--site", "7"], 1, "out of range"),
+    # transformers' own validator raised a type outside the CLI's error handling (a traceback)
+    (["flops", "gpt2", "--n-layer", "1", "--set", "n_embd=abc"], 1, "GPT2Config rejected the settings"),
+    (["flops", "/nonexistent/dir"], 1, "/nonexistent/dir: no such directory"),
+    (["flops", "gpt2", "--n-layer", "1", "--set", "n_positions=16", "--seq-len", "32"], 1,
+     "pass --seq-len 16 or less"),
 ])
 def test_user_errors_exit_nonzero_with_a_message(capsys, argv, code, message):
     got, out, err = run(capsys, *argv)
@@ -133,3 +138,23 @@ def test_modelspec_docstring_example_runs():
     from ssdfx import modelspec
 
     assert doctest.testmod(modelspec).failed == 0
+
+
+def test_default_seq_len_fits_a_model_with_fewer_positions(capsys):
+    # --seq-len defaults to 128, or to the model's positions if fewer (it used to fail at 64)
+    code, out, err = run(capsys, "flops", "gpt2", "--n-layer", "1", "--n-embd", "32", "--n-head", "4",
+                         "--set", "n_positions=64", "--dense", "--json")
+    assert code == 0, err
+    assert json.loads(out)["rows"][0]["tokens"] == 64
+
+
+def test_plot_of_a_damaged_log_says_where(capsys, tmp_path):
+    good = json.dumps({"kind": "step", "step": 1, "loss": 2.0, "time": 0.1})
+    (tmp_path / "log.jsonl").write_text(f"{good}\nnot json\n{good}\n")
+    code, out, err = run(capsys, "plot", str(tmp_path))
+    assert code == 1 and "log.jsonl, line 2 is not JSON" in err and "Traceback" not in err
+    # a last line cut short (a run killed mid-write) is skipped, not an error
+    from ssdfx.plot import read_log
+
+    (tmp_path / "log.jsonl").write_text(f"{good}\n{good}\n{good[:10]}")
+    assert len(read_log(tmp_path)) == 2

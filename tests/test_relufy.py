@@ -41,3 +41,12 @@ def test_relufy_pass_on_a_decomposed_gelu_keeps_the_rest_of_the_chain():
     # back to the original function with the inverse rewrite
     run_pass(relufy_pass, gm, RelufyConfig(activation="gelu_tanh"))
     torch.testing.assert_close(gm(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_relufy_refuses_an_unknown_activation_before_changing_anything():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU6(), torch.nn.Linear(32, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ssdfx.UnsupportedSiteError, match=r"replace that activation module"):
+        ssdfx.relufy(model)
+    assert isinstance(model[1], torch.nn.ReLU6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -119,6 +119,28 @@ def test_cli_convert_of_a_saved_directory_then_load(tmp_path, capsys):
     assert code == 1 and "config settings do not apply" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_converted_directory_and_never_overwrites_a_dense_save(tmp_path, capsys):
+    model, kwargs = _gpt2()
+    model.save_pretrained(tmp_path / "dense")
+    before = (tmp_path / "dense" / "model.safetensors").read_bytes()
+    # --out pointing at the source (or any dense save) used to replace its weights
+    code = main(["convert", str(tmp_path / "dense"), "-E", "4", "-k", "2", "--seq-len", "8",
+                 "--out", str(tmp_path / "dense")])
+    assert code == 1 and "that ssdfx did not write" in capsys.readouterr().err
+    assert (tmp_path / "dense" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "dense" / "ssdfx.json").exists()
+    # a converted directory as MODEL: pointed to load_converted, not "names no transformers class"
+    assert main(["convert", str(tmp_path / "dense"), "-E", "4", "-k", "2", "--seq-len", "8",
+                 "--out", str(tmp_path / "moe")]) == 0
+    capsys.readouterr()
+    for cmd in (["inspect"], ["bench", "--repeats", "1"], ["convert", "--out", str(tmp_path / "x")]):
+        code = main([cmd[0], str(tmp_path / "moe"), *cmd[1:]])
+        err = capsys.readouterr().err
+        assert code == 1 and "ssdfx.load_converted" in err and "Traceback" not in err, (cmd, err)
+    # saving over an earlier converted save is fine
+    ssdfx.save_converted(ssdfx.load_converted(tmp_path / "moe"), tmp_path / "moe")
+
+
 def test_cli_bench_reports_flops_of_each_pass(capsys):
     argv = ["gpt2", "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--vocab-size", "97",
             "--seq-len", "16"]

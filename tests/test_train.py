@@ -308,6 +308,42 @@ def test_shakespeare_split_by_work(tmp_path, monkeypatch):
     assert not set(c.train) & set(c.val)
 
 
+@pytest.mark.parametrize("n_files", [2, 5])
+def test_corpus_of_a_few_files_splits_by_position(tmp_path, n_files):
+    """Documents 5, 15, ... validate; with fewer than 6 files that left validation empty (and the
+    run failed with numpy's `high <= 0`). Now the last 10% of each file validates."""
+    from ssdfx.data import load_corpus
+
+    d = tmp_path / "few"
+    d.mkdir()
+    docs = [TEXT[i * 500:] for i in range(n_files)]
+    for i, doc in enumerate(docs):
+        (d / f"doc{i}.txt").write_text(doc)
+    c = load_corpus(str(d))
+    cuts = [int(len(doc) * 0.9) for doc in docs]
+    assert c.train == [doc[:k] for doc, k in zip(docs, cuts)]
+    assert c.val == [doc[k:] for doc, k in zip(docs, cuts)]
+    tr = Trainer(tiny(str(d), tmp_path / "r", steps=2, eval_every=2, mode="dense"))
+    assert tr.run()["steps"] == 2
+
+
+def test_corpus_too_short_for_ctx_is_a_clear_error(tmp_path, capsys):
+    from ssdfx.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:200])  # validation: the last 20 bytes
+    out = tmp_path / "r"
+    assert main(["train", "--corpus", str(short), "--ctx", "32", "--out-dir", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "validation split" in err and "has 20 tokens; need at least 34 for --ctx 32" in err, err
+    assert "use a larger corpus or a smaller --ctx" in err and "Traceback" not in err
+    assert not out.exists()
+    short.write_text(TEXT[:20])  # shorter than ctx: the training split too
+    assert main(["train", "--corpus", str(short), "--ctx", "32", "--out-dir", str(out), "--no-progress"]) == 1
+    assert "training split of corpus" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bpe_tokenizer_run(corpus, tmp_path):
     """--tokenizer bpe trains a byte-level BPE on the training split; the model's vocabulary
     follows it and the text round-trips."""

@@ -298,28 +298,37 @@ class Trainer:
 
     # -- switching -----------------------------------------------------------------------------
 
-    def _partitions(self) -> dict:
-        if self.last_report is not None:
-            return dict(self.last_report.partitions)
-        from ssdfx.split import kmeans_split  # ssd-fixed without checks: split now
+    def _convert(self, partitions: dict | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Convert the model with the run's settings (partition, router, dynamic_k and the
+        activation statistics they need): every switch to sparse and final_moe/ come through here."""
+        cfg = self.cfg
+        # a stability check at this very step already split (warm-started k-means) and observed
+        current = self.last_report is not None and self.last_report.step == self.step
+        stats = None
+        split_needs_stats = cfg.partition == "coactivation" and partitions is None
+        if cfg.router == "mlp" or cfg.dynamic_k is not None or split_needs_stats:
+            stats = self.last_stats if current else None
+            if stats is None:  # no check this step (ssd-fixed, the final model), or not rank 0
+                self.model.eval()
+                stats = observe(self.model, self.probe, sites=self.sites)
+        if partitions is None and cfg.partition == "kmeans" and current:
+            partitions = dict(self.last_report.partitions)
+        elif partitions is None:
+            from ssdfx.split import partition
 
-        return {s.name: kmeans_split(s, self.model, self.cfg.num_experts) for s in self.sites}
+            partitions = {s.name: partition(cfg.partition, s, self.model, cfg.num_experts, stats=stats)
+                          for s in self.sites}
+        if self.world > 1:
+            box = [partitions]
+            dist.broadcast_object_list(box, src=0)
+            partitions = box[0]
+        ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites, partition=partitions,
+                      router=cfg.router, dynamic_k=cfg.dynamic_k, stats=stats, optimizer=optimizer,
+                      backend=cfg.backend)
 
     def to_sparse(self, partitions: dict | None = None) -> None:
-        cfg = self.cfg
         t0 = time.perf_counter()
-        parts = partitions if partitions is not None else self._partitions()
-        if self.world > 1:
-            box = [parts]
-            dist.broadcast_object_list(box, src=0)
-            parts = box[0]
-        stats = self.last_stats if (cfg.router == "mlp" or cfg.dynamic_k) else None
-        if stats is None and (cfg.router == "mlp" or cfg.dynamic_k):
-            self.model.eval()
-            stats = observe(self.model, self.probe, sites=self.sites)
-        ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites, partition=parts,
-                      router=cfg.router, dynamic_k=cfg.dynamic_k, stats=stats, optimizer=self.opt,
-                      backend=cfg.backend)
+        self._convert(partitions, optimizer=self.opt)
         routers = [p for n, p in self.model.named_parameters() if ".ssdfx_router" in n]
         self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
         self.phase, self.phase_start = "sparse", self.step
@@ -410,12 +419,10 @@ class Trainer:
             self.to_dense()
             result["val_loss_dense"] = self._evaluate()
         elif cfg.mode != "dense":
-            # the dense-trained model, converted for sparse inference with a fresh split
-            from ssdfx.split import kmeans_split
-
-            parts = {s.name: kmeans_split(s, self.model, cfg.num_experts) for s in self.sites}
-            ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites, partition=parts,
-                          backend=cfg.backend)
+            # the dense-trained model, converted for sparse inference as a switch would convert it
+            # (a fresh split: no stability check runs at the last step); nothing trains after this,
+            # so the optimizer's state is left alone
+            self._convert()
             result["val_loss_moe"] = self._evaluate_quiet()
             if self.rank == 0 and cfg.save_final:
                 _save_moe(self.model, self.out / "final_moe", cfg)

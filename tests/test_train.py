@@ -260,6 +260,35 @@ def test_ssd_run_with_final_models(corpus, tmp_path, model):
     torch.testing.assert_close(legacy(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_final_moe_of_a_dense_ending_run_has_the_runs_conversion_settings(corpus, tmp_path):
+    """A run that ends dense converts its final model the way its switches convert (partition,
+    router, dynamic_k); it used to ignore all three (a k-means split, centroid router, top-k), while
+    moe.json claimed the run's settings. The reported val loss moe is of the saved model."""
+    from ssdfx.api import permutation_buffers
+    from ssdfx.routing import MLPRouter
+    from ssdfx.saving import load_converted
+    from ssdfx.split import random_split
+
+    cfg = tiny(corpus, tmp_path / "r", n_layer=1, mode="ssd-fixed", fixed_start=2, sparse_steps=4,
+               final_dense_steps=3, steps=12, check_every=0, eval_every=100, router="mlp",
+               dynamic_k=0.875, partition="random", save_final=True)
+    tr = Trainer(cfg)
+    result = tr.run()
+    moe_dir = tmp_path / "r" / "final_moe"
+    assert json.loads((moe_dir / "ssdfx.json").read_text())["dynamic_k"] == 0.875
+    moe = load_converted(moe_dir).eval()
+    conv = ssdfx.conversion(moe)
+    assert conv.dynamic_k == 0.875
+    routers = [m for n, m in moe.named_modules() if n.endswith("ssdfx_router")]
+    assert routers and all(isinstance(r, MLPRouter) for r in routers)
+    (site,) = tr.sites  # the saved split is the random one, as an independent split_random gives it
+    (perm,) = permutation_buffers(moe).values()
+    assert torch.equal(moe.get_buffer(perm), random_split(site, tr.model, cfg.num_experts))
+    with torch.no_grad():
+        val = [moe(**tr._inputs(b, i)).loss.item() for i, b in enumerate(tr.val)]
+    assert result["val_loss_moe"] == pytest.approx(sum(val) / len(val), rel=1e-5)
+
+
 def test_stability_triggered_ssd_run_switches_and_logs(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "s", steps=80, check_every=5, stability_tol=0.2, patience=2,
                sparse_steps=15, final_dense_steps=10)

@@ -258,6 +258,9 @@ def test_threads_follow_torch_and_import_leaves_them_alone():
                 activation="relu", backend="numba")
         assert torch.get_num_threads() == 1, torch.get_num_threads()
         assert cpu_numba.num_workers() == 1
+        import numba  # the op ran its regions on one numba thread and gave the pool back
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        assert torch.get_num_threads() == 1, torch.get_num_threads()
         torch.set_num_threads(2)
         moe_ffn(x, w1, None, w2, None, None, idx, torch.ones(16, 1), num_experts=3,
                 activation="relu", backend="numba")
@@ -275,6 +278,7 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
     # Workers call BLAS concurrently, so inside a numba phase every BLAS library runs one
     # thread; afterwards the user's counts are back. Read independently with threadpoolctl.
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    numba = pytest.importorskip("numba")
     from ssdfx.ops import cpu_numba
 
     def blas_threads():
@@ -284,9 +288,13 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         before = blas_threads()
         assert before and set(before) == {2}
-        with cpu_numba._numba_phase():
+        numba_before = numba.get_num_threads()
+        with cpu_numba._numba_phase(1):
             assert set(blas_threads()) == {1}
-        assert blas_threads() == before
+            # numba's regions start only the op's workers (idle pool threads stall the barrier
+            # when their core is busy)
+            assert numba.get_num_threads() == 1
+        assert blas_threads() == before and numba.get_num_threads() == numba_before
         x = torch.randn(16, 8)
         moe_ffn(x, torch.randn(12, 8), None, torch.randn(8, 12), None, None,
                 torch.randint(0, 3, (16, 1)), torch.ones(16, 1), num_experts=3,

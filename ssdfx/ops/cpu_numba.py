@@ -11,12 +11,16 @@ the two cores beat torch.mm's splitting of each small GEMM over both: the op's f
 T=2048, d=768, E=16, k=4 took 27 ms with numba and 47 ms with the torch backend.
 
 Threads. The kernels run `W = min(torch.get_num_threads(), NUMBA_NUM_THREADS)` workers, so the
-op follows the thread count the user gave torch; we never call `numba.set_num_threads` (which
-can reset torch's count, numba issue 9387) and we restore torch's count if anything in a
-numba phase changed it. BLAS must be single-threaded inside the workers (each runs its own
-experts' GEMMs; a multi-threaded OpenBLAS called from two OpenMP threads at once oversubscribes
-the cores and warns "Detect OpenMP Loop"), so each numba phase runs under a threadpoolctl limit
-of one BLAS thread, and the previous limit is restored afterwards.
+op follows the thread count the user gave torch. Each numba phase sets numba's (thread-local)
+count to W and restores it afterwards: without that, a parallel region starts all of numba's
+NUMBA_NUM_THREADS threads even when W = 1, and the idle ones must still reach its barrier; with
+torch at one thread and the other core busy (another process), the forward at T=64, d=256,
+E=16, k=4 took 20.6 ms instead of 0.53 ms. `numba.set_num_threads` can also reset torch's
+count where numba and torch share one libgomp (numba issue 9387), so torch's count is restored
+after every launcher if anything changed it. BLAS must be single-threaded inside the workers
+(each runs its own experts' GEMMs; a multi-threaded OpenBLAS called from two OpenMP threads at
+once oversubscribes the cores and warns "Detect OpenMP Loop"), so each numba phase sets one
+BLAS thread, and restores the previous counts afterwards.
 
 The numba kernels module is imported on first use, so `import ssdfx` neither compiles nor
 loads numba code, nor starts numba's thread pool.
@@ -70,21 +74,28 @@ def _blas_libraries() -> tuple:
 
 
 @contextlib.contextmanager
-def _numba_phase():
-    """One BLAS thread inside the numba phase, the previous counts restored after it.
+def _numba_phase(workers: int):
+    """numba runs `workers` threads and BLAS one inside the phase; the counts are restored after.
 
-    Reads and sets each library's count directly: threadpoolctl's `limit()` does the same
+    Reads and sets each BLAS library's count directly: threadpoolctl's `limit()` does the same
     but took 11.5 us per phase against 2.8 us (it re-reads every library's info), which is
     ~5% of the forward at T=64, d=256.
     """
+    import numba
+
     libs = _blas_libraries()
     before = [lib.get_num_threads() for lib in libs]
+    numba_before = numba.get_num_threads()
     for lib, n in zip(libs, before):
         if n != 1:
             lib.set_num_threads(1)
+    if numba_before != workers:
+        numba.set_num_threads(workers)
     try:
         yield
     finally:
+        if numba_before != workers:
+            numba.set_num_threads(numba_before)
         for lib, n in zip(libs, before):
             if n != 1:
                 lib.set_num_threads(n)
@@ -179,7 +190,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     a3 = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)
     scratch = np.empty((workers, nmax, d), dtype=_np(x).dtype)  # (W, nmax, d)
     empty1 = np.empty(0, dtype=scratch.dtype)
-    with _numba_phase():
+    with _numba_phase(workers):
         nk.fwd_up(
             _np(x), _np(w1), _np(b1) if b1 is not None else empty1,
             _np(w3) if glu else _empty2(x, d), _np(b3) if b3 is not None else empty1,
@@ -193,14 +204,14 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     h, g = _np(h.contiguous()), _np(gate.contiguous()).reshape(-1)
     if pairs * d * scratch.itemsize < PAIR_BUFFER_BYTES:
         ypair = np.empty((pairs, d), dtype=scratch.dtype)  # (P, d)
-        with _numba_phase():
+        with _numba_phase(workers):
             nk.fwd_down(h, _np(w2), g, _np(order), _inverse(order), _np(offsets), k, ptr,
                         experts, _np(y), ypair)
     else:
         from ssdfx.ops import numba_acc
 
         ybuf = np.empty((workers - 1, t_all, d), dtype=scratch.dtype)  # (W-1, T, d)
-        with _numba_phase():
+        with _numba_phase(workers):
             numba_acc.fwd_down_acc(h, _np(w2), g, _np(order), _np(offsets), k, ptr, experts,
                                    _np(y), ybuf, scratch)
     return y, a1, a3, order, offsets
@@ -234,7 +245,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     h = h.contiguous()
     dh = torch.empty(pairs, m, dtype=x.dtype)
     dg = torch.empty(pairs, dtype=x.dtype)
-    with _numba_phase():
+    with _numba_phase(workers):
         nk.bwd_dh(_np(dy), _np(w2), _np(gate.contiguous()).reshape(-1), _np(order),
                   _np(offsets), k, ptr, experts, _np(h), _np(dh), _np(dg), ds)
     gh = h  # now gate * h
@@ -262,12 +273,12 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     )
     if pairs * d * xs.itemsize < PAIR_BUFFER_BYTES:
         dxpair = np.empty((pairs, d), dtype=xs.dtype)  # (P, d)
-        with _numba_phase():
+        with _numba_phase(workers):
             nk.bwd_weights(*args, _inverse(order), _np(dx), dxpair, xs, ds)
     else:
         from ssdfx.ops import numba_acc
 
         dxbuf = np.empty((workers - 1, t_all, d), dtype=xs.dtype)  # (W-1, T, d)
-        with _numba_phase():
+        with _numba_phase(workers):
             numba_acc.bwd_weights_acc(*args, _np(dx), dxbuf, xs, ds)
     return dx, dw1, db1, dw2, dw3, db3, dgate.view(t_all, k)

@@ -119,6 +119,14 @@ class TrainConfig:
             raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}")
         if self.mode in ("ssd", "sparse") and self.check_every < 1:
             raise ValueError(f"mode {self.mode!r} switches on stability checks: check_every must be >= 1")
+        shortest = max(1, self.sparse_steps // 4)  # a last sparse phase may be cut down to this
+        if self.mode == "ssd-fixed" and self.fixed_start + shortest > self.steps - self.final_dense_steps:
+            raise ValueError(
+                f"mode 'ssd-fixed' would never go sparse: its first sparse phase starts at fixed_start="
+                f"{self.fixed_start} and needs {shortest} step(s) (a quarter of sparse_steps="
+                f"{self.sparse_steps}) before the final_dense_steps={self.final_dense_steps} dense steps, "
+                f"so steps must be >= {self.fixed_start + shortest + self.final_dense_steps}, got "
+                f"{self.steps}; raise --steps or lower --fixed-start or --final-dense-steps")
 
     @property
     def ffn_dim(self) -> int:
@@ -481,16 +489,19 @@ def load_moe(path: str | Path) -> nn.Module:
     if (path / META).is_file():
         return load_converted(path)
     meta = json.loads((path / "moe.json").read_text())
-    cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    # the recorded settings as they are: a TrainConfig would re-check the run's options, and the
+    # model's architecture is all that is needed here
+    cfg = meta["config"]
     state = load_file(str(path / "model.safetensors"))
-    model = build_model(cfg.model, vocab_size=_vocab_from_state(state), n_layer=cfg.n_layer,
-                        n_embd=cfg.n_embd, n_head=cfg.n_head, ctx=cfg.ctx, d_ff=cfg.ffn_dim,
-                        activation=cfg.activation, seed=cfg.seed)
+    model = build_model(cfg["model"], vocab_size=_vocab_from_state(state), n_layer=cfg["n_layer"],
+                        n_embd=cfg["n_embd"], n_head=cfg["n_head"], ctx=cfg["ctx"],
+                        d_ff=cfg.get("d_ff") or 4 * cfg["n_embd"], activation=cfg["activation"],
+                        seed=cfg["seed"])
     sites = ssdfx.find_ffns(model)
     paths = {s.name: _legacy_perm_path(s) for s in sites}
     parts = {site: state[key] for site, key in paths.items()}
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
-                  router=shell_routers(state, paths), dynamic_k=cfg.dynamic_k)
+                  router=shell_routers(state, paths), dynamic_k=cfg.get("dynamic_k"))
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
 

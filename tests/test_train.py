@@ -221,6 +221,25 @@ def test_every_training_activation_converts():
             assert len(ssdfx.conversion(model).sites) == 1, (model_type, act)
 
 
+def test_ssd_fixed_without_room_for_a_sparse_phase_is_refused(corpus, tmp_path, capsys):
+    """ssd-fixed used to run dense from start to end when final_dense_steps >= steps or
+    fixed_start was past the end; the boundary is where the schedule has room for one cut-short
+    (quarter-length) sparse phase."""
+    from ssdfx.cli import main
+
+    kw = dict(mode="ssd-fixed", fixed_start=2, sparse_steps=4, final_dense_steps=5, check_every=0, eval_every=100)
+    Trainer(tiny(corpus, tmp_path / "ok", steps=8, **kw)).run()  # 2 + 1 + 5 steps: just fits
+    assert [p for _, p, _ in _losses(tmp_path / "ok")] == ["dense"] * 2 + ["sparse"] + ["dense"] * 5
+    with pytest.raises(ValueError, match="would never go sparse.*steps must be >= 8, got 7"):
+        tiny(corpus, tmp_path / "r", steps=7, **kw)
+    for flags in (["--steps", "12", "--final-dense-steps", "12"], ["--steps", "12", "--fixed-start", "20"]):
+        out = tmp_path / "r"
+        assert main(["train", "--mode", "ssd-fixed", "--corpus", corpus, "--out-dir", str(out), *flags]) == 1
+        err = capsys.readouterr().err
+        assert "ssdfx train: error: mode 'ssd-fixed' would never go sparse" in err, err
+        assert not out.exists()
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     from ssdfx import checkpoint
 
@@ -255,6 +274,11 @@ def test_ssd_run_with_final_models(corpus, tmp_path, model):
     # still load
     for name in ("ssdfx.json", "config.json"):
         (tmp_path / "b" / "final_moe" / name).unlink()
+    # ... also when the recorded settings would no longer pass TrainConfig's checks
+    meta_path = tmp_path / "b" / "final_moe" / "moe.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["final_dense_steps"] = 10 ** 6
+    meta_path.write_text(json.dumps(meta))
     legacy = load_moe(tmp_path / "b" / "final_moe")
     ssdfx.revert(legacy)
     torch.testing.assert_close(legacy(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import typing
+from pathlib import Path
 
 __all__ = ["add_train", "add_plot"]
 
@@ -95,17 +96,21 @@ def _train(args: argparse.Namespace) -> int:
     result = trainer.run()
     if rank == 0:
         plots = [] if args.no_plots else plot_run(cfg.out_dir)
-        out = cfg.out_dir
+        out = Path(cfg.out_dir)
         print(f"\nfinished {result['steps']} steps in {result['time']:.0f} s of training time")
         for k, v in result.items():
             if k.startswith("val_loss"):
                 print(f"  {k.replace('_', ' ')}: {v:.4f}")
+        # only what this run left on disk: no checkpoint in a run shorter than checkpoint_every
+        # without switches, no final_moe/ in a dense run, no final models with --no-save-final
         print(f"log:          {out}/log.jsonl")
-        print(f"checkpoint:   {out}/checkpoint.pt")
+        if (out / "checkpoint.pt").is_file():
+            print(f"checkpoint:   {out}/checkpoint.pt")
         if plots:
             print(f"plots:        {out}/plots/ ({', '.join(p.name for p in plots)})")
-        if cfg.save_final:
+        if (out / "final_dense").is_dir():
             print(f"dense model:  {out}/final_dense/ (transformers from_pretrained)")
+        if (out / "final_moe").is_dir():
             print(f"MoE model:    {out}/final_moe/ (ssdfx.load_converted)")
     if dist.is_initialized():
         dist.destroy_process_group()

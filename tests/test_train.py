@@ -141,6 +141,28 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert _losses(tmp_path / "killed") == ref  # same steps, phases and losses, bit for bit
 
 
+@pytest.mark.parametrize("mode, save_final, listed", [
+    ("dense", False, {"log"}),
+    ("dense", True, {"log", "dense model"}),
+    ("ssd-fixed", True, {"log", "checkpoint", "dense model", "MoE model"}),  # a switch checkpoints
+])
+def test_summary_lists_only_files_that_exist(corpus, tmp_path, capsys, mode, save_final, listed):
+    """The end-of-run summary printed checkpoint.pt (none is written in 5 steps without a switch)
+    and final_moe/ (a dense run writes none) regardless."""
+    import re
+
+    from ssdfx.cli import main
+
+    out = tmp_path / "r"
+    cfg = tiny(corpus, out, mode=mode, steps=5, save_final=save_final, fixed_start=1, sparse_steps=4,
+               final_dense_steps=2, check_every=0)
+    assert main(_argv(cfg)) == 0
+    rows = re.findall(r"^([a-zA-Z ]+):\s+(\S+)", capsys.readouterr().out, flags=re.M)
+    rows = [(label, path) for label, path in rows if path.startswith(str(out))]
+    assert {label for label, _ in rows} == listed, rows
+    assert all(Path(path).exists() for _, path in rows), rows
+
+
 def test_corrupt_and_incompatible_checkpoints(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "r", steps=12)
     Trainer(cfg).run()

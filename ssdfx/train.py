@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +145,20 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# what a run writes in out_dir; any of the first four means the directory holds a run
+_RUN_FILES = ("log.jsonl", "checkpoint.pt", "final_dense", "final_moe", "config.json", "plots")
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=print):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print):
         self.cfg, self.log = cfg, log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.out = Path(cfg.out_dir)
+        held = [n for n in _RUN_FILES[:4] if (self.out / n).exists()]
+        if held and not resume and not overwrite and self.rank == 0:  # rank 0 is the one that writes
+            raise FileExistsError(f"{self.out} holds a run ({', '.join(held)}); pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out-dir")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         corpus = load_corpus(cfg.corpus)
@@ -178,6 +187,12 @@ class Trainer:
         if resume:
             self._resume()
         elif self.rank == 0:
+            for name in _RUN_FILES:  # overwrite: no file of the previous run may pass for this one's
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
             (self.out / "config.json").write_text(json.dumps(cfg.as_dict(), indent=1))
@@ -506,6 +521,7 @@ def load_moe(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or resume) one training run; returns the final figures."""
-    return Trainer(cfg, resume=resume).run()
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) one training run; returns the final figures. A new run refuses an out_dir
+    that holds a run unless `overwrite`."""
+    return Trainer(cfg, resume=resume, overwrite=overwrite).run()

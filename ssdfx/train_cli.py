@@ -73,6 +73,8 @@ def add_train(sub) -> None:
             p.add_argument(flag, type=typ, default=f.default, help=_HELP.get(f.name),
                            choices=choices.get(f.name))
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out-dir (without it, a new run refuses a directory holding one)")
     p.add_argument("--no-plots", action="store_true", help="do not write plots at the end")
     p.set_defaults(func=_train)
 
@@ -90,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
-    trainer = Trainer(cfg, resume=args.resume, log=log)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, log=log)
     log(f"ssdfx train: {cfg.model} {cfg.n_layer}x{cfg.n_embd}, {trainer.corpus_desc}, mode={cfg.mode}, "
         f"E={cfg.num_experts} k={cfg.top_k}, {world} process(es)")
     result = trainer.run()

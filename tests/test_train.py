@@ -163,6 +163,29 @@ def test_summary_lists_only_files_that_exist(corpus, tmp_path, capsys, mode, sav
     assert all(Path(path).exists() for _, path in rows), rows
 
 
+def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
+    """Without --resume, a run into a directory holding one used to truncate its log.jsonl and
+    replace its final models. Now it refuses; --overwrite replaces the whole previous run."""
+    from ssdfx.cli import main
+
+    out = tmp_path / "r"
+    first = tiny(corpus, out, mode="ssd-fixed", steps=5, fixed_start=1, sparse_steps=4, final_dense_steps=2,
+                 check_every=0, save_final=True)
+    assert main(_argv(first)) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("final_moe/ssdfx.json") in before
+    capsys.readouterr()
+    second = tiny(corpus, out, mode="dense", steps=3, save_final=True)
+    assert main(_argv(second)) == 1
+    err = capsys.readouterr().err
+    assert f"ssdfx train: error: {out} holds a run" in err and "pass --resume to continue it" in err, err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(_argv(second, "--overwrite")) == 0
+    assert len(_losses(out)) == 3 and not (out / "final_moe").exists()  # nothing of the old run is left
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_corrupt_and_incompatible_checkpoints(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "r", steps=12)
     Trainer(cfg).run()

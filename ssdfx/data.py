@@ -144,7 +144,7 @@ class BPETokenizer:
     name = "bpe"
 
     def __init__(self, tok, specials: int = 0):
-        self.tok = tok
+        self.tok, self.specials = tok, specials
         self.vocab_size = tok.get_vocab_size() + specials
 
     @classmethod
@@ -167,6 +167,16 @@ class BPETokenizer:
 
     def save(self, path: Path) -> None:
         self.tok.save(str(path))
+
+    def save_pretrained(self, path: Path) -> None:
+        """tokenizer.json and tokenizer_config.json in `path`, for AutoTokenizer.from_pretrained.
+        The MLM specials follow the BPE ids as the trainer numbers them: [MASK], then [PAD]."""
+        from transformers import PreTrainedTokenizerFast
+
+        fast = PreTrainedTokenizerFast(tokenizer_object=self.tok)  # a copy: self.tok is unchanged
+        for key, token in (("mask_token", "[MASK]"), ("pad_token", "[PAD]"))[: self.specials]:
+            fast.add_special_tokens({key: token})  # one at a time: ids in this order
+        fast.save_pretrained(str(path))
 
 
 def make_tokenizer(kind: str, corpus: Corpus, specials: int = 0, vocab_size: int = 4096):

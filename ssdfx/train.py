@@ -11,7 +11,8 @@ stability-triggered switch: the ablation). Every run but "sparse" ends with a de
 
 Outputs in `out_dir`: log.jsonl (every step, eval, stability check, switch), checkpoint.pt
 (atomic; every `checkpoint_every` steps and at every switch), final_dense/ (save_pretrained),
-final_moe/ (the converted model), plots/ (ssdfx plot).
+final_moe/ (the converted model), both with the BPE tokenizer when the run trained one
+(AutoTokenizer.from_pretrained), plots/ (ssdfx plot).
 """
 
 from __future__ import annotations
@@ -438,7 +439,7 @@ class Trainer:
         if self.phase == "sparse":
             moe_dir = self.out / "final_moe"
             if self.rank == 0 and cfg.save_final:
-                _save_moe(self.model, moe_dir, cfg)
+                _save_moe(self.model, moe_dir, cfg, self.tokenizer)
             self.to_dense()
             result["val_loss_dense"] = self._evaluate()
         elif cfg.mode != "dense":
@@ -448,10 +449,11 @@ class Trainer:
             self._convert()
             result["val_loss_moe"] = self._evaluate_quiet()
             if self.rank == 0 and cfg.save_final:
-                _save_moe(self.model, self.out / "final_moe", cfg)
+                _save_moe(self.model, self.out / "final_moe", cfg, self.tokenizer)
             ssdfx.revert(self.model)
         if self.rank == 0 and cfg.save_final:
             self.model.save_pretrained(self.out / "final_dense")
+            _save_tokenizer(self.tokenizer, self.out / "final_dense")
             (self.out / "final_dense" / "ssdfx_train.json").write_text(json.dumps(cfg.as_dict(), indent=1))
         self._write({"kind": "final", **result})
         return result
@@ -470,10 +472,18 @@ def _legacy_perm_path(site) -> str:
     return f"{holder}.ssdfx_perm"
 
 
-def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    # a trained BPE goes with the model, or its outputs cannot be decoded; the byte tokenizer is
+    # UTF-8 itself and has no HF form
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(path)
+
+
+def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig, tokenizer=None) -> None:
     from ssdfx.saving import save_converted
 
     save_converted(model, path)  # model.safetensors, ssdfx.json, config.json
+    _save_tokenizer(tokenizer, path)
     conv = ssdfx.conversion(model)
     # the training configuration and the sites, for the record (load_converted needs neither)
     (path / "moe.json").write_text(json.dumps({

@@ -442,9 +442,14 @@ def test_corpus_too_short_for_ctx_is_a_clear_error(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_bpe_tokenizer_run(corpus, tmp_path):
+@pytest.mark.parametrize("model", ["gpt2", "bert"])
+def test_bpe_tokenizer_run(corpus, tmp_path, model):
     """--tokenizer bpe trains a byte-level BPE on the training split; the model's vocabulary
-    follows it and the text round-trips."""
+    follows it and the text round-trips. The final models carry the tokenizer (they did not, so
+    their outputs could not be decoded): it reloads with AutoTokenizer and encodes and decodes as
+    the run's tokenizer does, with BERT's [MASK] and [PAD] at the ids the run trained them at."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from ssdfx.data import BPETokenizer, load_corpus
 
     c = load_corpus(corpus)
@@ -453,6 +458,15 @@ def test_bpe_tokenizer_run(corpus, tmp_path):
     text = c.val[0][:200]
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) < len(text.encode())  # it compresses
-    tr = Trainer(tiny(corpus, tmp_path / "bpe", tokenizer="bpe", bpe_vocab=300, steps=4))
+    out = tmp_path / "bpe"
+    tr = Trainer(tiny(corpus, out, model=model, tokenizer="bpe", bpe_vocab=300, steps=4, save_final=True))
     assert tr.model.get_input_embeddings().weight.shape[0] == tr.tokenizer.vocab_size
     tr.run()
+    line = "Line 7: the quick brown fox, 3 times. ünïcode"
+    ids = tr.tokenizer.encode(line).tolist()
+    for final in ("final_dense", "final_moe"):
+        saved = AutoTokenizer.from_pretrained(out / final)
+        assert saved.encode(line) == ids and saved.decode(ids) == tr.tokenizer.decode(ids) == line
+        assert len(saved) == AutoConfig.from_pretrained(out / final).vocab_size == tr.vocab
+        if model == "bert":  # Trainer._inputs masks with vocab - 2; build_model pads with vocab - 1
+            assert (saved.mask_token_id, saved.pad_token_id) == (tr.vocab - 2, tr.vocab - 1)

@@ -165,7 +165,8 @@ def test_summary_lists_only_files_that_exist(corpus, tmp_path, capsys, mode, sav
 
 def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
     """Without --resume, a run into a directory holding one used to truncate its log.jsonl and
-    replace its final models. Now it refuses; --overwrite replaces the whole previous run."""
+    replace its final models. Now `ssdfx train` refuses (Trainer with overwrite=False);
+    --overwrite replaces the whole previous run."""
     from ssdfx.cli import main
 
     out = tmp_path / "r"
@@ -181,6 +182,8 @@ def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
     assert f"ssdfx train: error: {out} holds a run" in err and "pass --resume to continue it" in err, err
     assert "--overwrite" in err and "Traceback" not in err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(FileExistsError, match="holds a run"):
+        Trainer(second, overwrite=False)
     assert main(_argv(second, "--overwrite")) == 0
     assert len(_losses(out)) == 3 and not (out / "final_moe").exists()  # nothing of the old run is left
     assert not (out / "checkpoint.pt").exists()

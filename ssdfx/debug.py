@@ -119,13 +119,15 @@ def model_sites(model: nn.Module, example_inputs: tuple | None = None,
                 example_kwargs: dict | None = None) -> list[tuple[FFNSite, bool]]:
     """(site, converted) pairs: converted sites in conversion order, then the dense ones
     (find_ffns on the model as it is, minus structures ssdfx created, e.g. an MLP router)."""
-    from ssdfx.api import conversion, find_ffns
+    from ssdfx.api import conversion
+    from ssdfx.capture import locate
 
     conv = conversion(model)
     converted = list(conv.sites) if conv else []
     names = {s.name for s in converted}
     ours = set().union(*(r.router_params for r in routed_parts(model).values()))
-    dense = [s for s in find_ffns(model, example_inputs, example_kwargs)
+    # locate, not find_ffns: callers report an empty result themselves, without its warning
+    dense = [s for s in locate(model, example_inputs, example_kwargs).sites
              if s.name not in names and s.name not in ours]
     return [(s, True) for s in converted] + [(s, False) for s in dense]
 

@@ -17,6 +17,7 @@ final_moe/ (the converted model), both with the BPE tokenizer when the run train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -455,7 +456,8 @@ class Trainer:
                 _save_moe(self.model, self.out / "final_moe", cfg, self.tokenizer)
             ssdfx.revert(self.model)
         if self.rank == 0 and cfg.save_final:
-            self.model.save_pretrained(self.out / "final_dense")
+            with _hf_progress(cfg.progress):  # its "Writing model shards" bar
+                self.model.save_pretrained(self.out / "final_dense")
             _save_tokenizer(self.tokenizer, self.out / "final_dense")
             (self.out / "final_dense" / "ssdfx_train.json").write_text(json.dumps(cfg.as_dict(), indent=1))
         self._write({"kind": "final", **result})
@@ -465,6 +467,19 @@ class Trainer:
     def _evaluate_quiet(self) -> float:
         self.model.eval()
         return sum(self.model(**self._inputs(b, i)).loss.item() for i, b in enumerate(self.val)) / len(self.val)
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool):
+    """transformers' progress bars on or off for the block, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def _legacy_perm_path(site) -> str:

@@ -65,7 +65,7 @@ def main(argv=None) -> None:
                       activation="relu", check_every=0, eval_every=max(1, args.steps // 4), save_final=False,
                       out_dir=str(out / "moefication_run"), num_experts=args.experts, top_k=args.k)
     t0 = time.perf_counter()
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, overwrite=True)  # the run is this script's own scratch directory
     result = tr.run()
     print(f"pre-trained {args.steps} steps in {time.perf_counter() - t0:.0f} s, val loss {result['val_loss_dense']:.3f}")
     model = tr.model.eval()

@@ -68,7 +68,7 @@ def run_modes(root: Path, model: str, modes: list[str], settings: dict) -> None:
         resume = (out / "checkpoint.pt").exists()
         print(f"{model}/{mode}: training ({'resuming' if resume else 'from scratch'}) -> {out}")
         t0 = time.perf_counter()
-        Trainer(cfg, resume=resume).run()
+        Trainer(cfg, resume=resume, overwrite=True).run()  # a run that died before its first checkpoint
         print(f"{model}/{mode}: done in {time.perf_counter() - t0:.0f} s")
 
 

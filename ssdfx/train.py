@@ -152,10 +152,8 @@ _RUN_FILES = ("log.jsonl", "checkpoint.pt", "final_dense", "final_moe", "config.
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = True, log=print):
-        # overwrite=False refuses an out_dir holding a run (`ssdfx train` without --overwrite);
-        # True, the default for Python callers (the benches rerun into their own directories),
-        # replaces it
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print):
+        # an out_dir holding a run is refused unless resume (continue it) or overwrite (replace it)
         self.cfg, self.log = cfg, log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -549,7 +547,7 @@ def load_moe(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = True) -> dict:
-    """Run (or resume) one training run; returns the final figures. A new run replaces the run
-    in out_dir, or with overwrite=False refuses a directory holding one."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) one training run; returns the final figures. A new run refuses an out_dir
+    that holds a run unless overwrite=True (which replaces it)."""
     return Trainer(cfg, resume=resume, overwrite=overwrite).run()

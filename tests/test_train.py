@@ -185,7 +185,7 @@ def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
     assert "--overwrite" in err and "Traceback" not in err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(FileExistsError, match="holds a run"):
-        Trainer(second, overwrite=False)
+        Trainer(second)  # the Python default refuses too
     assert main(_argv(second, "--overwrite")) == 0
     assert len(_losses(out)) == 3 and not (out / "final_moe").exists()  # nothing of the old run is left
     assert not (out / "checkpoint.pt").exists()

@@ -92,7 +92,7 @@ def final_val(log: list[dict]) -> float:
     return final.get("val_loss_sparse", final.get("val_loss_dense"))
 
 
-def plot_curves(root: Path, model: str, modes: list[str], out: Path) -> list[Path]:
+def plot_curves(root: Path, model: str, modes: list[str], out: Path, tag: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,14 +113,14 @@ def plot_curves(root: Path, model: str, modes: list[str], out: Path) -> list[Pat
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out / f"pretrain_{model}_loss_vs_{key}.png"
+        path = out / f"pretrain_{model}{tag}_loss_vs_{key}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def plot_findings(root: Path, model: str, out: Path) -> list[Path]:
+def plot_findings(root: Path, model: str, out: Path, tag: str = "") -> list[Path]:
     """Sparsity and the stability metric over pre-training, from the dense run."""
     import matplotlib
 
@@ -147,7 +147,7 @@ def plot_findings(root: Path, model: str, out: Path) -> list[Path]:
     axes[1].grid(alpha=0.3)
     fig.suptitle(f"{model} (ReLU), dense pre-training")
     fig.tight_layout()
-    path = out / f"pretrain_{model}_findings.png"
+    path = out / f"pretrain_{model}{tag}_findings.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
@@ -298,13 +298,14 @@ def main(argv=None) -> None:
     dense_cfg = dict(settings)
     run_modes(root, args.model, [m for m in modes if m == "dense"], dense_cfg)
     run_modes(root, args.model, [m for m in modes if m != "dense"], settings)
-    plots = plot_curves(root, args.model, modes, Path(args.out))
-    plots += plot_findings(root, args.model, Path(args.out)) if "dense" in modes else []
+    tag = "_quick" if args.quick else ""  # a smoke run must not replace the real run's files
+    plots = plot_curves(root, args.model, modes, Path(args.out), tag)
+    plots += plot_findings(root, args.model, Path(args.out), tag) if "dense" in modes else []
     summary = summarize(root, args.model, modes)
     if "ssd" in modes and not args.no_inference:
         summary["moe_inference"] = moe_inference(root, args.model, settings, rounds=args.rounds)
     summary["settings"] = settings
-    path = Path(args.out) / f"pretrain_{args.model}{'_quick' if args.quick else ''}.json"
+    path = Path(args.out) / f"pretrain_{args.model}{tag}.json"
     path.write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k != "switches"}, indent=1, default=str))
     print("plots:", *plots, sep="\n  ")

@@ -8,7 +8,8 @@ after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid sc
 straight-through gate).
 Dense and sparse runs are interleaved and each figure is a median, so the ratio is measured
 under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal.
-Prints a markdown table and writes CSV (default bench/results/op.csv).
+Prints a markdown table and writes CSV (default bench/results/op.csv for the fp32 sweep;
+op_bf16.csv, op_quick.csv, ... for the others).
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def main(argv=None) -> int:
                     help="4 shapes (the T=2048, d=768 targets and a small one) instead of 54")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per case (median)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "op.csv")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="CSV path (default: bench/results/op[_bf16|_both][_quick].csv, so a quick "
+                         "or bf16 run never replaces the fp32 sweep's file)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each repeat wait up to S seconds for an idle CPU (shared "
                          "machines); the CSV records how many repeats started idle")
@@ -191,6 +194,9 @@ def main(argv=None) -> int:
         return 0
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    if args.out is None:
+        suffix = {"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype] + ("_quick" if args.quick else "")
+        args.out = ROOT / "bench" / "results" / f"op{suffix}.csv"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           "router: ssdfx.convert", flush=True)
     rows = []

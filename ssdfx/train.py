@@ -496,8 +496,12 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
 
 
 def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig, tokenizer=None) -> None:
-    from ssdfx.saving import save_converted
+    from ssdfx.saving import META, WEIGHTS, save_converted
 
+    if (path / WEIGHTS).exists() and not (path / META).exists() and (path / "moe.json").exists():
+        # this driver's own older format (before ssdfx.json), which save_converted would refuse
+        # to overwrite as a model it did not write
+        (path / WEIGHTS).unlink()
     save_converted(model, path)  # model.safetensors, ssdfx.json, config.json
     _save_tokenizer(tokenizer, path)
     conv = ssdfx.conversion(model)

@@ -330,6 +330,12 @@ def test_ssd_run_with_final_models(corpus, tmp_path, model):
     meta["config"]["final_dense_steps"] = 10 ** 6
     meta_path.write_text(json.dumps(meta))
     legacy = load_moe(tmp_path / "b" / "final_moe")
+    # a run that saves its final MoE over such a directory replaces it (save_converted alone
+    # refuses a model.safetensors it did not write)
+    from ssdfx.train import _save_moe
+
+    _save_moe(legacy, tmp_path / "b" / "final_moe", cfg)
+    assert (tmp_path / "b" / "final_moe" / "ssdfx.json").exists()
     ssdfx.revert(legacy)
     torch.testing.assert_close(legacy(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 

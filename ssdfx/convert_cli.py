@@ -77,10 +77,11 @@ def add_bench(sub) -> None:
 
 def _convert_cmd(args: argparse.Namespace, extra: list[str]) -> int:
     import ssdfx
-    from ssdfx.saving import save_converted
+    from ssdfx.saving import check_target, save_converted
 
     if args.device == "meta":
         raise UsageError("convert needs real weights: use --device cpu")
+    check_target(args.out)  # before the model is built and converted
     built = _build(args, extra)
     stats = None
     if args.router == "mlp" or args.partition == "coactivation" or args.dynamic_k is not None:

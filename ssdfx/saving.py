@@ -29,6 +29,16 @@ META = "ssdfx.json"
 WEIGHTS = "model.safetensors"
 
 
+def check_target(path: str | Path) -> Path:
+    """`path` as a Path; FileExistsError if it holds weights that save_converted did not write
+    (a dense save_pretrained directory, say), which saving there would replace."""
+    path = Path(path)
+    if (path / WEIGHTS).exists() and not (path / META).exists():
+        raise FileExistsError(f"{path} holds a {WEIGHTS} that ssdfx did not write (no {META}), "
+                              "e.g. the dense model; choose another directory")
+    return path
+
+
 def save_converted(model: nn.Module, path: str | Path) -> Path:
     """Write a converted model to directory `path` (created if needed); returns the path."""
     from safetensors.torch import save_model
@@ -41,10 +51,7 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
     if conv is None:
         raise NotConvertedError("save_converted saves a converted model; call ssdfx.convert(model) "
                                 "first (or save a dense model with its own save method)")
-    path = Path(path)
-    if (path / WEIGHTS).exists() and not (path / META).exists():
-        raise FileExistsError(f"{path} holds a {WEIGHTS} that ssdfx did not write (no {META}), "
-                              "e.g. the dense model; choose another directory")
+    path = check_target(path)
     path.mkdir(parents=True, exist_ok=True)
     # every file is written under a temporary name and renamed into place at the end, so an
     # interrupted save leaves the previous one in the directory as it was

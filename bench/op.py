@@ -79,38 +79,46 @@ def _timed(fn) -> float:
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
     dense = dense_ffn(d, dtype)
     sparse = sparse_model(dense, e, k)
-    # distinct batches, cycled: the routing, top-k and sort see new data at every call, as in
-    # use (the same batch every time lets the branch predictor learn their branches: torch.topk
-    # of a (512, 16) tensor took 17 us repeated and 93 us on fresh data)
+    # fresh data at every call, written just before it as a previous layer would write it:
+    # the batches are cycled through one input buffer, copied in untimed. One batch repeated
+    # let the branch predictor learn the routing's top-k and sort (torch.topk of a (512, 16)
+    # tensor took 17 us repeated, 93 us on fresh data); batches used straight from a list of
+    # four were cold in cache (the sparse forward at T=2048, d=768, E=16, k=4 took 30-32 ms
+    # instead of 25.5-26.2, dense unchanged: the sparse path reads x K + 1 times)
     xs = [torch.randn(t, d, dtype=dtype) for _ in range(INPUTS)]
     dys = [torch.randn(t, d, dtype=dtype) for _ in range(INPUTS)]
 
     def fwd(model):
         batches = itertools.cycle(xs)
+        x = xs[0].clone()
 
         def run():
             with torch.no_grad():
-                model(next(batches))
-        return run
+                model(x)
+        def clear():
+            x.copy_(next(batches))
+        return run, clear
 
     def fwd_bwd(model):
         params = list(model.parameters())
-        xgs = [x.clone().requires_grad_() for x in xs]
-        order = itertools.cycle(range(INPUTS))
-        now = [0]
+        batches = itertools.cycle(range(INPUTS))
+        xg, dy = xs[0].clone().requires_grad_(), dys[0].clone()
 
         def run():
-            model(xgs[now[0]]).backward(dys[now[0]])
+            model(xg).backward(dy)
         def clear():
-            now[0] = next(order)
-            xgs[now[0]].grad = None
+            i = next(batches)
+            with torch.no_grad():
+                xg.copy_(xs[i])
+            dy.copy_(dys[i])
+            xg.grad = None
             for p in params:
                 p.grad = None
         return run, clear
 
     cases = {}
     for name, model in (("dense", dense), ("sparse", sparse)):
-        cases[(name, "fwd")] = (fwd(model), lambda: None)
+        cases[(name, "fwd")] = fwd(model)
         cases[(name, "fwd+bwd")] = fwd_bwd(model)
     for run, clear in cases.values():  # warm-up (and numba's first-call load)
         for _ in range(2):
@@ -118,10 +126,19 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
             run()
     times = {key: [] for key in cases}
     quiet = 0
-    for _ in range(repeats):
+    keys = list(cases)
+    for rep in range(repeats):
         if idle_wait > 0:
             quiet += wait_idle(idle_wait)
-        for key, (run, clear) in cases.items():
+            # the idle wait lets both cores sleep, and the first call after it paid for waking
+            # them (at T=64, d=256 the dense forward, always first, took 1-11 ms against 0.4):
+            # wake them with untimed calls
+            for run, clear in cases.values():
+                clear()
+                run()
+        # rotate the order, so that no case always runs first or always after the same one
+        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            run, clear = cases[key]
             clear()
             times[key].append(_timed(run))
     med = {key: statistics.median(v) for key, v in times.items()}

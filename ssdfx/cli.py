@@ -14,8 +14,9 @@ Each subcommand has one `_add_<name>(subparsers)` function that declares its opt
 `func`, registered in `build_parser` (train and plot live in train_cli.py, convert and bench in
 convert_cli.py); a subcommand that takes a MODEL starts from `_model_command` (its parser
 with `_add_model_args`: MODEL and its config settings; `func` then gets `(args, extra)` and
-builds with `_build(args, extra)`), and the conversion options come from `_expert_group`. Exit status: 0 on success, 1 when the model cannot be built, converted or
-captured (the message says why, on stderr; --traceback shows the trace), 2 for usage errors.
+builds with `_build(args, extra)`), and the conversion options come from `_expert_group`.
+Exit status: 0 on success, 1 when the model cannot be built, converted or captured (the
+message says why, on stderr; --traceback shows the trace), 2 for usage errors.
 """
 
 from __future__ import annotations

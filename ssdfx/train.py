@@ -147,8 +147,9 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# what a run writes in out_dir; any of the first four means the directory holds a run
-_RUN_FILES = ("log.jsonl", "checkpoint.pt", "final_dense", "final_moe", "config.json", "plots")
+# what a run writes in out_dir; any of the markers means the directory holds a run
+_RUN_MARKERS = ("log.jsonl", "checkpoint.pt", "final_dense", "final_moe")
+_RUN_FILES = _RUN_MARKERS + ("config.json", "plots")
 
 
 class Trainer:
@@ -158,7 +159,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.out = Path(cfg.out_dir)
-        held = [n for n in _RUN_FILES[:4] if (self.out / n).exists()]
+        held = [n for n in _RUN_MARKERS if (self.out / n).exists()]
         if held and not resume and not overwrite and self.rank == 0:  # rank 0 is the one that writes
             raise FileExistsError(f"{self.out} holds a run ({', '.join(held)}); pass --resume to continue it, "
                                   "--overwrite to replace it, or choose another --out-dir")

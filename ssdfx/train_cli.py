@@ -43,10 +43,13 @@ _HELP = {
 
 def _choices() -> dict:
     from ssdfx.hf import MODEL_TYPES
+    from ssdfx.ops.dispatch import BACKENDS
     from ssdfx.train import ACTIVATIONS, MODES, PARTITIONS, ROUTERS
 
+    # grouped_mm is a CUDA backend; training here runs on CPU
+    backends = [b for b in BACKENDS if b != "grouped_mm"]
     return {"model": MODEL_TYPES, "mode": MODES, "activation": ACTIVATIONS, "partition": PARTITIONS,
-            "router": ROUTERS, "tokenizer": ["bytes", "bpe"], "backend": ["auto", "reference", "numba", "torch"]}
+            "router": ROUTERS, "tokenizer": ["bytes", "bpe"], "backend": backends}
 
 
 def _field_type(f: dataclasses.Field):

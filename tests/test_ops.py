@@ -153,6 +153,52 @@ def test_dropout_reproducible_and_consistent(backend):
     torch.testing.assert_close(g1, g_ref)
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_equals_the_custom_op_bit_for_bit(backend, dtype, monkeypatch):
+    # plain eager CPU calls skip the custom op's dispatcher (ssdfx.ops.registry.EagerMoeFfn);
+    # they must run the same kernels and give exactly the custom op's outputs and gradients
+    import ssdfx.ops
+
+    if backend == "numba" and dtype == torch.bfloat16:
+        pytest.skip("numba runs fp32/fp64")
+    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=dtype)
+    p["expert_idx"][3, 1] = -1
+    names = [n for n in ("x", "w1", "b1", "w2", "w3", "b3", "gate") if p[n] is not None]
+    dy = torch.randn(40, 16, dtype=dtype)
+
+    def run():
+        q = {**p, **{n: p[n].detach().clone().requires_grad_() for n in names}}
+        torch.manual_seed(5)  # the dropout mask
+        y = _call(q, backend, dropout_p=0.25)
+        y.backward(dy)
+        fn = y.grad_fn  # under the output's reshape
+        return y, [q[n].grad for n in names], fn.name() + fn.next_functions[0][0].name()
+
+    y_eager, g_eager, fn_eager = run()
+    monkeypatch.setattr(ssdfx.ops, "plain_eager", lambda *ts: False)
+    y_op, g_op, fn_op = run()
+    assert "EagerMoeFfn" in fn_eager and "EagerMoeFfn" not in fn_op
+    assert torch.equal(y_eager, y_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
+
+
+def test_traced_and_counted_calls_see_the_custom_op():
+    from ssdfx.ops.dispatch import plain_eager
+
+    p = _problem(dtype=torch.float32)
+    x = p["x"]
+    assert plain_eager(x, torch.nn.Parameter(x), None)
+    with FlopCounterMode(display=False):
+        assert not plain_eager(x)
+    assert not torch.func.vmap(lambda t: torch.tensor(plain_eager(t)))(x.unsqueeze(0)).item()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not plain_eager(torch.empty(2))
+
+
 def test_flop_counter_counts_selected_pairs():
     p = _problem(t=10, d=8, e=4, m=6, k=2, dtype=torch.float32, glu=False)
     p["expert_idx"][0, 0] = -1

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.activations import ACTIVATIONS
-from ssdfx.ops.dispatch import BACKENDS
-from ssdfx.ops.registry import moe_ffn_backward_op, moe_ffn_op, pair_count
+from ssdfx.ops.dispatch import BACKENDS, plain_eager
+from ssdfx.ops.registry import EagerMoeFfn, moe_ffn_backward_op, moe_ffn_op, pair_count
 
 __all__ = ["BACKENDS", "moe_ffn", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
 
@@ -120,6 +120,10 @@ def moe_ffn(
     if dropout_p > 0.0:
         m = w1.shape[0] // num_experts
         keep = torch.empty(x2.shape[0], k, m, device=x.device).bernoulli_(1.0 - dropout_p).bool()
-    y = moe_ffn_op(x2, w1, b1, w2, w3, b3, idx2, gate2, keep, num_experts, activation,
-                   float(dropout_p), backend)[0]
+    args = (x2, w1, b1, w2, w3, b3, idx2, gate2, keep, num_experts, activation,
+            float(dropout_p), backend)
+    if x.device.type == "cpu" and plain_eager(x2, w1, b1, w2, w3, b3, idx2, gate2):
+        y = EagerMoeFfn.apply(*args)  # the op's kernels without its dispatch overhead
+    else:
+        y = moe_ffn_op(*args)[0]
     return y.reshape(*lead, d)

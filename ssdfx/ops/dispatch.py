@@ -87,8 +87,10 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
     FunctionalTensor, ...; nn.Parameter is fine) and functorch-wrapped tensors (vmap, grad): those must see the
     custom op, so callers take the op path for them. About 0.4 us.
     """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            or torch.jit.is_tracing()):
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return all(t is None or (type(t) in _PLAIN and not wrapped(t)) for t in tensors)

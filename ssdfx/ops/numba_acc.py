@@ -14,7 +14,7 @@ from __future__ import annotations
 from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
-from ssdfx.ops.numba_kernels import _I1, _a, _c, _i64, _sigs, expert_grads
+from ssdfx.ops.numba_kernels import _I1, _a, _c, _i64, _sigs, add_scaled, add_to, expert_grads
 
 __all__ = ["bwd_weights_acc", "fwd_down_acc"]
 
@@ -26,7 +26,8 @@ def _reduce(y, ybuf, nw, t_all):
         lo = c * t_all // nw
         hi = (c + 1) * t_all // nw
         for j in range(nw - 1):
-            y[lo:hi] += ybuf[j, lo:hi]
+            for t in range(lo, hi):
+                add_to(y[t], ybuf[j, t])
 
 
 @njit(
@@ -61,7 +62,7 @@ def fwd_down_acc(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
             gemm(h[s:s + n], w2[:, lo:lo + m].T, yw[:n], 0.0)
             for r in range(n):
                 p = order[s + r]
-                acc[p // k, :] += gate[p] * yw[r]
+                add_scaled(acc[p // k], gate[p], yw[r])
     _reduce(y, ybuf, nw, t_all)
 
 
@@ -100,5 +101,5 @@ def bwd_weights_acc(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts
             expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, e * m, m,
                          dw1, dw2, dw3, db1, db3, xs[w], dw, dw[:n])
             for r in range(n):
-                acc[order[s + r] // k, :] += dw[r]
+                add_to(acc[order[s + r] // k], dw[r])
     _reduce(dx, dxbuf, nw, t_all)

@@ -164,6 +164,22 @@ def plan(offsets, workers):
     return ptr, experts, nmax
 
 
+@njit(cache=True, nogil=True, inline="always")
+def add_scaled(dst, a, src):
+    """dst += a * src for 1-D arrays, as a loop: the array expression `dst += a * src`
+    allocated a temporary per call, which made the token combine 1.6x slower (T=512, d=256,
+    K=16: 259 us against 159 us)."""
+    for i in range(dst.shape[0]):
+        dst[i] += a * src[i]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def add_to(dst, src):
+    """dst += src for 1-D arrays, as a loop (see add_scaled)."""
+    for i in range(dst.shape[0]):
+        dst[i] += src[i]
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _combine(rows, gate, inv, n_rows, k, nw, out):
     """out[t] = sum_j gate[t, j] * rows[inv[t*K + j]]; token blocks in parallel.
@@ -180,9 +196,9 @@ def _combine(rows, gate, inv, n_rows, k, nw, out):
                 r = inv[t * k + j]
                 if r < n_rows:
                     if gate.shape[0] > 0:
-                        row += gate[t * k + j] * rows[r]
+                        add_scaled(row, gate[t * k + j], rows[r])
                     else:
-                        row += rows[r]
+                        add_to(row, rows[r])
 
 
 @njit(
@@ -217,12 +233,12 @@ def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
             gemm(xw[:n], w1[lo:lo + m].T, a1[s:s + n], 0.0)
             if b1.shape[0] > 0:
                 for r in range(n):
-                    a1[s + r, :] += b1[lo:lo + m]
+                    add_to(a1[s + r], b1[lo:lo + m])
             if glu:
                 gemm(xw[:n], w3[lo:lo + m].T, a3[s:s + n], 0.0)
                 if b3.shape[0] > 0:
                     for r in range(n):
-                        a3[s + r, :] += b3[lo:lo + m]
+                        add_to(a3[s + r], b3[lo:lo + m])
 
 
 @njit(
@@ -328,13 +344,13 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
     gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
     db1[lo:lo + m] = 0.0
     for r in range(n):
-        db1[lo:lo + m] += da1[s + r]
+        add_to(db1[lo:lo + m], da1[s + r])
     gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
     if glu:
         gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
         db3[lo:lo + m] = 0.0
         for r in range(n):
-            db3[lo:lo + m] += da3[s + r]
+            add_to(db3[lo:lo + m], da3[s + r])
         gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
 
 

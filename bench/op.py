@@ -2,6 +2,7 @@
 
     python bench/op.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--out CSV]
     python bench/op.py --router-share    # routing's share of the sparse forward, d=768
+    python bench/op.py --shapes 64x256x16x4 256x768x16x4    # chosen T x d x E x k
 
 The dense model is Linear(d, 4d) -> GELU -> Linear(4d, d). The sparse model is the same module
 after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid scores, top-k,
@@ -158,16 +159,20 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
 def router_share(t, d, e, k, repeats=20) -> str:
     """The routing work (router scores, top-k, the op's sort by expert) as a share of the
     whole sparse forward (fp32, no grad, medians of back-to-back calls)."""
-    from ssdfx.ops.layout import sort_pairs
+    import numpy as np
+
+    from ssdfx.ops import numba_kernels
     from ssdfx.routing import select_top_k
 
     sparse = sparse_model(dense_ffn(d), e, k)
     router = next(m for n, m in sparse.named_modules() if n.endswith("ssdfx_router"))
     xs = itertools.cycle([torch.randn(t, d) for _ in range(INPUTS)])  # fresh data each call
 
-    def route():
+    order, offsets = np.empty(t * k, np.int64), np.empty(e + 1, np.int64)
+
+    def route():  # what the fp32 op runs: numba's top-k (in select_top_k) and counting sort
         idx, _ = select_top_k(router(next(xs)), k)
-        sort_pairs(idx, e)
+        numba_kernels.count_sort(idx.numpy().reshape(-1), e, order, offsets)
 
     def median_ms(fn):
         for _ in range(3):
@@ -212,6 +217,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each repeat wait up to S seconds for an idle CPU (shared "
                          "machines); the CSV records how many repeats started idle")
+    ap.add_argument("--shapes", nargs="+", metavar="TxDxExK", default=None,
+                    help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
+                         "default CSV bench/results/op_shapes[_bf16].csv")
     ap.add_argument("--router-share", action="store_true",
                     help="only print the routing share of the sparse forward at d=768 (fp32)")
     args = ap.parse_args(argv)
@@ -223,12 +231,20 @@ def main(argv=None) -> int:
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     if args.out is None:
         suffix = {"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype] + ("_quick" if args.quick else "")
-        args.out = ROOT / "bench" / "results" / f"op{suffix}.csv"
+        stem = "op_shapes" if args.shapes else "op"
+        args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
+    shapes = configs(args.quick)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+            assert all(len(s) == 4 and min(s) > 0 and s[3] <= s[2] for s in shapes)
+        except (ValueError, AssertionError):
+            ap.error(f"--shapes takes T x d x E x k with k <= E, like 64x256x16x4; got {args.shapes}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           "router: ssdfx.convert", flush=True)
     rows = []
     for dtype in dtypes:
-        for t, d, e, k in configs(args.quick):
+        for t, d, e, k in shapes:
             new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle)
             for r in new:
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)

@@ -17,6 +17,7 @@ passing a dense instance of the same architecture: `load_converted(dir, model=My
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def shell_routers(state: dict, perm_paths: dict[str, str]) -> dict[str, nn.Module]:
+def shell_routers(state: Mapping, perm_paths: dict[str, str]) -> dict[str, nn.Module]:
     """Routers shaped like those in a saved state dict, for convert(router=...) before the
     state is loaded. A site's router sits beside its permutation buffer with the same suffix
     (`x.ssdfx_perm_1` goes with `x.ssdfx_router_1`)."""
@@ -102,7 +103,8 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
     class is the saved one. Otherwise pass a dense instance of the saved architecture (its
     weights are replaced), with example inputs if it needs them to be traced.
     """
-    from safetensors.torch import load_file, load_model
+    from safetensors import safe_open
+    from safetensors.torch import load_model
 
     import ssdfx
 
@@ -119,22 +121,49 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
         model = _hf_model(path, meta["model_class"])
     elif ssdfx.is_converted(model):
         raise ValueError("load_converted needs a dense model to convert; got a converted one")
-    state = load_file(str(path / WEIGHTS))
     paths = meta["perm_buffers"]
-    missing = [k for k in paths.values() if k not in state]
-    if missing:
-        raise ValueError(f"{path / WEIGHTS} lacks the permutation buffers {missing}")
-    found = ssdfx.find_ffns(model, example_inputs, example_kwargs)
-    sites = [s for s in found if s.name in paths]
-    if {s.name for s in sites} != set(paths):
-        raise ValueError(f"the model's FFN sites {sorted(s.name for s in found)} do not match "
-                         f"the saved ones {sorted(paths)}: pass a model of the saved architecture")
-    ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites,
-                  partition={site: state[key] for site, key in paths.items()},
-                  router=shell_routers(state, paths), dynamic_k=meta.get("dynamic_k"),
+    # the permutations and router shapes are read on their own (a few small tensors); the
+    # weights are read once, by load_model, which also restores tied tensors
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        state = _TensorsOnDemand(f)
+        missing = [k for k in paths.values() if k not in state]
+        if missing:
+            raise ValueError(f"{path / WEIGHTS} lacks the permutation buffers {missing}")
+        found = ssdfx.find_ffns(model, example_inputs, example_kwargs)
+        sites = [s for s in found if s.name in paths]
+        if {s.name for s in sites} != set(paths):
+            raise ValueError(f"the model's FFN sites {sorted(s.name for s in found)} do not "
+                             f"match the saved ones {sorted(paths)}: pass a model of the saved "
+                             "architecture")
+        partition = {site: state[key] for site, key in paths.items()}
+        routers = shell_routers(state, paths)
+    ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=partition,
+                  router=routers, dynamic_k=meta.get("dynamic_k"),
                   example_inputs=example_inputs, example_kwargs=example_kwargs)
     load_model(model, str(path / WEIGHTS))
     return model.eval()
+
+
+class _TensorsOnDemand(Mapping):
+    """A safetensors file as a read-only mapping that reads a tensor when it is looked up."""
+
+    def __init__(self, handle):
+        self._f = handle
+        self._keys = frozenset(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._f.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _hf_model(path: Path, class_name: str) -> nn.Module:

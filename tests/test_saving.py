@@ -50,9 +50,12 @@ def test_round_trip_keeps_dynamic_k_and_mlp_routers(tmp_path, monkeypatch):
                   stats=stats)
     want = _logits(model, kwargs)
     saved = ssdfx.save_converted(model, tmp_path / "moe")
-    # the weights are read once (load_model); the splits and router shapes alone beforehand
-    monkeypatch.setattr(safetensors.torch, "load_file", None)
+    # the weights are read once (by load_model); the splits and router shapes alone beforehand
+    reads = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **kw: reads.append(a) or real(*a, **kw))
     loaded = ssdfx.load_converted(saved)
+    assert len(reads) == 1
     assert ssdfx.conversion(loaded).dynamic_k == 0.8
     torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
 

@@ -68,14 +68,29 @@ def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _gather(x, order, offsets, bounds, k):
-    """pos and C (`_slots`), the pairs sel (P,) and their tokens tok (P,) in layout order, and
-    the padded token rows xs (E, C, d)."""
+    """pos and C (`_slots`), the pairs sel (P,) in layout order, the token of each padded row
+    tok (E*C,) (T for a padding row), and the padded token rows xs (E, C, d)."""
     pos, cap = _slots(offsets, bounds)
     sel = order[:bounds[-1]]
-    tok = sel // k
     num_experts = len(bounds) - 1
-    xs = _scatter(x.index_select(0, tok), pos, num_experts * cap)
+    tok = torch.full((num_experts * cap,), x.shape[0], dtype=sel.dtype).index_copy_(
+        0, pos, sel // k)
+    xs = _rows(x, tok)
     return pos, cap, sel, tok, xs.view(num_experts, cap, x.shape[1])
+
+
+def _rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """(E*C, c): row tok[i] of x, zeros where tok[i] = T (padding). One gather from x with a
+    zero row appended: cheaper than gathering the P rows, zero-filling the padded buffer and
+    scattering them into it (three passes over (P, d) in bf16)."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, tok)
+
+
+def _sum_rows(rows: torch.Tensor, tok: torch.Tensor, t_all: int) -> torch.Tensor:
+    """(T, c): each token's sum of its padded rows, added in padded order (= layout order: the
+    same additions as over the P layout rows); padding rows, which are zero, go to a spare
+    row."""
+    return rows.new_zeros(t_all + 1, rows.shape[1]).index_add_(0, tok, rows)[:t_all]
 
 
 def _up(xs, we, bias, num_experts):
@@ -105,7 +120,7 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     w2t = w2.t().contiguous().view(num_experts, m, d)
     ys = torch.bmm(gh.view(num_experts, cap, m), w2t)  # (E, C, d)
     # index_add_ in layout order, as torch_path's combine (deterministic)
-    y = x.new_zeros(t_all, d).index_add_(0, tok, ys.view(n, d).index_select(0, pos))
+    y = _sum_rows(ys.view(n, d), tok, t_all)
     a1 = a1.index_select(0, pos)
     a3 = a3.index_select(0, pos) if a3 is not None else None
     return y, a1, a3
@@ -122,7 +137,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
     pos, cap, sel, tok, xs = _gather(x, order, offsets, bounds, k)
     n = num_experts * cap
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    dys = _scatter(dy.index_select(0, tok), pos, n).view(num_experts, cap, d)
+    dys = _rows(dy, tok).view(num_experts, cap, d)
     dh = torch.bmm(dys, w2_edm).view(n, m)
     kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
     dg, gh, da1, da3 = hidden_backward(
@@ -141,6 +156,6 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
         dxs.baddbmm_(da3, w3e)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
-    dx = x.new_zeros(t_all, d).index_add_(0, tok, dxs.view(n, d).index_select(0, pos))
+    dx = _sum_rows(dxs.view(n, d), tok, t_all)
     return dx, dw1, db1, dw2, dw3, db3, dg.index_select(0, pos)
 

@@ -219,7 +219,8 @@ def test_torch_blocked_variant_matches_reference(spec, dtype):
     # large CPU problems run per-expert blocks (torch_path._backward_blocks); force them here
     from ssdfx.ops import padded, torch_path
 
-    with _patched(torch_path, BLOCKS_FROM_BYTES=0), _patched(padded, MAX_BUFFER_BYTES=0):
+    with (_patched(torch_path, BLOCKS_FROM_BYTES=0),
+          _patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0)):
         check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
 
 
@@ -232,7 +233,7 @@ def test_torch_padded_variant_matches_reference(spec, dtype):
 
     taken = []
 
-    def always(x, w1, bounds):
+    def always(x, w1, bounds, backward=False):
         taken.append(bounds[-1] > 0)
         return taken[-1]
 
@@ -247,7 +248,21 @@ def test_torch_loop_variant_matches_reference(spec, dtype):
     # one mm per expert on (P, d) buffers: the variant between the padded and blocked ones
     from ssdfx.ops import padded
 
-    with _patched(padded, MAX_BUFFER_BYTES=0):
+    with _patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0):
+        check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_torch_loop_forward_then_padded_backward_matches_reference(spec, dtype):
+    # the backward takes the padded variant up to larger buffers than the forward does, so a
+    # per-expert-loop forward feeds a padded backward
+    from ssdfx.ops import padded
+
+    def backward_only(x, w1, bounds, backward=False):
+        return backward and bounds[-1] > 0
+
+    with _patched(padded, use=backward_only):
         check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
 
 

@@ -18,6 +18,14 @@ on it lost, as fresh buffers that large page-fault: T=512, d=768, E=16, k=8: 0.7
 0.96x; T=2048, d=256, E=16, k=8, 8.4 MiB: 0.28x against 0.59x). Other problems take
 `torch_path`'s per-expert loops.
 
+The backward takes this variant up to 32 MiB buffers (`MAX_BACKWARD_BUFFER_BYTES`; any forward's
+layout feeds any backward): measured in bf16 on this CPU against the per-expert loops, backward
+only, at all 54 shapes of bench/op.py, it was 1.1-2.3x faster at most shapes this admits beyond
+the forward's 5 MiB (T=2048, d=256, E=16, k=8: 7.3 ms against 11.7; T=8192, d=256, E=32, k=4:
+13.0 against 22.8; T=2048, d=768, E=16, k=4: 19.7 against 23.6), equal at T=8192, d=768, E=8 or
+16, k <= 2 (1.01-1.04x), slower at T=2048, d=768, E=8, k=4 (0.92x); from 35 MB on it lost
+(0.57-0.82x; T=8192, d=768, E=32, k=16: 338 ms against 194).
+
 Zero padding rows stay harmless through the backward: their dy rows are zero, so dh, da1, da3
 and the gate-weighted h are zero there and add nothing to any weight gradient, bias gradient
 or dx (and an expert without rows gets exactly zero gradients). The forward returns a1/a3 in
@@ -33,18 +41,20 @@ from ssdfx.ops.layout import cols_grad, expert_views, hidden, hidden_backward, r
 __all__ = ["backward", "forward", "use"]
 
 # the limits described in the module docstring
-MAX_BUFFER_BYTES = 5 << 20  # of one (E*C, d) buffer
+MAX_BUFFER_BYTES = 5 << 20  # of one (E*C, d) buffer, forward
+MAX_BACKWARD_BUFFER_BYTES = 32 << 20  # the same, backward
 MAX_PAD = 2.0  # padded rows per pair row, E*C / P
 
 
-def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int]) -> bool:
+def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = False) -> bool:
     """Whether this call takes the padded variant (see the module docstring)."""
     pairs = bounds[-1]
     if x.device.type != "cpu" or pairs == 0:
         return False
     rows = (len(bounds) - 1) * _capacity(bounds)
+    limit = MAX_BACKWARD_BUFFER_BYTES if backward else MAX_BUFFER_BYTES
     return (w1.shape[0] <= rows <= MAX_PAD * pairs
-            and rows * x.shape[1] * x.element_size() < MAX_BUFFER_BYTES)
+            and rows * x.shape[1] * x.element_size() < limit)
 
 
 def _capacity(bounds: list[int]) -> int:

@@ -187,7 +187,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
              dropout_p):
     bounds = offsets.tolist()
     pairs = bounds[-1]
-    if padded.use(x, w1, bounds):
+    if padded.use(x, w1, bounds, backward=True):
         *grads, dg = padded.backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets,
                                      bounds, num_experts, activation, dropout_p)
         return (*grads, _dgate(dg, _inverse(order, pairs), x.shape[0], gate.shape[1]))

@@ -48,7 +48,8 @@ __all__ = ["TrainConfig", "Trainer", "train", "MODES", "ACTIVATIONS", "PARTITION
 MODES = ("dense", "ssd", "ssd-fixed", "sparse")
 # HF activation names whose FFNs ssdfx can convert, in both model types (the rest of HF's
 # ACT2FN, e.g. tanh or leaky_relu, build a model whose FFNs convert refuses at the first switch)
-ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu")
+ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "silu",
+               "swish")
 PARTITIONS = ("kmeans", "coactivation", "random")
 ROUTERS = ("centroid", "mlp")
 # settings a resumed run must share with its checkpoint

@@ -182,6 +182,23 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(backend, dtype, monkeypatch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend, dtype", [("numba", torch.float32), ("torch", torch.bfloat16)])
+@pytest.mark.parametrize("padded_limit", [0, 1 << 30])
+def test_output_can_be_modified_in_place_before_backward(backend, dtype, padded_limit,
+                                                         monkeypatch):
+    # a residual added in place or dropout(inplace=True) on the op's output: autograd refuses
+    # that for a view made inside a custom Function, so the output must not be one
+    from ssdfx.ops import padded
+
+    monkeypatch.setattr(padded, "MAX_BUFFER_BYTES", padded_limit)
+    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=dtype, glu=False)
+    x = p["x"].requires_grad_()
+    y = _call(p, backend)
+    y.add_(1.0)
+    F.dropout(y, 0.1, training=True, inplace=True).float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_traced_and_counted_calls_see_the_custom_op():
     from ssdfx.ops.dispatch import plain_eager
 

@@ -82,52 +82,61 @@ def count_sort(idx, num_experts, order, offsets):
 
 
 @njit(cache=True, nogil=True)
-def _top_k_block(probs, k, idx):
-    """top_k on a block of rows; False if a row has a NaN or a tie inside its top k."""
+def _top_k_block(probs, k, idx, bad):
+    """top_k on a block of rows; bad[t] = 1 where row t has a NaN, or equal values that make
+    its top k ambiguous (then idx[t] is unspecified)."""
     t_all, ne = probs.shape
     rank = np.empty(ne, np.int32)
     slot = np.empty(ne, np.int64)
-    bad = False
+    # equal values share a rank and leave the slots after it empty; a tie inside the top k, or
+    # one across its boundary (then slot k is empty), shows as an empty slot among the first
+    # min(k + 1, E)
+    check = min(k + 1, ne)
+    n_bad = 0
     for t in range(t_all):
         p = probs[t]
         # rank[e] = how many experts score strictly higher: no branch on the data, and the
         # inner loop over e is vectorised (a sort's comparisons are unpredictable branches)
         rank[:] = 0
+        nan = False
         for j in range(ne):
             pj = p[j]
-            bad |= pj != pj
+            nan |= pj != pj
             for e in range(ne):
                 rank[e] += np.int32(pj > p[e])
         slot[:] = -1
         for e in range(ne):
             slot[rank[e]] = e
         lowest = 0
+        for s in range(check):
+            lowest = min(lowest, slot[s])
         for s in range(k):
             idx[t, s] = slot[s]
-            lowest = min(lowest, slot[s])
-        # equal values share a rank and leave the next slot empty
-        bad |= lowest < 0
-    return not bad
+        bad[t] = nan or lowest < 0
+        n_bad += bad[t]
+    return n_bad
 
 
 @njit(
-    [types.boolean(_c(f, 2), _i64, _c(_i64, 2), _i64) for f in (types.float32, types.float64)],
+    [_i64(_c(f, 2), _i64, _c(_i64, 2), _c(types.boolean, 1), _i64)
+     for f in (types.float32, types.float64)],
     parallel=True, cache=True, nogil=True,
 )
-def top_k(probs, k, idx, nw):
+def top_k(probs, k, idx, bad, nw):
     """Indices of the k largest values of each row, largest first, in `nw` parallel blocks.
 
-    probs (T, E) -> idx (T, K). Returns False (idx then unspecified) if a row holds a NaN or
-    two equal values within its top k; the caller then falls back to torch.topk, whose
-    ordering of NaN and ties this kernel does not reproduce. O(E^2) per row: for E up to 64
-    it beat torch.topk on fresh data (T=512, E=16, k=4: 20 us against 84 us on two threads).
+    probs (T, E) -> idx (T, K), bad (T,). Returns how many rows are bad: a NaN, or two equal
+    values inside the top k or across its boundary; their idx rows are unspecified and the
+    caller takes torch.topk for them, whose ordering of NaN and ties this kernel does not
+    reproduce. O(E^2) per row: for E up to 64 it beat torch.topk on fresh data (T=512, E=16,
+    k=4: 20 us against 84 us on two threads).
     """
     t_all = probs.shape[0]
-    ok = np.ones(nw, np.bool_)
+    counts = np.zeros(nw, np.int64)
     for c in prange(nw):
         lo, hi = c * t_all // nw, (c + 1) * t_all // nw
-        ok[c] = _top_k_block(probs[lo:hi], k, idx[lo:hi])
-    return ok.all()
+        counts[c] = _top_k_block(probs[lo:hi], k, idx[lo:hi], bad[lo:hi])
+    return counts.sum()
 
 
 @njit(types.Tuple((_I1, _I1, _i64))(_I1, _i64), cache=True, nogil=True)

@@ -108,8 +108,9 @@ def _rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
 def _sum_rows(rows: torch.Tensor, tok: torch.Tensor, t_all: int) -> torch.Tensor:
     """(T, c): each token's sum of its padded rows, added in padded order (= layout order: the
     same additions as over the P layout rows); padding rows, which are zero, go to a spare
-    row."""
-    return rows.new_zeros(t_all + 1, rows.shape[1]).index_add_(0, tok, rows)[:t_all]
+    row. The result is a copy, not a view of the (T + 1, c) buffer: autograd refuses in-place
+    changes to a view made inside a custom Function, and users may modify the op's output."""
+    return rows.new_zeros(t_all + 1, rows.shape[1]).index_add_(0, tok, rows)[:t_all].clone()
 
 
 def _up(xs, we, bias, num_experts):

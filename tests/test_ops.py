@@ -27,7 +27,8 @@ def _problem(t=9, d=6, e=3, m=4, k=2, dtype=torch.float64, glu=True, bias=True, 
         return torch.randn(*shape, generator=g, dtype=dtype)
 
     f_all = e * m
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else \
+        torch.zeros(0, k, dtype=torch.int64)
     return dict(
         x=rnd(t, d), w1=rnd(f_all, d), b1=rnd(f_all) if bias else None, w2=rnd(d, f_all),
         w3=rnd(f_all, d) if glu else None, b3=rnd(f_all) if glu and bias else None,
@@ -197,6 +198,21 @@ def test_output_can_be_modified_in_place_before_backward(backend, dtype, padded_
     y.add_(1.0)
     F.dropout(y, 0.1, training=True, inplace=True).float().sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("numba", torch.float32),
+                                            ("torch", torch.float32), ("torch", torch.bfloat16)])
+def test_empty_batch(backend, dtype):
+    # T=0 (an empty batch): an empty output and zero weight gradients (the bf16 torch path
+    # failed in backward reshaping zero dgate rows)
+    p = _problem(t=0, d=8, e=4, m=4, k=2, dtype=dtype, glu=False)
+    for name in ("x", "w1", "w2"):
+        p[name].requires_grad_()
+    y = _call(p, backend, activation="relu")
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert p["x"].grad.shape == (0, 8)
+    assert not p["w1"].grad.any() and not p["w2"].grad.any()
 
 
 def test_traced_and_counted_calls_see_the_custom_op():

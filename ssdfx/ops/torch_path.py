@@ -61,7 +61,7 @@ def _per_slot(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torc
     """rows (P, c) in layout order -> (T, K, c) in (token, slot) order, zeros for unused slots."""
     if rows.shape[0] < t_all * k:  # dynamic-k: unused slots read an appended zero row
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return rows.index_select(0, inv).view(t_all, k, -1)
+    return rows.index_select(0, inv).view(t_all, k, rows.shape[1])
 
 
 def _dgate(dg: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Tensor:

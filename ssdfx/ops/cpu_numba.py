@@ -202,11 +202,11 @@ def _top_k(probs, k):
     from ssdfx.ops import numba_kernels as nk
 
     workers = num_workers()
-    idx = np.empty((probs.shape[0], k), np.int64)
-    bad = np.empty(probs.shape[0], np.bool_)
+    idx = torch.empty(probs.shape[0], k, dtype=torch.int64)
+    bad = torch.empty(probs.shape[0], dtype=torch.bool)
     with _numba_phase(workers, blas=False):
-        n_bad = nk.top_k(_np(probs), k, idx, bad, workers)
-    return torch.from_numpy(idx), torch.from_numpy(bad) if n_bad else None
+        n_bad = nk.top_k(_np(probs), k, _np(idx), _np(bad), workers)
+    return idx, bad if n_bad else None
 
 
 @_keeps_torch_threads
@@ -221,20 +221,23 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     glu = w3 is not None
     xn = _np(x.contiguous())
     dt = xn.dtype
-    # buffers are numpy arrays handed to torch without a copy (torch.from_numpy): cheaper than
-    # torch.empty + .numpy(), which matters at small T (~70 us of fixed cost per call)
-    order = np.empty(t_all * k, np.int64)
-    offsets = np.empty(num_experts + 1, np.int64)
+    # what leaves the launcher is allocated by torch: a tensor over a numpy array needs the GIL
+    # to be freed, which an autograd graph may do from another thread or at interpreter exit
+    # (the saved a1, the gradients); scratch that never leaves is numpy
+    order_t = torch.empty(t_all * k, dtype=torch.int64)
+    offsets_t = torch.empty(num_experts + 1, dtype=torch.int64)
+    order, offsets = _np(order_t), _np(offsets_t)
     pairs = nk.count_sort(_np(expert_idx.to(torch.int64).contiguous()).reshape(-1),
                           num_experts, order, offsets)
     if pairs < 0:
         check_expert_idx(expert_idx, num_experts)  # raises with the offending range
     ptr, experts, nmax = nk.plan(offsets, workers)
-    a1 = np.empty((t_all * k, m), dt)
-    a3 = np.empty((t_all * k if glu else 0, m), dt)
+    a1t = torch.empty(t_all * k, m, dtype=x.dtype)
+    a3t = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)
+    yt = torch.empty(t_all, d, dtype=x.dtype)
+    a1, a3, y = _np(a1t), _np(a3t), _np(yt)
     scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
     empty1 = np.empty(0, dt)
-    y = np.empty((t_all, d), dt)
     g = _np(gate.contiguous()).reshape(-1)
     # one numba phase for the whole call: the torch elementwise middle uses neither numba's
     # pool nor the BLAS whose threads the phase limits
@@ -246,7 +249,6 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         )
         a1[pairs:] = 0.0
         a3[pairs:] = 0.0
-        a1t, a3t, order_t = torch.from_numpy(a1), torch.from_numpy(a3), torch.from_numpy(order)
         kp = keep.reshape(t_all * k, m)[order_t[:pairs]] if keep is not None else None
         h = _np(hidden(a1t[:pairs], a3t[:pairs] if glu else None, kp, dropout_p,
                        activation).contiguous())
@@ -260,7 +262,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
             ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
             numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
                                    scratch)
-    return torch.from_numpy(y), a1t, a3t, order_t, torch.from_numpy(offsets)
+    return yt, a1t, a3t, order_t, offsets_t
 
 
 @_keeps_torch_threads
@@ -291,18 +293,19 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     if h.untyped_storage().data_ptr() == a1.untyped_storage().data_ptr():
         h = h.clone()  # identity activation: h is a1 itself, and bwd_dh overwrites h
     hn = _np(h.contiguous())
-    dh = np.empty((pairs, m), dt)
+    dht = torch.empty(pairs, m, dtype=x.dtype)  # torch's: da1 may be this very tensor
+    dh = _np(dht)
     dg = np.empty(pairs, dt)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-    db1 = np.empty(f_all, dt)
+    db1t = x.new_empty(f_all)
     dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
-    db3 = np.empty(f_all if glu else 0, dt)
-    dx = np.empty((t_all, d), dt)
+    db3t = x.new_empty(f_all if glu else 0)
+    dxt = x.new_empty(t_all, d)
+    db1, db3, dx = _np(db1t), _np(db3t), _np(dxt)
     with _numba_phase(workers):
         nk.bwd_dh(dyn, _np(w2), _np(gate.contiguous()).reshape(-1), on, offn, k, ptr, experts,
                   hn, dh, dg, ds)
         # hn is now gate * h, dh is gate * dy w2_e = dL/dh; through h = f * a3 * keep/(1-p):
-        dht = torch.from_numpy(dh)
         if kp is not None:
             dht.mul_(kp.to(x.dtype) * (1.0 / (1.0 - dropout_p)))
         da3 = None
@@ -327,5 +330,5 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             numba_acc.bwd_weights_acc(*args, dx, dxbuf, xs, ds)
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = torch.from_numpy(dg)
-    return (torch.from_numpy(dx), dw1, torch.from_numpy(db1), dw2, dw3, torch.from_numpy(db3),
+    return (dxt, dw1, db1t, dw2, dw3, db3t,
             dgate.view(t_all, k))

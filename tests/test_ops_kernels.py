@@ -365,3 +365,20 @@ def test_reference_rejects_out_of_range():
     idx = torch.tensor([[0, 5]])
     with pytest.raises(ValueError, match=r"\[-1, 3\)"):
         reference.check_expert_idx(idx, 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(0, 300), e=st.integers(1, 40), k=st.integers(1, 6),
+       unused=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_numba_sort_pairs_equals_the_torch_sort(t, e, k, unused, seed):
+    # the CPU torch path sorts with numba's counting sort: the same order and offsets as the
+    # stable argsort of ssdfx.ops.layout.sort_pairs, unused (-1) slots last
+    from ssdfx.ops import cpu_numba
+    from ssdfx.ops.layout import sort_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, e, (t, k), generator=g)
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    order, offsets = cpu_numba.sort_pairs(idx, e)
+    want_order, want_offsets = sort_pairs(idx, e)
+    assert torch.equal(order, want_order) and torch.equal(offsets, want_offsets)

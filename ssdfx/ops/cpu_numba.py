@@ -39,7 +39,7 @@ from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "num_workers",
-           "top_k_indices"]
+           "sort_pairs", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -167,6 +167,22 @@ def _empty2(x, cols):
     return np.empty((0, cols), dtype=_np(x).dtype)
 
 
+def _sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssdfx.ops.layout.sort_pairs` for CPU tensors by numba's counting sort: the same order
+    and offsets (stable, unused slots last). ValueError for an index outside [-1, E)."""
+    from ssdfx.ops import numba_kernels as nk
+
+    order = torch.empty(expert_idx.numel(), dtype=torch.int64)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
+    flat = _np(expert_idx.to(torch.int64).contiguous()).reshape(-1)
+    if nk.count_sort(flat, num_experts, _np(order), _np(offsets)) < 0:
+        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    return order, offsets
+
+
+sort_pairs = _keeps_torch_threads(_sort_pairs)
+
+
 # numba's top-k is O(E^2) per row: faster than torch.topk on fresh data up to E=64 (T=2048,
 # E=64, k=8: 279 us against 612 us); below TOP_K_MIN_ROWS rows torch.topk is as fast.
 TOP_K_MAX_EXPERTS = 64
@@ -224,13 +240,9 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     # what leaves the launcher is allocated by torch: a tensor over a numpy array needs the GIL
     # to be freed, which an autograd graph may do from another thread or at interpreter exit
     # (the saved a1, the gradients); scratch that never leaves is numpy
-    order_t = torch.empty(t_all * k, dtype=torch.int64)
-    offsets_t = torch.empty(num_experts + 1, dtype=torch.int64)
+    order_t, offsets_t = _sort_pairs(expert_idx, num_experts)
     order, offsets = _np(order_t), _np(offsets_t)
-    pairs = nk.count_sort(_np(expert_idx.to(torch.int64).contiguous()).reshape(-1),
-                          num_experts, order, offsets)
-    if pairs < 0:
-        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    pairs = int(offsets[-1])
     ptr, experts, nmax = nk.plan(offsets, workers)
     a1t = torch.empty(t_all * k, m, dtype=x.dtype)
     a3t = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)

@@ -11,16 +11,21 @@ the two cores beat torch.mm's splitting of each small GEMM over both: the op's f
 T=2048, d=768, E=16, k=4 took 27 ms with numba and 47 ms with the torch backend.
 
 Threads. The kernels run `W = min(torch.get_num_threads(), NUMBA_NUM_THREADS)` workers, so the
-op follows the thread count the user gave torch. Each numba phase sets numba's (thread-local)
-count to W and restores it afterwards: without that, a parallel region starts all of numba's
+op follows the thread count the user gave torch. Each launcher call runs its kernels (and the
+torch elementwise middle, which uses neither numba's pool nor that BLAS) inside one
+`_numba_phase`, which sets numba's (thread-local) count to W and restores it afterwards: without that, a parallel region starts all of numba's
 NUMBA_NUM_THREADS threads even when W = 1, and the idle ones must still reach its barrier; with
 torch at one thread and the other core busy (another process), the forward at T=64, d=256,
 E=16, k=4 took 20.6 ms instead of 0.53 ms. `numba.set_num_threads` can also reset torch's
 count where numba and torch share one libgomp (numba issue 9387), so torch's count is restored
 after every launcher if anything changed it. BLAS must be single-threaded inside the workers
 (each runs its own experts' GEMMs; a multi-threaded OpenBLAS called from two OpenMP threads at
-once oversubscribes the cores and warns "Detect OpenMP Loop"), so each numba phase sets one
-BLAS thread, and restores the previous counts afterwards.
+once oversubscribes the cores and warns "Detect OpenMP Loop"), so the phase also sets one BLAS
+thread, and restores the previous counts afterwards.
+
+Tensors that leave a launcher (outputs, the saved layout, gradients) are allocated by torch and
+written through numpy views; numpy arrays serve as scratch only. A tensor over a numpy array
+needs the GIL to be freed, which autograd or a gloo thread may do at interpreter exit.
 
 The numba kernels module is imported on first use, so `import ssdfx` neither compiles nor
 loads numba code, nor starts numba's thread pool.

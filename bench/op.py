@@ -159,20 +159,16 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
 def router_share(t, d, e, k, repeats=20) -> str:
     """The routing work (router scores, top-k, the op's sort by expert) as a share of the
     whole sparse forward (fp32, no grad, medians of back-to-back calls)."""
-    import numpy as np
-
-    from ssdfx.ops import numba_kernels
+    from ssdfx.ops.cpu_numba import sort_pairs
     from ssdfx.routing import select_top_k
 
     sparse = sparse_model(dense_ffn(d), e, k)
     router = next(m for n, m in sparse.named_modules() if n.endswith("ssdfx_router"))
     xs = itertools.cycle([torch.randn(t, d) for _ in range(INPUTS)])  # fresh data each call
 
-    order, offsets = np.empty(t * k, np.int64), np.empty(e + 1, np.int64)
-
     def route():  # what the fp32 op runs: numba's top-k (in select_top_k) and counting sort
         idx, _ = select_top_k(router(next(xs)), k)
-        numba_kernels.count_sort(idx.numpy().reshape(-1), e, order, offsets)
+        sort_pairs(idx, e)
 
     def median_ms(fn):
         for _ in range(3):

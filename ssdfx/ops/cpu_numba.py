@@ -13,10 +13,11 @@ T=2048, d=768, E=16, k=4 took 27 ms with numba and 47 ms with the torch backend.
 Threads. The kernels run `W = min(torch.get_num_threads(), NUMBA_NUM_THREADS)` workers, so the
 op follows the thread count the user gave torch. Each launcher call runs its kernels (and the
 torch elementwise middle, which uses neither numba's pool nor that BLAS) inside one
-`_numba_phase`, which sets numba's (thread-local) count to W and restores it afterwards: without that, a parallel region starts all of numba's
-NUMBA_NUM_THREADS threads even when W = 1, and the idle ones must still reach its barrier; with
-torch at one thread and the other core busy (another process), the forward at T=64, d=256,
-E=16, k=4 took 20.6 ms instead of 0.53 ms. `numba.set_num_threads` can also reset torch's
+`_numba_phase`, which sets numba's (thread-local) count to W and restores it afterwards:
+without that, a parallel region starts all of numba's NUMBA_NUM_THREADS threads even when
+W = 1, and the idle ones must still reach its barrier; with torch at one thread and the other
+core busy (another process), the forward at T=64, d=256, E=16, k=4 took 20.6 ms instead of
+0.53 ms. `numba.set_num_threads` can also reset torch's
 count where numba and torch share one libgomp (numba issue 9387), so torch's count is restored
 after every launcher if anything changed it. BLAS must be single-threaded inside the workers
 (each runs its own experts' GEMMs; a multi-threaded OpenBLAS called from two OpenMP threads at
@@ -166,10 +167,6 @@ def _inverse(o: np.ndarray) -> np.ndarray:
     inv = np.empty_like(o)
     inv[o] = np.arange(o.shape[0])
     return inv
-
-
-def _empty2(x, cols):
-    return np.empty((0, cols), dtype=_np(x).dtype)
 
 
 def _sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,8 +84,8 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
 
     False under torch.compile, torch.jit tracing, any torch_dispatch mode (FlopCounterMode,
     FakeTensorMode, ...) or torch_function mode, and for tensor subclasses (FakeTensor,
-    FunctionalTensor, ...; nn.Parameter is fine) and functorch-wrapped tensors (vmap, grad): those must see the
-    custom op, so callers take the op path for them. About 0.4 us.
+    FunctionalTensor, ...; nn.Parameter is fine) and functorch-wrapped tensors (vmap, grad):
+    those must see the custom op, so callers take the op path for them. About 0.4 us.
     """
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
         return False

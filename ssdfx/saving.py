@@ -125,7 +125,7 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
     # the permutations and router shapes are read on their own (a few small tensors); the
     # weights are read once, by load_model, which also restores tied tensors
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        state = _TensorsOnDemand(f)
+        state = TensorsOnDemand(f)
         missing = [k for k in paths.values() if k not in state]
         if missing:
             raise ValueError(f"{path / WEIGHTS} lacks the permutation buffers {missing}")
@@ -144,7 +144,7 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
     return model.eval()
 
 
-class _TensorsOnDemand(Mapping):
+class TensorsOnDemand(Mapping):
     """A safetensors file as a read-only mapping that reads a tensor when it is looked up."""
 
     def __init__(self, handle):

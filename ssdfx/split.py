@@ -32,7 +32,7 @@ __all__ = [
 
 
 def _seed_for(site: FFNSite, seed: int) -> int:
-    # stable across processes (unlike hash()), so every DDP rank draws the same split
+    # stable across processes (unlike hash()), so every data-parallel rank draws the same split
     return (zlib.crc32(site.name.encode()) + seed) % (2**31)
 
 

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from ssdfx.api import permutation_buffers
 from ssdfx.capture import ROOT_SLOT
 from ssdfx.checkpoint import load_checkpoint, save_atomic
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
+from ssdfx.dataparallel import average_gradients, broadcast_state
 from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
 from ssdfx.saving import shell_routers
 from ssdfx.stats import observe
@@ -201,7 +203,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
             (self.out / "config.json").write_text(json.dumps(cfg.as_dict(), indent=1))
-        self.ddp = self._wrap()
+        self._sync_ranks()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -211,11 +213,11 @@ class Trainer:
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
 
-    def _wrap(self) -> nn.Module:
-        """DDP around the current module structure (rebuilt after every rewrite)."""
-        if self.world == 1:
-            return self.model
-        return nn.parallel.DistributedDataParallel(self.model)
+    def _sync_ranks(self) -> None:
+        """Every rank continues from rank 0's parameters and buffers (at the start, after a
+        resume and after every rewrite), as DistributedDataParallel's constructor would."""
+        if self.world > 1:
+            broadcast_state(self.model)
 
     def _inputs(self, tokens: torch.Tensor, step: int = 0) -> dict:
         if self.cfg.model == "gpt2":
@@ -264,10 +266,12 @@ class Trainer:
         lr = _lr_at(cfg, self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.ddp.train()
-        loss = self.ddp(**self._inputs(tokens, self.step)).loss
+        self.model.train()
+        loss = self.model(**self._inputs(tokens, self.step)).loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            average_gradients(self.model, self.world)
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -361,7 +365,7 @@ class Trainer:
         self.opt.add_param_group({"params": routers, "weight_decay": 0.0, "ssdfx_router": True})
         self.phase, self.phase_start = "sparse", self.step
         self.monitor.reset()
-        self.ddp = self._wrap()
+        self._sync_ranks()
         self.elapsed += time.perf_counter() - t0
         self._write({"kind": "switch", "step": self.step, "to": "sparse", "time": self.elapsed})
         self.save_checkpoint()
@@ -375,7 +379,7 @@ class Trainer:
         ssdfx.revert(self.model, optimizer=self.opt)
         self.phase, self.phase_start = "dense", self.step
         self.last_report = None  # the pattern must prove itself stable again
-        self.ddp = self._wrap()
+        self._sync_ranks()
         self.elapsed += time.perf_counter() - t0
         self._write({"kind": "switch", "step": self.step, "to": "dense", "time": self.elapsed})
         self.save_checkpoint()
@@ -513,13 +517,13 @@ def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig, tokenizer=None) ->
         "sites": [s.as_dict() for s in conv.sites]}, indent=1))
 
 
-def _vocab_from_state(state: dict) -> int:
+def _vocab_from_state(state: Mapping) -> int:
     # the embedding or its tied output layer, whichever name safetensors kept for the shared
     # tensor
     for suffix in ("wte.weight", "word_embeddings.weight", "lm_head.weight", "decoder.weight"):
-        for key, value in state.items():
+        for key in state:
             if key.endswith(suffix):
-                return value.shape[0]
+                return state[key].shape[0]
     raise ValueError("cannot tell the vocabulary size: the saved state has no embedding or "
                      "output-layer weight (expected a key ending in wte.weight or lm_head.weight)")
 
@@ -528,9 +532,10 @@ def load_moe(path: str | Path) -> nn.Module:
     """Rebuild a model saved in final_moe/: dense model from its config, converted with the saved
     splits, weights loaded. Ready for sparse inference. (`ssdfx.load_converted` reads the same
     directory; this also reads final_moe/ directories written before it existed.)"""
-    from safetensors.torch import load_file, load_model
+    from safetensors import safe_open
+    from safetensors.torch import load_model
 
-    from ssdfx.saving import META, load_converted
+    from ssdfx.saving import META, TensorsOnDemand, load_converted
 
     path = Path(path)
     if (path / META).is_file():
@@ -539,16 +544,19 @@ def load_moe(path: str | Path) -> nn.Module:
     # the recorded settings as they are: a TrainConfig would re-check the run's options, and the
     # model's architecture is all that is needed here
     cfg = meta["config"]
-    state = load_file(str(path / "model.safetensors"))
-    model = build_model(cfg["model"], vocab_size=_vocab_from_state(state), n_layer=cfg["n_layer"],
-                        n_embd=cfg["n_embd"], n_head=cfg["n_head"], ctx=cfg["ctx"],
-                        d_ff=cfg.get("d_ff") or 4 * cfg["n_embd"], activation=cfg["activation"],
-                        seed=cfg["seed"])
-    sites = ssdfx.find_ffns(model)
-    paths = {s.name: _legacy_perm_path(s) for s in sites}
-    parts = {site: state[key] for site, key in paths.items()}
+    # as in load_converted: the few tensors that shape the model first, the weights once
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        state = TensorsOnDemand(f)
+        model = build_model(cfg["model"], vocab_size=_vocab_from_state(state), n_layer=cfg["n_layer"],
+                            n_embd=cfg["n_embd"], n_head=cfg["n_head"], ctx=cfg["ctx"],
+                            d_ff=cfg.get("d_ff") or 4 * cfg["n_embd"], activation=cfg["activation"],
+                            seed=cfg["seed"])
+        sites = ssdfx.find_ffns(model)
+        paths = {s.name: _legacy_perm_path(s) for s in sites}
+        parts = {site: state[key] for site, key in paths.items()}
+        routers = shell_routers(state, paths)
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=parts,
-                  router=shell_routers(state, paths), dynamic_k=cfg.get("dynamic_k"))
+                  router=routers, dynamic_k=cfg.get("dynamic_k"))
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
 

@@ -64,7 +64,7 @@ def add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="SSD pre-training of an HF model built from a config (the main job)",
         description="Pre-train a model from a config on a text corpus, switching FFNs between dense "
-                    "and sparse (mixture-of-experts) phases. Runs under torchrun for DDP (gloo on CPU).",
+                    "and sparse (mixture-of-experts) phases. Runs under torchrun for data parallelism (gloo on CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = _choices()
     for f in dataclasses.fields(TrainConfig):

@@ -1,4 +1,4 @@
-"""DDP under torchrun (2 processes, gloo on CPU): every rank holds the same parameters after
+"""Data parallelism under torchrun (2 processes, gloo on CPU): every rank holds the same parameters after
 each switch, and the ranks trained on different data."""
 
 import os

@@ -305,7 +305,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["bert", "gpt2"])
-def test_ssd_run_with_final_models(corpus, tmp_path, model):
+def test_ssd_run_with_final_models(corpus, tmp_path, model, monkeypatch):
     # GPT-2 ties lm_head to the embedding, and safetensors keeps only one of the two names
     cfg = tiny(corpus, tmp_path / "b", model=model, mode="ssd-fixed", fixed_start=10, sparse_steps=10,
                steps=30, check_every=10, save_final=True)
@@ -329,7 +329,14 @@ def test_ssd_run_with_final_models(corpus, tmp_path, model):
     meta = json.loads(meta_path.read_text())
     meta["config"]["final_dense_steps"] = 10 ** 6
     meta_path.write_text(json.dumps(meta))
+    import safetensors.torch
+
+    reads = []  # the weights are read once (the splits and router shapes alone beforehand)
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **kw: reads.append(a) or real(*a, **kw))
     legacy = load_moe(tmp_path / "b" / "final_moe")
+    assert len(reads) == 1
+    monkeypatch.undo()
     # a run that saves its final MoE over such a directory replaces it (save_converted alone
     # refuses a model.safetensors it did not write)
     from ssdfx.train import _save_moe

@@ -14,8 +14,10 @@ So the collectives here run outside backward and keep their work handles (`_held
 next round: a gloo thread then only lets go of a work that this thread still references, which
 needs no GIL, and the work is destroyed here, a step later or at exit. Without the handles
 (the same collectives, handles dropped after `wait`) 2 of 50 runs still crashed; with them, none
-of 60. What this gives up is DDP's overlap of communication with backward, which runs of this
-driver's size (CPU, gloo, small models) barely have to hide.
+of 150. What this gives up is DDP's overlap of communication with backward, which runs of this
+driver's size barely have to hide: `torchrun --nproc_per_node=2 -m ssdfx train` (the default
+GPT-2 4x256, gloo on this 2-core CPU) trained at 8.4-8.5k tokens/s dense and 12.8-13.2k sparse
+both with DDP and with this.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "num_workers",
-           "sort_pairs", "top_k_indices"]
+           "padded_slots", "sort_pairs", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -183,6 +183,24 @@ def _sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 
 sort_pairs = _keeps_torch_threads(_sort_pairs)
+
+
+def _padded_slots(order: torch.Tensor, offsets: torch.Tensor, pairs: int, cap: int, k: int,
+                  t_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (P,) and tok (E*cap,) of `ssdfx.ops.padded`'s blocks, in one numba pass (the torch
+    ops it replaces, repeat_interleave, two aranges, full and index_copy_, took 49 us of a
+    0.34 ms bf16 forward at T=64, d=256, E=16, k=4)."""
+    from ssdfx.ops import numba_kernels as nk
+
+    num_experts = offsets.numel() - 1
+    pos = torch.empty(pairs, dtype=torch.int64)
+    tok = torch.empty(num_experts * cap, dtype=torch.int64)
+    nk.padded_slots(_np(order.to(torch.int64).contiguous()), _np(offsets.to(torch.int64).contiguous()),
+                    k, t_all, cap, _np(pos), _np(tok))
+    return pos, tok
+
+
+padded_slots = _keeps_torch_threads(_padded_slots)
 
 
 # numba's top-k is O(E^2) per row: faster than torch.topk on fresh data up to E=64 (T=2048,

@@ -33,8 +33,8 @@ from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
 
-__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up", "plan",
-           "top_k"]
+__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up",
+           "padded_slots", "plan", "top_k"]
 
 
 def _sigs(make):
@@ -78,6 +78,23 @@ def count_sort(idx, num_experts, order, offsets):
         else:
             order[tail] = p
             tail += 1
+    return offsets[num_experts]
+
+
+@njit(types.int64(_I1, _I1, _i64, _i64, _i64, _I1, _I1), cache=True, nogil=True)
+def padded_slots(order, offsets, k, t_all, cap, pos, tok):
+    """The padded-block layout of `ssdfx.ops.padded` from the sorted pairs. Returns P.
+
+    pos (P,): layout row r of expert e -> padded row e*cap + (r - offsets[e]);
+    tok (E*cap,): the token of each padded row (order[r] // k), t_all on padding rows.
+    """
+    num_experts = offsets.shape[0] - 1
+    tok[:] = t_all
+    for e in range(num_experts):
+        shift = e * cap - offsets[e]
+        for r in range(offsets[e], offsets[e + 1]):
+            pos[r] = r + shift
+            tok[r + shift] = order[r] // k
     return offsets[num_experts]
 
 

@@ -8,8 +8,10 @@ rows are laid out in a block of C = (largest expert's row count) rows, padding r
 and each projection is one `bmm` against per-expert weight views.
 
 The padding is computed (E*C - P rows of GEMM work, none of it dense-and-masked: rows belong
-to no pair and are never read back), and the down-projection needs w2_e^T contiguous, one
-transposed copy of w2 per forward. `use()` takes this variant when both costs stay below what
+to no pair and are never read back), and the down-projection needs one transposed copy, of w2
+or, with fewer padded rows than d_ff, of its (E*C, d) result (`_down`). The block layout (pos,
+tok) comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this variant when both
+costs stay below what
 it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256, 768}, E in {8, 16, 32},
 k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no larger than the padded
 buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for the loop), and an
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from ssdfx.ops import cpu_numba
 from ssdfx.ops.layout import cols_grad, expert_views, hidden, hidden_backward, rows_grad
 
 __all__ = ["backward", "forward", "use"]
@@ -70,32 +73,21 @@ def _capacity(bounds: list[int]) -> int:
     return max(t - s for s, t in zip(bounds[:-1], bounds[1:]))
 
 
-def _slots(offsets: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, int]:
-    """pos (P,): the padded row of each layout row (expert e's i-th row -> e*C + i), and C."""
-    cap = _capacity(bounds)
-    num_experts = len(bounds) - 1
-    counts = offsets[1:] - offsets[:-1]  # (E,)
-    row_expert = torch.repeat_interleave(torch.arange(num_experts), counts,
-                                         output_size=bounds[-1])  # (P,)
-    pos = torch.arange(bounds[-1]) + (row_expert * cap - offsets[:-1].index_select(0, row_expert))
-    return pos, cap
-
-
 def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
     """(P, c) layout rows -> (n, c) padded rows, zeros elsewhere."""
     return rows.new_zeros(n, rows.shape[1]).index_copy_(0, pos, rows)
 
 
 def _gather(x, order, offsets, bounds, k):
-    """pos and C (`_slots`), the pairs sel (P,) in layout order, the token of each padded row
-    tok (E*C,) (T for a padding row), and the padded token rows xs (E, C, d)."""
-    pos, cap = _slots(offsets, bounds)
-    sel = order[:bounds[-1]]
+    """pos (P,): the padded row of each layout row (expert e's i-th row -> e*C + i), C, the
+    pairs sel (P,) in layout order, the token of each padded row tok (E*C,) (T for a padding
+    row), and the padded token rows xs (E, C, d)."""
+    cap = _capacity(bounds)
+    pairs = bounds[-1]
     num_experts = len(bounds) - 1
-    tok = torch.full((num_experts * cap,), x.shape[0], dtype=sel.dtype).index_copy_(
-        0, pos, sel // k)
+    pos, tok = cpu_numba.padded_slots(order, offsets, pairs, cap, k, x.shape[0])
     xs = _rows(x, tok)
-    return pos, cap, sel, tok, xs.view(num_experts, cap, x.shape[1])
+    return pos, cap, order[:pairs], tok, xs.view(num_experts, cap, x.shape[1])
 
 
 def _rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -121,6 +113,26 @@ def _up(xs, we, bias, num_experts):
     return a
 
 
+def _down(gh: torch.Tensor, w2: torch.Tensor, w2_edm: torch.Tensor) -> torch.Tensor:
+    """(E*C, d) = gh_e (C, m) @ w2_e^T per expert.
+
+    w2_e^T as (E, m, d) is a column-major view with leading dimension F, which bmm copies
+    batch by batch (250 us at T=512, d=256, E=16, bf16), so w2 is transposed once (80 us at
+    d=256, 720 us at d=768; nothing to do for a Conv1D weight, already stored that way). With
+    fewer padded rows than d_ff it is cheaper to leave w2 alone, compute the transposed product
+    w2_e (d, m) @ gh_e^T, and transpose that (E*C, d) result instead: bf16, d=256, E=16, C=25:
+    66 us against 127 (E=8, C=45: 70 against 141; E=16, C=60: 105 against 149; d=512, E=16,
+    C=30: 163 against 424), the same bits (checked at 13 shapes). From E*C = 2F on it lost
+    (E=16, C=128: 236 against 176; C=150: 827 against 192), hence the bound E*C <= F.
+    """
+    num_experts, cap, m = gh.shape
+    d = w2.shape[0]
+    w2t = w2.t()
+    if num_experts * cap <= w2.shape[1] and not w2t.is_contiguous():
+        return torch.bmm(w2_edm, gh.transpose(1, 2)).transpose(1, 2).reshape(num_experts * cap, d)
+    return torch.bmm(gh, w2t.contiguous().view(num_experts, m, d)).view(num_experts * cap, d)
+
+
 def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_experts, activation,
             dropout_p):
     """Same contract as `torch_path.forward` after its sort: returns y (T, d), a1, a3."""
@@ -135,12 +147,9 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
     g = _scatter(gate.reshape(-1, 1)[sel], pos, n)  # (n, 1), zero on padding rows
     gh = hidden(a1, a3, kp, dropout_p, activation) * g
-    # w2_e^T as (E, m, d) is a column-major view with leading dimension F, which bmm copies
-    # batch by batch (250 us at the sizes above, bf16); one 2-D transposed copy is 85 us
-    w2t = w2.t().contiguous().view(num_experts, m, d)
-    ys = torch.bmm(gh.view(num_experts, cap, m), w2t)  # (E, C, d)
+    ys = _down(gh.view(num_experts, cap, m), w2, w2_edm)
     # index_add_ in layout order, as torch_path's combine (deterministic)
-    y = _sum_rows(ys.view(n, d), tok, t_all)
+    y = _sum_rows(ys, tok, t_all)
     a1 = a1.index_select(0, pos)
     a3 = a3.index_select(0, pos) if a3 is not None else None
     return y, a1, a3

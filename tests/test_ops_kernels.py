@@ -382,3 +382,25 @@ def test_numba_sort_pairs_equals_the_torch_sort(t, e, k, unused, seed):
     order, offsets = cpu_numba.sort_pairs(idx, e)
     want_order, want_offsets = sort_pairs(idx, e)
     assert torch.equal(order, want_order) and torch.equal(offsets, want_offsets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("cap", [3, 40], ids=["rows<d_ff", "rows>d_ff"])
+def test_padded_down_projection_both_ways(dtype, conv1d, cap):
+    # padded._down multiplies w2_e @ gh_e^T and transposes the result when the padded blocks
+    # have fewer rows than d_ff (and w2 is not already stored transposed), else copies w2
+    # transposed; both against a float64 product per expert
+    from ssdfx.ops import padded
+    from ssdfx.ops.layout import expert_views
+
+    torch.manual_seed(0)
+    num_experts, d, m = 4, 24, 16
+    w2 = (torch.randn(num_experts * m, d).t() if conv1d else torch.randn(d, num_experts * m)).to(dtype)
+    gh = torch.randn(num_experts, cap, m).to(dtype)
+    w1 = torch.empty(num_experts * m, d, dtype=dtype)
+    got = padded._down(gh, w2, expert_views(w1, w2, None, num_experts)[2])
+    want = torch.cat([gh[e].double() @ w2[:, e * m:(e + 1) * m].double().t() for e in range(num_experts)])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert got.shape == (num_experts * cap, d) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * (1 + want.abs().max().item()))

@@ -14,7 +14,7 @@ tok) comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this va
 costs stay below what it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256,
 768}, E in {8, 16, 32}, k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no
 larger than the padded buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for
-the loop), and an (E*C, d) buffer under 5 MiB (T=2048, d=256, E=16, 4.3 MiB: 1.00x against
+the loop) unless w2 or the experts are small (below), and an (E*C, d) buffer under 5 MiB (T=2048, d=256, E=16, 4.3 MiB: 1.00x against
 0.81x; from 6.5 MiB on it lost, as fresh buffers that large page-fault: T=512, d=768, E=16,
 k=8: 0.70x against 0.96x; T=2048, d=256, E=16, k=8, 8.4 MiB: 0.28x against 0.59x). Other
 problems take `torch_path`'s per-expert loops.
@@ -30,8 +30,19 @@ the forward's 5 MiB (T=2048, d=256, E=16, k=8: 7.3 ms against 11.7; T=8192, d=25
 E*C >= F is not required where w2 is at most 1 MiB (`SMALL_W2_BYTES`; d=256 here): its copy then
 stays in L2, and below that many rows the per-expert loop's call overhead is what costs. In bf16
 at T=64, d=256, E=16, k=4 the padded forward took 0.30 ms against 0.70 for the loop (backward
-0.38 against 1.39), at T=512, d=256, E=8, k=1 0.44 against 0.60 (0.66 against 1.21); at d=768
-(w2 4.7 MB) the loop stayed faster with E*C < F (T=64, E=16, k=4: 1.16 against 1.58 ms).
+0.38 against 1.39), at T=512, d=256, E=8, k=1 0.44 against 0.60 (0.66 against 1.21). At d=768
+(w2 4.7 MB) the loop used to stay faster with E*C < F (T=64, E=16, k=4: 1.16 against 1.58 ms),
+when the down-projection still copied w2; since `_down` leaves w2 alone there, small experts
+take this variant at any d: C * m * d <= 2^24 multiply-adds per expert and projection in the
+forward, 2^25 in the backward (`SMALL_EXPERT_MACS`). Measured in bf16 against the loops, one
+call each right after a dense forward+backward, medians of 70 alternated pairs, forward /
+backward in ms: d=768, T=64, E=16, k=4 (C*m*d = 3.4M) 1.51 -> 0.97 / 2.97 -> 1.72; T=512, E=16,
+k=2 (11.5M) 3.37 -> 2.58 / 6.34 -> 4.34; E=32, k=4 (5.7M) 3.82 -> 2.66 / 7.38 -> 4.21; E=16, k=4
+(20.8M, backward only) 7.13 -> 5.38; E=8, k=1 (22M, backward only) 4.67 -> 4.05; d=512, T=512,
+E=8, k=1 (9M) 1.85 -> 1.42 / 3.34 -> 2.46. Larger experts lost or tied in the forward (d=768,
+T=512, E=8, k=4, 80M: 5.7 against 6.1 ms; T=2048, E=8, k=1, 83M: 6.0 against 7.8; d=1024,
+T=1024, E=16, k=2, 38M: 5.1 against 6.8) and tied in the backward from ~40M (T=1024, E=8, k=1,
+43M: 7.6 against 8.0).
 
 Zero padding rows stay harmless through the backward: their dy rows are zero, so dh, da1, da3
 and the gate-weighted h are zero there and add nothing to any weight gradient, bias gradient
@@ -54,6 +65,10 @@ MAX_BACKWARD_BUFFER_BYTES = 32 << 20  # the same, backward
 MAX_PAD = 2.0  # padded rows per pair row, E*C / P
 # below this size of w2 its transposed copy is cheap whatever E*C (it fits in L2)
 SMALL_W2_BYTES = 1 << 20
+# experts whose block is at most this many multiply-adds per projection (C * m * d) take the
+# padded variant at any d (module docstring)
+SMALL_EXPERT_MACS = 1 << 24  # forward
+SMALL_EXPERT_MACS_BACKWARD = 1 << 25
 
 
 def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = False) -> bool:
@@ -61,10 +76,14 @@ def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = F
     pairs = bounds[-1]
     if x.device.type != "cpu" or pairs == 0:
         return False
-    rows = (len(bounds) - 1) * _capacity(bounds)
+    num_experts = len(bounds) - 1
+    cap = _capacity(bounds)
+    rows = num_experts * cap
     limit = MAX_BACKWARD_BUFFER_BYTES if backward else MAX_BUFFER_BYTES
     small_w2 = w1.numel() * w1.element_size() <= SMALL_W2_BYTES
-    return ((w1.shape[0] <= rows or small_w2) and rows <= MAX_PAD * pairs
+    macs = cap * w1.numel() // num_experts  # C * m * d
+    small_experts = macs <= (SMALL_EXPERT_MACS_BACKWARD if backward else SMALL_EXPERT_MACS)
+    return ((w1.shape[0] <= rows or small_w2 or small_experts) and rows <= MAX_PAD * pairs
             and rows * x.shape[1] * x.element_size() < limit)
 
 

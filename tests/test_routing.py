@@ -1,7 +1,5 @@
 """Routers and selection."""
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,9 +50,9 @@ def test_dynamic_k_takes_the_fewest_experts(e, cap, cov, seed):
 @settings(max_examples=30, deadline=None)
 @given(e=st.integers(1, 64), k_frac=st.floats(0.0, 1.0), rows=st.integers(256, 700),
        lead=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       coarse=st.booleans(), parallel=st.booleans(), seed=st.integers(0, 1000))
-def test_numba_top_k_equals_torch_topk(e, k_frac, rows, lead, dtype, coarse, parallel, seed):
-    from ssdfx.ops import cpu_numba
+       coarse=st.booleans(), seed=st.integers(0, 1000))
+def test_numba_top_k_equals_torch_topk(e, k_frac, rows, lead, dtype, coarse, seed):
+    from ssdfx.ops.cpu_numba import top_k_indices
 
     k = max(1, round(k_frac * e))
     shape = (2, rows, e) if lead else (rows, e)
@@ -63,9 +61,7 @@ def test_numba_top_k_equals_torch_topk(e, k_frac, rows, lead, dtype, coarse, par
         scores = scores.round()
     probs = torch.softmax(scores, -1)
     want = probs.topk(k, dim=-1)  # largest first
-    # both kernels: the serial one (these sizes) and the parallel one (from 2^17 values)
-    with mock.patch.object(cpu_numba, "TOP_K_SERIAL_BELOW", 0 if parallel else 1 << 17):
-        idx = cpu_numba.top_k_indices(probs, k)
+    idx = top_k_indices(probs, k)
     assert idx.shape == want.indices.shape and idx.dtype == torch.int64
     assert torch.equal(idx, want.indices)
     # and the selections built on it agree with torch.topk's

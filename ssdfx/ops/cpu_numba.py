@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 
 import numpy as np
 import torch
@@ -205,18 +204,14 @@ padded_slots = _keeps_torch_threads(_padded_slots)
 
 
 # numba's top-k is O(E^2) per row: faster than torch.topk on fresh data up to E=64 (T=2048,
-# E=64, k=8: 279 us against 612 us); below TOP_K_MIN_ROWS rows torch.topk is as fast. Below
-# TOP_K_SERIAL_BELOW values (rows x E) it runs in the calling thread: measured right after a
-# dense forward+backward, as in a model (2 threads), the parallel kernel's launch and thread
-# settings cost more than they saved (kernel alone, T=512, E=8, k=1: 50 us serial against 235
-# us; T=2048, E=16, k=4: 144 against 319), while at T=8192 two threads pay off (E=32, k=8: 692
-# against 869 us; E=16, k=4: 479 against 446, even). In that state every Python-level step
-# costs 10-30 us, so the whole call (T=512, E=16, k=4: 171 us) is only a little faster than
-# torch.topk (133 us); in the whole sparse forward the two were within the noise at T=64 and
-# T=512, E=8, k=1 and numba 6-11% faster at T=512 and 2048, E=16, k=4 (one run).
+# E=64, k=8: 279 us against 612 us); below TOP_K_MIN_ROWS rows torch.topk is as fast.
+# It runs on the op's two threads even where that costs more than the ranking itself (right
+# after a dense forward+backward, as in a model: 235 us at T=512, E=8, k=1 against 50 us for
+# a serial kernel): the parallel region wakes numba's pool for the expert kernels that follow,
+# and with a serial top-k the whole sparse forward was no faster, at T=512, E=16, k=4 slower
+# (1.72 against 1.50 ms and 2.26 against 1.93 ms in two runs, ~65 calls each, alternated).
 TOP_K_MAX_EXPERTS = 64
 TOP_K_MIN_ROWS = 256
-TOP_K_SERIAL_BELOW = 1 << 17
 
 
 def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -225,8 +220,8 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     (other devices or dtypes, traced or fake tensors, many experts, few rows). Rows with a NaN
     or with equal values that make the top k ambiguous are taken from torch.topk.
 
-    torch.topk sorts each row with unpredictable branches; this ranks without data branches
-    (see TOP_K_SERIAL_BELOW for figures).
+    torch.topk sorts each row with unpredictable branches: at T=512, E=16, k=4 it took 84 us
+    on fresh data, this 20 us (two threads).
     """
     from ssdfx.ops.dispatch import plain_eager
 
@@ -237,18 +232,9 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
             or not plain_eager(probs)):
         return None
     flat = probs.detach().reshape(rows, ne).contiguous()
-    nk = sys.modules.get("ssdfx.ops.numba_kernels")
-    if nk is not None and flat.numel() < TOP_K_SERIAL_BELOW:
-        # the common case, with as few Python-level steps as possible (each costs 10-30 us
-        # with cold caches): no parallel region, so no thread settings to guard
-        idx = torch.empty(rows, k, dtype=torch.int64)
-        bad = np.empty(rows, np.bool_)  # scratch
-        n_bad = nk.top_k_serial(_np(flat), k, _np(idx), bad)
-    else:
-        idx, bad, n_bad = _top_k(flat, k)
-    if n_bad:
-        rows_bad = torch.from_numpy(bad)
-        idx[rows_bad] = flat[rows_bad].topk(k, dim=-1).indices
+    idx, bad = _top_k(flat, k)
+    if bad is not None:
+        idx[bad] = flat[bad].topk(k, dim=-1).indices
     return idx.view(*probs.shape[:-1], k)
 
 
@@ -256,16 +242,12 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
 def _top_k(probs, k):
     from ssdfx.ops import numba_kernels as nk
 
-    rows = probs.shape[0]
-    idx = torch.empty(rows, k, dtype=torch.int64)
-    bad = np.empty(rows, np.bool_)
-    if probs.numel() < TOP_K_SERIAL_BELOW:
-        n_bad = nk.top_k_serial(_np(probs), k, _np(idx), bad)
-    else:
-        workers = num_workers()
-        with _numba_phase(workers, blas=False):
-            n_bad = nk.top_k(_np(probs), k, _np(idx), bad, workers)
-    return idx, bad, n_bad
+    workers = num_workers()
+    idx = torch.empty(probs.shape[0], k, dtype=torch.int64)
+    bad = torch.empty(probs.shape[0], dtype=torch.bool)
+    with _numba_phase(workers, blas=False):
+        n_bad = nk.top_k(_np(probs), k, _np(idx), _np(bad), workers)
+    return idx, bad if n_bad else None
 
 
 @_keeps_torch_threads

@@ -34,7 +34,7 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm
 
 __all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up",
-           "padded_slots", "plan", "top_k", "top_k_serial"]
+           "padded_slots", "plan", "top_k"]
 
 
 def _sigs(make):
@@ -132,17 +132,6 @@ def _top_k_block(probs, k, idx, bad):
         bad[t] = nan or lowest < 0
         n_bad += bad[t]
     return n_bad
-
-
-@njit(
-    [_i64(_c(f, 2), _i64, _c(_i64, 2), _c(types.boolean, 1))
-     for f in (types.float32, types.float64)],
-    cache=True, nogil=True,
-)
-def top_k_serial(probs, k, idx, bad):
-    """`top_k` in the calling thread, with no parallel region to start: cheaper up to ~2^17
-    values (see `cpu_numba.TOP_K_SERIAL_BELOW`)."""
-    return _top_k_block(probs, k, idx, bad)
 
 
 @njit(

@@ -60,11 +60,7 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers into every rank's `module` (same structure on
     every rank). Call it wherever DDP would be constructed: at the start and after a rewrite."""
     tensors = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())]
-    pending = []
-    for bucket in _buckets(tensors):
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        pending.append((bucket, flat, dist.broadcast(flat, src=src, async_op=True)))
-    _finish(pending, lambda flat: flat)
+    _bucketed(tensors, lambda flat: dist.broadcast(flat, src=src, async_op=True), lambda flat: flat)
 
 
 @torch.no_grad()
@@ -78,15 +74,17 @@ def average_gradients(module: nn.Module, world: int) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
+    _bucketed(grads, lambda flat: dist.all_reduce(flat, async_op=True), lambda flat: flat.div_(world))
+
+
+def _bucketed(tensors: list[torch.Tensor], launch, transform) -> None:
+    """Start `launch` (an async collective) on every bucket of `tensors`, flattened, all in
+    flight at once; then wait for each, write `transform(flat)` back into its tensors, and
+    hold the work handles until the next round (see the module docstring)."""
     pending = []
-    for bucket in _buckets(grads):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
-    _finish(pending, lambda flat: flat.div_(world))
-
-
-def _finish(pending: list, transform) -> None:
-    """Wait for each work, write its result back, and hold the handles until the next round."""
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        pending.append((bucket, flat, launch(flat)))
     for bucket, flat, work in pending:
         work.wait()
         _unflatten(transform(flat), bucket)

@@ -14,10 +14,10 @@ tok) comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this va
 costs stay below what it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256,
 768}, E in {8, 16, 32}, k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no
 larger than the padded buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for
-the loop) unless w2 or the experts are small (below), and an (E*C, d) buffer under 5 MiB (T=2048, d=256, E=16, 4.3 MiB: 1.00x against
-0.81x; from 6.5 MiB on it lost, as fresh buffers that large page-fault: T=512, d=768, E=16,
-k=8: 0.70x against 0.96x; T=2048, d=256, E=16, k=8, 8.4 MiB: 0.28x against 0.59x). Other
-problems take `torch_path`'s per-expert loops.
+the loop) unless w2 or the experts are small (below), and an (E*C, d) buffer under 5 MiB
+(T=2048, d=256, E=16, 4.3 MiB: 1.00x against 0.81x; from 6.5 MiB on it lost, as fresh buffers
+that large page-fault: T=512, d=768, E=16, k=8: 0.70x against 0.96x; T=2048, d=256, E=16, k=8,
+8.4 MiB: 0.28x against 0.59x). Other problems take `torch_path`'s per-expert loops.
 
 The backward takes this variant up to 32 MiB buffers (`MAX_BACKWARD_BUFFER_BYTES`; any forward's
 layout feeds any backward): measured in bf16 on this CPU against the per-expert loops, backward

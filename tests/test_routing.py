@@ -1,5 +1,7 @@
 """Routers and selection."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,16 +15,23 @@ from ssdfx.routing import (CentroidRouter, centroids, fit_temperature, select_dy
 from ssdfx.stability import routed_coverage
 
 
-def test_top_k_gate_is_one_forward_and_softmax_backward():
-    scores = torch.randn(6, 8, requires_grad=True)
-    idx, gate = select_top_k(scores, 3)
-    assert torch.equal(gate.detach(), torch.ones(6, 3))
-    w = torch.randn(6, 3)
+@pytest.mark.parametrize("rows", [6, 300])  # torch.topk; numba's top-k (>= 256 rows)
+@pytest.mark.parametrize("mode", ["eager", "dispatch_mode"])  # _UnitGate; the composite ops
+def test_top_k_gate_is_one_forward_and_softmax_backward(rows, mode):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.randn(2, rows, 8, generator=g, requires_grad=True)
+    ctx = FlopCounterMode(display=False) if mode == "dispatch_mode" else contextlib.nullcontext()
+    with ctx:
+        idx, gate = select_top_k(scores, 3)
+    assert torch.equal(gate.detach(), torch.ones(2, rows, 3))
+    w = torch.randn(2, rows, 3, generator=g)
     (gate * w).sum().backward()
-    # reference: gradient of sum(w * softmax(scores)[idx])
-    s2 = scores.detach().clone().requires_grad_(True)
-    (torch.softmax(s2, -1).gather(-1, idx) * w).sum().backward()
-    torch.testing.assert_close(scores.grad, s2.grad)
+    # reference: gradient of sum(w * softmax(scores)[idx]), in float64
+    s2 = scores.detach().double().requires_grad_(True)
+    (torch.softmax(s2, -1).gather(-1, idx) * w.double()).sum().backward()
+    torch.testing.assert_close(scores.grad, s2.grad.float())
     assert torch.equal(idx.sort(-1).values, scores.topk(3, -1).indices.sort(-1).values)
 
 

@@ -71,6 +71,8 @@ def _dgate(dg: torch.Tensor, inv: torch.Tensor, t_all: int, k: int) -> torch.Ten
 def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: int,
              k: int) -> torch.Tensor:
     """(T, d): each token's sum of its K rows of `rows` (P, d, layout order)."""
+    if k == 1 and rows.shape[0] == t_all:  # one row per token: a gather, nothing to add
+        return rows.index_select(0, inv)
     if rows.device.type == "cuda":
         from ssdfx.ops import cuda_kernels
 
@@ -151,10 +153,15 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     h = hidden(a1, a3, kp, dropout_p, activation)
     gh = h * gate.reshape(-1)[sel].unsqueeze(1)  # (P, m); never in place: h may be a1
     if blocks:
-        # the same row order as _combine's index_add_ over all pairs, one expert at a time
-        y = x.new_zeros(t_all, d)
+        # the same row order as _combine's index_add_ over all pairs, one expert at a time;
+        # with one row per token, each is written once instead
+        once = k == 1 and pairs == t_all
+        y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
         for e, s, t in _spans(bounds):
-            y.index_add_(0, tok[s:t], torch.mm(gh[s:t], w2t[e]))
+            if once:
+                y.index_copy_(0, tok[s:t], torch.mm(gh[s:t], w2t[e]))
+            else:
+                y.index_add_(0, tok[s:t], torch.mm(gh[s:t], w2t[e]))
     else:
         ys = _mm(gh, w2t, bounds)  # (P, d)
         y = _combine(ys, order, _inverse(order, pairs), t_all, k)

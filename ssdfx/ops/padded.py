@@ -55,7 +55,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import cpu_numba
-from ssdfx.ops.layout import cols_grad, expert_views, hidden, hidden_backward, rows_grad
+from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
+                              sum_slots)
 
 __all__ = ["backward", "forward", "use"]
 
@@ -117,17 +118,16 @@ def _rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
 
 def _sum_rows(rows: torch.Tensor, tok: torch.Tensor, t_all: int, pos: torch.Tensor,
               sel: torch.Tensor, k: int) -> torch.Tensor:
-    """(T, c): each token's sum of its padded rows, added in padded order (= layout order: the
-    same additions as over the P layout rows); padding rows go to a spare row that is dropped.
-    With one row per token (k = 1, no unused slot) that row is gathered instead: index_add_
-    (serial) took 314 us at T=8192, d=256, E=8, bf16, the gather ~100, with the same values
-    but for the sign of a zero. The result is a copy, not a view of a (T + 1, c) buffer:
-    autograd refuses in-place changes to a view made inside a custom Function, and users may
-    modify the op's output."""
-    if k == 1 and sel.shape[0] == t_all:
-        row = torch.empty_like(pos)
-        row[sel] = pos  # the padded row of each token
-        return rows.index_select(0, row)
+    """(T, c): each token's sum of its padded rows. Where every slot holds a pair, the rows
+    are gathered slot by slot and added (`layout.sum_slots`, 1.2-3.2x faster than index_add_,
+    which is serial). With unused slots (dynamic-k), index_add_ in padded order (= layout
+    order), padding rows into a spare row that is dropped; the result is then a copy, not a
+    view of that (T + 1, c) buffer: autograd refuses in-place changes to a view made inside a
+    custom Function, and users may modify the op's output."""
+    if sel.shape[0] == t_all * k:
+        slot_rows = torch.empty_like(pos)
+        slot_rows[sel] = pos  # the padded row of each (token, slot)
+        return sum_slots(rows, slot_rows.view(t_all, k))
     return rows.new_zeros(t_all + 1, rows.shape[1]).index_add_(0, tok, rows)[:t_all].clone()
 
 
@@ -162,8 +162,8 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
             dropout_p):
     """Same contract as `torch_path.forward` after its sort: returns y (T, d), a1, a3.
 
-    Padding rows need not be zero here: whatever they compute is added to `_sum_rows`' spare
-    row, which is dropped, and a1/a3 keep only the pairs' rows. So they read some token's x
+    Padding rows need not be zero here: `_sum_rows` never reads them (or, with unused slots,
+    adds them to a spare row that is dropped), and a1/a3 keep only the pairs' rows. So they read some token's x
     (no zero row is appended to x: that copy of x took 134-204 us at T=8192, d=256, bf16), and
     the gate multiplies h only where some gate is not exactly 1.0 (the router's gates are 1.0
     in the forward pass; the multiply and the scatter of the gates took 105 us there).

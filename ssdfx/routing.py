@@ -119,14 +119,14 @@ def straight_through(probs: torch.Tensor) -> torch.Tensor:
     return (probs - probs.detach()) + 1.0
 
 
-def _top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores.topk(k, dim=-1).indices, largest first; on CPU through numba's kernel where it
-    applies (`ssdfx.ops.cpu_numba.top_k_indices`, 4-7x faster than torch.topk on fresh data at
-    T=512, E<=32), else torch.topk."""
+def _top_k_indices(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
+    """scores.topk(k, dim=-1).indices, largest first if `sorted` (numba's are always); on CPU
+    through numba's kernel where it applies (`ssdfx.ops.cpu_numba.top_k_indices`, 4-7x faster
+    than torch.topk on fresh data at T=512, E<=32), else torch.topk."""
     from ssdfx.ops.cpu_numba import top_k_indices
 
     idx = top_k_indices(scores, k)
-    return scores.topk(k, dim=-1).indices if idx is None else idx
+    return scores.topk(k, dim=-1, sorted=sorted).indices if idx is None else idx
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     backward is Python calling several ops, the softmax's own is one fused node.
     """
     scores = scores.float()  # (..., E)
-    idx = _top_k_indices(scores, k)  # (..., k)
+    idx = _top_k_indices(scores, k, sorted=False)  # (..., k)
     if not (torch.is_grad_enabled() and scores.requires_grad):
         return idx, scores.new_ones(idx.shape)
     return idx, straight_through(torch.softmax(scores, dim=-1).gather(-1, idx))

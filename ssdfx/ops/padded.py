@@ -163,10 +163,11 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     """Same contract as `torch_path.forward` after its sort: returns y (T, d), a1, a3.
 
     Padding rows need not be zero here: `_sum_rows` never reads them (or, with unused slots,
-    adds them to a spare row that is dropped), and a1/a3 keep only the pairs' rows. So they read some token's x
-    (no zero row is appended to x: that copy of x took 134-204 us at T=8192, d=256, bf16), and
-    the gate multiplies h only where some gate is not exactly 1.0 (the router's gates are 1.0
-    in the forward pass; the multiply and the scatter of the gates took 105 us there).
+    adds them to a spare row that is dropped), and a1/a3 keep only the pairs' rows. So they
+    read some token's x (no zero row is appended to x: that copy of x took 134-204 us at
+    T=8192, d=256, bf16), and the gate multiplies h only where some gate is not exactly 1.0
+    (the router's gates are 1.0 in the forward pass; the multiply and the scatter of the gates
+    took 105 us there).
     """
     t_all, d = x.shape
     k = gate.shape[1]
@@ -183,7 +184,8 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
     gh = hidden(a1, a3, kp, dropout_p, activation)
     if not bool((gate == 1.0).all()):
-        gh = gh * _scatter(gate.reshape(-1, 1)[sel], pos, n)  # (n, 1); never in place: gh may be a1
+        # (n, 1) gates, zero on padding rows; never in place: gh may be a1
+        gh = gh * _scatter(gate.reshape(-1, 1)[sel], pos, n)
     ys = _down(gh.view(num_experts, cap, m), w2, w2_edm)
     y = _sum_rows(ys, tok, t_all, pos, sel, k)
     a1 = a1.index_select(0, pos)

@@ -5,9 +5,11 @@ dtype: gather the pairs' token rows once in expert order, run each expert's GEMM
 contiguous block with `torch.mm(..., out=block)` (row slices of one buffer: nothing is
 concatenated, and no slice-backward zero-fill ever happens, the backward being written by
 hand), and combine. The gate is folded into h before the down-projection (h has m columns,
-y rows have d), and the combine sums each token's K rows straight from the expert-ordered
-output: `index_add_` on CPU (sequential per row, so deterministic; 4x faster than a gather and
-a sum over K in bf16 at T=2048, d=768, K=4), the Triton kernel on CUDA.
+y rows have d; skipped on CPU where every gate is exactly 1.0, as the router's are in the
+forward pass), and the combine sums each token's K rows straight from the expert-ordered
+output: on CPU K gathers and K-1 adds in slot order (`layout.sum_slots`), or `index_add_`
+(sequential per row, deterministic) where dynamic-k leaves slots unused; the Triton kernel on
+CUDA.
 
 On CPU the gathers, the down-projection and the whole backward run one expert's row block at
 a time instead, so no (P, d) buffer exists: a fresh 25 MB buffer (T=2048, d=768, K=8, bf16) is
@@ -160,8 +162,8 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
     gh = _gated(hidden(a1, a3, kp, dropout_p, activation), gate, sel)  # (P, m)
     if blocks:
-        # the same row order as _combine's index_add_ over all pairs, one expert at a time;
-        # with one row per token, each is written once instead
+        # index_add_ one expert at a time (no (P, d) buffer); with one row per token, each
+        # row is written once instead
         once = k == 1 and pairs == t_all
         y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
         for e, s, t in _spans(bounds):

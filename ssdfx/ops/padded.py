@@ -56,7 +56,7 @@ import torch
 
 from ssdfx.ops import cpu_numba
 from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
-                              sum_slots)
+                              sum_slots, unit_gates)
 
 __all__ = ["backward", "forward", "use"]
 
@@ -97,16 +97,14 @@ def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
     return rows.new_zeros(n, rows.shape[1]).index_copy_(0, pos, rows)
 
 
-def _gather(x, order, offsets, bounds, k):
+def _slots(order, offsets, bounds, k, t_all):
     """pos (P,): the padded row of each layout row (expert e's i-th row -> e*C + i), C, the
-    pairs sel (P,) in layout order, the token of each padded row tok (E*C,) (T for a padding
-    row), and the padded token rows xs (E, C, d)."""
+    pairs sel (P,) in layout order, and the token of each padded row tok (E*C,) (T for a
+    padding row)."""
     cap = _capacity(bounds)
     pairs = bounds[-1]
-    num_experts = len(bounds) - 1
-    pos, tok = cpu_numba.padded_slots(order, offsets, pairs, cap, k, x.shape[0])
-    xs = _rows(x, tok)
-    return pos, cap, order[:pairs], tok, xs.view(num_experts, cap, x.shape[1])
+    pos, tok = cpu_numba.padded_slots(order, offsets, pairs, cap, k, t_all)
+    return pos, cap, order[:pairs], tok
 
 
 def _rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -172,18 +170,15 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     t_all, d = x.shape
     k = gate.shape[1]
     m = w1.shape[0] // num_experts
-    cap = _capacity(bounds)
-    pairs = bounds[-1]
+    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all)
     n = num_experts * cap
-    pos, tok = cpu_numba.padded_slots(order, offsets, pairs, cap, k, t_all)
-    sel = order[:pairs]
     xs = x.index_select(0, tok.clamp(max=t_all - 1)).view(num_experts, cap, d)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     a1 = _up(xs, w1e, b1, num_experts).view(n, m)
     a3 = _up(xs, w3e, b3, num_experts).view(n, m) if w3 is not None else None
     kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
     gh = hidden(a1, a3, kp, dropout_p, activation)
-    if not bool((gate == 1.0).all()):
+    if not unit_gates(gate):
         # (n, 1) gates, zero on padding rows; never in place: gh may be a1
         gh = gh * _scatter(gate.reshape(-1, 1)[sel], pos, n)
     ys = _down(gh.view(num_experts, cap, m), w2, w2_edm)
@@ -201,8 +196,9 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
     m = w1.shape[0] // num_experts
     glu = w3 is not None
     pairs = bounds[-1]
-    pos, cap, sel, tok, xs = _gather(x, order, offsets, bounds, k)
+    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all)
     n = num_experts * cap
+    xs = _rows(x, tok).view(num_experts, cap, d)  # zero padding rows (module docstring)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     dys = _rows(dy, tok).view(num_experts, cap, d)
     dh = torch.bmm(dys, w2_edm).view(n, m)

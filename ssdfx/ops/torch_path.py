@@ -30,7 +30,7 @@ import torch
 
 from ssdfx.ops import cpu_numba, padded
 from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
-                              sort_pairs, sum_slots)
+                              sort_pairs, sum_slots, unit_gates)
 
 __all__ = ["backward", "forward"]
 
@@ -119,10 +119,9 @@ def _mm(a, b_e, bounds, bias=None):
 
 
 def _gated(h: torch.Tensor, gate: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """h (P, m) times each pair's gate; h itself where every gate is exactly 1.0 (the router's
-    forward gates), which spares a pass over h (on CPU: elsewhere the check would sync). Never
-    in place: h may be a1."""
-    if gate.device.type == "cpu" and bool((gate == 1.0).all()):
+    """h (P, m) times each pair's gate; h itself where `unit_gates`. Never in place: h may be
+    a1."""
+    if unit_gates(gate):
         return h
     return h * gate.reshape(-1)[sel].unsqueeze(1)
 

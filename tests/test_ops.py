@@ -182,6 +182,33 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(backend, dtype, monkeypatch
     for a, b in zip(g_eager, g_op):
         assert torch.equal(a, b)
 
+@pytest.mark.parametrize("backend, dtype", [("numba", torch.float32), ("torch", torch.bfloat16)])
+def test_call_without_gradients_equals_the_custom_op(backend, dtype, monkeypatch):
+    # with nothing to differentiate (no_grad, or no input that needs a gradient) eager calls
+    # run the kernels without the autograd Function; the output must be the op's, untracked
+    import ssdfx.ops
+
+    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=dtype)
+    p["expert_idx"][3, 1] = -1
+
+    def run():
+        torch.manual_seed(5)  # the dropout mask
+        return _call(p, backend, dropout_p=0.25)
+
+    with torch.no_grad():
+        y_no_grad = run()
+    y_plain = run()  # grad mode on, but no input requires a gradient
+    p["w1"] = p["w1"].requires_grad_()
+    y_tracked = run()
+    monkeypatch.setattr(ssdfx.ops, "plain_eager", lambda *ts: False)
+    with torch.no_grad():
+        y_op = run()
+    assert y_no_grad.grad_fn is None and y_plain.grad_fn is None
+    assert y_tracked.grad_fn is not None
+    for y in (y_no_grad, y_plain, y_tracked):
+        assert torch.equal(y, y_op)
+
+
 
 @pytest.mark.parametrize("backend, dtype", [("numba", torch.float32), ("torch", torch.bfloat16)])
 @pytest.mark.parametrize("padded_limit", [0, 1 << 30])

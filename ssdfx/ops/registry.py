@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ssdfx.ops import reference
 from ssdfx.ops.dispatch import select
 
-__all__ = ["EagerMoeFfn", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
+__all__ = ["EagerMoeFfn", "device_forward", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
 
 _FwdOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 _BwdOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -43,15 +43,16 @@ def moe_ffn_op(
                              activation, dropout_p)
 
 
-def _device_forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
-                    dropout_p, backend):
+def device_forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
+                   dropout_p, backend):
+    """The op's forward on a CPU or CUDA device: the kernels `dispatch.select` picks."""
     kernels = select(backend, x, w1, num_experts)
     return kernels.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
                            activation, dropout_p)
 
 
-moe_ffn_op.register_kernel("cpu")(_device_forward)
-moe_ffn_op.register_kernel("cuda")(_device_forward)
+moe_ffn_op.register_kernel("cpu")(device_forward)
+moe_ffn_op.register_kernel("cuda")(device_forward)
 
 
 @moe_ffn_op.register_fake
@@ -147,7 +148,7 @@ class EagerMoeFfn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
                 dropout_p, backend):
-        out = _device_forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
+        out = device_forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
                               activation, dropout_p, backend)
         _setup_context(ctx, (x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
                              activation, dropout_p, backend), out)

@@ -36,6 +36,25 @@ __all__ = ["HeadConfig", "moefy_head", "bypass", "hoist_out", "PEER"]
 PEER = "_ssdfx_peer"  # unregistered attribute of a chain head: the tail that owns w_out
 
 
+class PeerTracer(fx.Tracer):
+    """The tracer torch.fx uses to rebuild a chain head's graph when it is unpickled
+    (`torch.load` of a whole converted model): the head reads w_out through its unregistered
+    PEER attribute, and the default tracer, which names parameters by searching the root's own,
+    raises NameError for it."""
+
+    def create_arg(self, a):
+        try:
+            return super().create_arg(a)
+        except NameError:
+            peer = self.root.__dict__.get(PEER)
+            if not isinstance(a, nn.Parameter) or peer is None:
+                raise
+            name = next((n for n, p in peer.named_parameters() if p is a), None)
+            if name is None:
+                raise
+            return self.create_node("get_attr", f"{PEER}.{name}", (), {})
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """The chain head: `site` found in the whole model, `prefix` the head's path, `tail` the
@@ -80,6 +99,7 @@ def moefy_head(gm: fx.GraphModule, config: HeadConfig) -> PassResult:
         raise UnsupportedSiteError(f"FFN {s.name}: the hidden state is also used inside {p}")
     validate_partition(config.partition, s.d_ff, s.name)
     object.__setattr__(gm, PEER, config.tail)  # not registered: w_out keeps its name in the tail
+    gm._tracer_cls = PeerTracer  # what unpickling re-traces the generated code with
     perm = config.partition if config.partition is not None else torch.arange(s.d_ff)
     tensors = site_tensors(s.w_in, s.w_out, s.w_up)
     for name, dim in tensors:

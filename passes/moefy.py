@@ -78,9 +78,10 @@ def validate_experts(num_experts, top_k) -> None:
 
 
 def validate_dynamic_k(coverage) -> None:
-    if coverage is not None and not (isinstance(coverage, float) and 0.0 < coverage <= 1.0):
+    number = isinstance(coverage, (int, float)) and not isinstance(coverage, bool)
+    if coverage is not None and not (number and 0.0 < coverage <= 1.0):
         raise ValueError(f"dynamic_k is the activation-mass share each token's experts must cover, "
-                         f"a float in (0, 1] (e.g. 0.9); got {coverage!r}")
+                         f"a number in (0, 1] (e.g. 0.9); got {coverage!r}")
 
 
 def validate_partition(perm: torch.Tensor | None, d_ff: int, site: str) -> None:
@@ -103,7 +104,7 @@ def check_site(site: str, activation: str, d_ff: int, num_experts: int) -> None:
             f"replace it with a supported one (e.g. nn.ReLU() for a clamped ReLU such as ReLU6, "
             f"then train or fine-tune), or exclude the site with sites=[...]")
     if d_ff % num_experts:
-        divisors = [e for e in range(2, min(d_ff, 64) + 1) if d_ff % e == 0]
+        divisors = [e for e in range(1, min(d_ff, 256) + 1) if d_ff % e == 0]
         raise UnsupportedSiteError(
             f"FFN {site}: d_ff={d_ff} is not divisible by num_experts={num_experts}; "
             f"choose num_experts from {divisors}")

@@ -180,10 +180,15 @@ def convert(
     _check_model(model)
     validate_experts(num_experts, top_k)
     validate_dynamic_k(dynamic_k)
+    dynamic_k = None if dynamic_k is None else float(dynamic_k)
     _check_backend(backend)
     if is_converted(model):
         raise AlreadyConvertedError("the model is already converted; call ssdfx.revert(model) first")
     found, located = _resolve_sites(model, sites, example_inputs, example_kwargs)
+    _check_mappings(found, partition=partition, router=router)
+    _check_stats(found, stats)
+    if optimizer is not None:
+        _check_optimizer_state(optimizer, model, found)
     for s in found:
         check_site(s.name, s.activation, s.d_ff, num_experts)
     perms = {s.name: _partition(partition, s, model, num_experts, stats) for s in found}
@@ -252,10 +257,61 @@ def convert(
     return model
 
 
+def _check_given_sites(model: nn.Module, sites: list[FFNSite]) -> None:
+    """ValueError unless every FFNSite names parameters of `model` shaped as the site says
+    (sites from find_ffns of another model, or of this one before a change, do not)."""
+    from ssdfx.passes.moefy import site_tensors
+
+    for s in sites:
+        for name, dim in site_tensors(s.w_in, s.w_out, s.w_up):
+            try:
+                p = model.get_parameter(name)
+            except AttributeError:
+                p = None
+            fits = p is not None and p.shape[dim] == s.d_ff and (
+                p.dim() == 1 or p.shape[1 - dim] == s.d_model)
+            if not fits:
+                have = "no such parameter" if p is None else f"shape {tuple(p.shape)}"
+                raise ValueError(
+                    f"site {s.name} (d_model={s.d_model}, d_ff={s.d_ff}) does not fit this model: "
+                    f"{name} has {have}; pass sites found by ssdfx.find_ffns(model) on this "
+                    "model, or their names")
+
+
+def _check_mappings(found: list[FFNSite], **mappings) -> None:
+    """ValueError for a partition= or router= mapping key that names no site being converted
+    (a typo would otherwise silently give that site the default)."""
+    names = {s.name for s in found}
+    for option, mapping in mappings.items():
+        if isinstance(mapping, Mapping):
+            unknown = sorted(set(mapping) - names)
+            if unknown:
+                raise ValueError(f"{option}= names {unknown}, which are not among the sites being "
+                                 f"converted; site names: {sorted(names)}")
+
+
+def _check_stats(found: list[FFNSite], stats: Mapping | None) -> None:
+    """ValueError for statistics recorded on an FFN of other shapes than the site's."""
+    for s in found:
+        st = stats.get(s.name) if stats else None
+        if st is None:
+            continue
+        shapes = (tuple(st.x.shape[1:]), tuple(st.h.shape[1:]))
+        if shapes != ((s.d_model,), (s.d_ff,)):
+            raise ValueError(
+                f"stats for {s.name} were recorded on an FFN with d_model={shapes[0][0]}, "
+                f"d_ff={shapes[1][0]}, but this site has d_model={s.d_model}, d_ff={s.d_ff}: "
+                "record them on this model, stats=ssdfx.observe(model, batches)")
+
+
 def _resolve_sites(model, sites, example_inputs, example_kwargs) -> tuple[list[FFNSite], Located | None]:
     if sites is not None:
         sites = list(sites)
-        if sites and all(isinstance(s, FFNSite) for s in sites):
+        if not sites:
+            raise ValueError("sites=[] selects no FFN: pass sites=None to convert every FFN found, "
+                             "or the sites (or their names) to convert")
+        if all(isinstance(s, FFNSite) for s in sites):
+            _check_given_sites(model, sites)
             return sites, None
     located = locate(model, example_inputs, example_kwargs)
     found = located.sites
@@ -302,11 +358,43 @@ def _param_by_name(model: nn.Module, name: str) -> nn.Parameter:
     return model.get_parameter(name)
 
 
+def _follows_neurons(value, param: torch.Tensor, dim: int) -> bool | None:
+    """Whether optimizer state `value` of `param` is indexed by the neurons along `dim` (True:
+    permute it with the parameter), holds nothing per neuron (False: a step count, or a
+    factored statistic of size 1 there, like Adafactor's column or row variance), or cannot
+    be told (None)."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 1:
+        return False
+    if value.dim() != param.dim():
+        return None
+    if value.shape[dim] == param.shape[dim]:
+        return True
+    return False if value.shape[dim] == 1 else None
+
+
+def _check_optimizer_state(optimizer, model: nn.Module, sites) -> None:
+    """ValueError, before convert changes anything, for optimizer state that cannot follow the
+    neuron permutation."""
+    from ssdfx.passes.moefy import site_tensors
+
+    for s in sites:
+        for name, dim in site_tensors(s.w_in, s.w_out, s.w_up):
+            param = _param_by_name(model, name)
+            for key, value in optimizer.state.get(param, {}).items():
+                if _follows_neurons(value, param, dim) is None:
+                    raise ValueError(
+                        f"optimizer state {key!r} of {name} has shape {tuple(value.shape)} for a "
+                        f"parameter of shape {tuple(param.shape)}: convert permutes the FFN's "
+                        f"neurons (dimension {dim}) and cannot tell how this state is indexed. "
+                        "Convert before the optimizer has state (or after optimizer.state.clear()), "
+                        "or without optimizer= and rebuild the optimizer")
+
+
 def _permute_state(optimizer, param, perm, dim) -> None:
     from ssdfx.passes import permute_
 
     for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+        if _follows_neurons(value, param, dim):
             permute_(value, perm, dim)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssdfx.fx_leaf import graph_leaf
+
 __all__ = [
     "CentroidRouter", "MLPRouter", "centroids", "select_top_k", "select_dynamic_k",
     "straight_through", "fit_temperature", "train_mlp_router", "build_router",
@@ -129,6 +131,7 @@ def _top_k_indices(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.T
     return scores.topk(k, dim=-1, sorted=sorted).indices if idx is None else idx
 
 
+@graph_leaf
 def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest-scoring experts per token: indices (..., k) int64 and gates (..., k),
     exactly 1.0 forward, with the gradient of softmax(scores) at the chosen experts.
@@ -148,6 +151,7 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return idx, straight_through(torch.softmax(scores, dim=-1).gather(-1, idx))
 
 
+@graph_leaf
 def select_dynamic_k(scores: torch.Tensor, coverage: float, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the fewest experts whose predicted mass share (softmax of the scores) reaches
     `coverage`, at most `max_k`. Unused slots hold expert index -1 (the op skips them)."""

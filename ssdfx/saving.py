@@ -4,14 +4,18 @@ A directory holds
 
     model.safetensors   the converted model's state dict (shared tensors, such as GPT-2's tied
                         embedding and output layer, are stored once)
-    ssdfx.json          num_experts, top_k, dynamic_k, the sites and, per site, the state-dict
-                        key of its neuron permutation (its router sits beside it)
+    ssdfx.json          num_experts, top_k, dynamic_k, the sites, per site its activation and
+                        the state-dict key of its neuron permutation (its router sits beside
+                        it)
     config.json         for Hugging Face models: their config (`save_pretrained`), so that
                         `load_converted(dir)` can build the model by itself
 
 Rebuilding is convert again with the saved splits and routers of the right shapes, then
 loading the weights: the result computes exactly what was saved. Any other model is rebuilt by
 passing a dense instance of the same architecture: `load_converted(dir, model=MyModel())`.
+Sites saved with ReLU where the rebuilt model has another activation were relufied
+(`ssdfx.relufy`, which leaves the config alone) and are relufied again; parameters and
+buffers take the dtypes they were saved in (a bf16 save loads as bf16).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
         "format": FORMAT, "model_class": type(model).__name__,
         "num_experts": conv.num_experts, "top_k": conv.top_k, "dynamic_k": conv.dynamic_k,
         "sites": [s.name for s in conv.sites], "perm_buffers": permutation_buffers(model),
+        "activations": {s.name: s.activation for s in conv.sites},
     }, indent=1))
     for name in renames + [WEIGHTS, META]:
         (path / (name + ".tmp")).replace(path / name)
@@ -135,13 +140,52 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
             raise ValueError(f"the model's FFN sites {sorted(s.name for s in found)} do not "
                              f"match the saved ones {sorted(paths)}: pass a model of the saved "
                              "architecture")
+        sites = _same_activations(model, sites, meta.get("activations", {}),
+                                  example_inputs, example_kwargs)
         partition = {site: state[key] for site, key in paths.items()}
         routers = shell_routers(state, paths)
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=partition,
                   router=routers, dynamic_k=meta.get("dynamic_k"),
                   example_inputs=example_inputs, example_kwargs=example_kwargs)
+    _cast_to_saved(model, dtypes)
     load_model(model, str(path / WEIGHTS))
     return model.eval()
+
+
+_FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                 "F64": torch.float64}
+
+
+def _cast_to_saved(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Give each floating parameter and buffer the dtype its state-dict entry was saved in
+    (safetensors names, e.g. "BF16"), in place: load_model copies values into the tensors as
+    they are, converting them to the model's dtypes."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    for key, t in named.items():
+        want = _FLOAT_DTYPES.get(dtypes.get(key, ""))
+        if want is not None and t.is_floating_point() and t.dtype != want:
+            t.data = t.data.to(want)
+
+
+def _same_activations(model, sites, saved, example_inputs, example_kwargs):
+    """The sites, relufied where they were saved with ReLU and the rebuilt model has another
+    activation; ValueError for any other difference. `saved` maps site names to activations
+    (empty for files written before activations were recorded)."""
+    import ssdfx
+
+    relu = [s for s in sites if saved.get(s.name, s.activation) == "relu" != s.activation]
+    other = [f"{s.name}: saved {saved[s.name]}, the model has {s.activation}" for s in sites
+             if saved.get(s.name, s.activation) not in ("relu", s.activation)]
+    if other:
+        raise ValueError("the saved FFN activations differ from the model's (" + "; ".join(other)
+                         + "): pass a dense model of the saved architecture")
+    if not relu:
+        return sites
+    ssdfx.relufy(model, sites=relu)
+    names = {s.name for s in sites}
+    return [s for s in ssdfx.find_ffns(model, example_inputs, example_kwargs) if s.name in names]
 
 
 class TensorsOnDemand(Mapping):

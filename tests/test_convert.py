@@ -124,6 +124,42 @@ def test_optimizer_state_follows_the_permutation():
             assert torch.equal(v, state[id(p)][k])
 
 
+def test_factored_optimizer_state_follows_and_unknown_state_is_refused():
+    # Adafactor keeps per-row and per-column statistics ((F, 1) and (1, d) for a (F, d)
+    # weight): a converted step then revert must train exactly like the dense model
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+
+    x = torch.randn(32, 16)
+    sparse, dense = net(), net()
+    opts = [torch.optim.Adafactor(m.parameters(), lr=1e-2) for m in (sparse, dense)]
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    for _ in range(2):
+        step(sparse, opts[0])
+        step(dense, opts[1])
+    ssdfx.convert(sparse, num_experts=4, top_k=4, partition="random", optimizer=opts[0])
+    step(sparse, opts[0])
+    step(dense, opts[1])
+    ssdfx.revert(sparse, optimizer=opts[0])
+    for p, q in zip(sparse.parameters(), dense.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # state indexed in a way convert cannot tell: refused before anything changes
+    w = sparse[0].weight
+    opts[0].state[w]["odd"] = torch.zeros(8, 8)
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    with pytest.raises(ValueError, match="optimizer state 'odd' of 0.weight has shape"):
+        ssdfx.convert(sparse, num_experts=4, top_k=4, partition="random", optimizer=opts[0])
+    assert not ssdfx.is_converted(sparse)
+    for k, v in sparse.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_converted_model_state_dict_has_routers_and_permutations():
     model, _, _ = models.bert()
     ssdfx.convert(model, num_experts=4, top_k=2)

@@ -127,6 +127,33 @@ def test_bad_partition():
     assert _unchanged(model, snap)
 
 
+def _other_gpt2(n_inner):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=models.VOCAB,
+                                      n_positions=64, n_inner=n_inner)).eval()
+
+
+def test_mapping_keys_stats_and_sites_must_fit_the_model():
+    model, kwargs, _ = models.gpt2()
+    snap = _snapshot(model)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    # a key that names no site (here the module path instead of the site name)
+    with pytest.raises(ValueError, match=r"partition= names \['transformer.h.0.mlp'\].*" + name):
+        ssdfx.convert(model, 4, 2, partition={"transformer.h.0.mlp": torch.arange(128)})
+    with pytest.raises(ValueError, match=r"router= names \['typo'\]"):
+        ssdfx.convert(model, 4, 2, router={"typo": nn.Linear(32, 4)})
+    # statistics and FFNSite objects taken from a model with another d_ff
+    other = _other_gpt2(n_inner=64)
+    stats = ssdfx.observe(other, [{"input_ids": kwargs["input_ids"]}])
+    with pytest.raises(ValueError, match=f"stats for {name} were recorded on an FFN with "
+                                         "d_model=32, d_ff=64, but this site has d_model=32, d_ff=128"):
+        ssdfx.convert(model, 4, 2, partition="coactivation", stats=stats)
+    with pytest.raises(ValueError, match=f"site {name} .*d_ff=64.* does not fit this model"):
+        ssdfx.convert(model, 4, 2, sites=ssdfx.find_ffns(other))
+    assert _unchanged(model, snap) and not ssdfx.is_converted(model)
+
+
 def test_unknown_backend_refused_before_conversion():
     # it used to convert, and fail only at the first forward
     model, _, _ = models.gpt2()

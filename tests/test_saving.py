@@ -60,6 +60,64 @@ def test_round_trip_keeps_dynamic_k_and_mlp_routers(tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make, options", [
+    (models.gpt2, dict(num_experts=4, top_k=2)),
+    (models.llama, dict(num_experts=4, top_k=2)),
+    (models.bert, dict(num_experts=4, top_k=4, dynamic_k=0.8)),
+])
+def test_whole_converted_model_pickles_and_retraces(make, options, tmp_path):
+    # torch.save(model) pickles the rewritten GraphModules, and torch.load traces their code
+    # again: the selection functions and the op must stay single nodes (ssdfx.fx_leaf)
+    model, kwargs, _ = make()
+    model.eval()
+    if "dynamic_k" in options:
+        options["stats"] = ssdfx.observe(model, [kwargs])
+    ssdfx.convert(model, **options)
+    want = _logits(model, kwargs)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+    ssdfx.revert(loaded)
+    ssdfx.revert(model)
+    torch.testing.assert_close(_logits(loaded, kwargs), _logits(model, kwargs), rtol=0, atol=0)
+
+
+def test_symbolic_trace_of_a_converted_ffn_keeps_the_op_as_one_node():
+    import torch.fx
+
+    model, kwargs = _gpt2()
+    ssdfx.convert(model, 4, 2)
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 5, model.config.n_embd)
+    traced = torch.fx.symbolic_trace(mlp)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert ssdfx.routing.select_top_k in targets and ssdfx.ops.moe_ffn in targets
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), mlp(x), rtol=0, atol=0)
+
+
+def test_relufied_and_bf16_models_load_as_saved(tmp_path):
+    # relufy swaps modules and leaves the HF config (GELU) alone; the rebuilt model must be
+    # relufied again. A bf16 model must come back in bf16, not in the config's default dtype
+    model, kwargs = _gpt2(activation="gelu_new")
+    ssdfx.relufy(model)
+    model.to(torch.bfloat16)
+    ssdfx.convert(model, 4, 2)
+    want = _logits(model, kwargs)
+    ssdfx.save_converted(model, tmp_path / "moe")
+    loaded = ssdfx.load_converted(tmp_path / "moe")
+    assert {s.activation for s in ssdfx.converted_sites(loaded)} == {"relu"}
+    assert loaded.transformer.wte.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
+    # an activation that relufy cannot explain is refused, naming the site
+    meta = tmp_path / "moe" / "ssdfx.json"
+    saved = json.loads(meta.read_text())
+    saved["activations"] = {k: "silu" for k in saved["activations"]}
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="saved silu, the model has gelu_tanh"):
+        ssdfx.load_converted(tmp_path / "moe")
+
+
 def test_non_hf_models_are_rebuilt_from_a_dense_instance(tmp_path):
     model, kwargs, _ = models.block()
     model.eval()

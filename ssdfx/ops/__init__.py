@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ssdfx.activations import ACTIVATIONS
+from ssdfx.fx_leaf import graph_leaf
 from ssdfx.ops.dispatch import BACKENDS, plain_eager
 from ssdfx.ops.registry import (EagerMoeFfn, device_forward, moe_ffn_backward_op, moe_ffn_op,
                                 pair_count)
@@ -75,6 +76,7 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+@graph_leaf
 def moe_ffn(
     x: torch.Tensor,
     w1: torch.Tensor,

@@ -31,7 +31,9 @@ __all__ = ["InputRecorder", "ObservePassConfig", "observe", "unobserve"]
 
 
 class InputRecorder(nn.Module):
-    """Keeps up to `max_tokens` rows of its (..., d) input, in arrival order."""
+    """Keeps up to `max_tokens` rows of its (..., d) input, in arrival order. Where `mask` is
+    set and has the input's leading shape (an attention mask (B, S) for a (B, S, d) input),
+    only the rows it marks are recorded (padding is not a token)."""
 
     _is_impure = True  # fx: keep the call although nothing uses its result
 
@@ -40,9 +42,14 @@ class InputRecorder(nn.Module):
         self.max_tokens = max_tokens
         self.rows: list[torch.Tensor] = []
         self.seen = 0
+        self.mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])  # (T, d)
+        x = x.detach()
+        if self.mask is not None and self.mask.shape == x.shape[:-1]:
+            flat = x[self.mask.to(x.device)]  # (T, d) real tokens only
+        else:
+            flat = x.reshape(-1, x.shape[-1])  # (T, d)
         room = self.max_tokens - sum(r.shape[0] for r in self.rows)
         if room > 0:
             self.rows.append(flat[:room].float().cpu().clone())

@@ -123,7 +123,12 @@ def stats_from_inputs(model: nn.Module, site: FFNSite, x: torch.Tensor, seen: in
 def observe(model: nn.Module, batches: Iterable, *, sites: list[FFNSite] | None = None,
             max_tokens: int = 4096, output_tolerance: float = 0.01) -> dict[str, SiteStats]:
     """Run `batches` (each a dict of model kwargs, or a tuple of args) through the model with
-    input recorders on every site; return {site name: SiteStats}. The model is left as it was."""
+    input recorders on every site; return {site name: SiteStats}. The model is left as it was.
+
+    A dict batch's `attention_mask` (B, S) excludes padding positions from the statistics of
+    sites whose input is (B, S, d); encoder-decoder models (config.is_encoder_decoder) are
+    recorded unmasked, as their decoder runs on other positions than the mask describes.
+    """
     from ssdfx.api import find_ffns, is_converted
     from ssdfx.capture import require_traced, swap_module
     from ssdfx.passes import run_pass
@@ -146,10 +151,16 @@ def observe(model: nn.Module, batches: Iterable, *, sites: list[FFNSite] | None 
             if len(res.report) != len(group):
                 raise RuntimeError(f"observe: could not attach to every site in {path}")
             swapped[path] = swap_module(model, path, gm)
+        masked = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         with torch.no_grad():
             for batch in batches:
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) and masked else None
+                for r in recorders.values():
+                    r.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
                 model(**batch) if isinstance(batch, Mapping) else model(*batch)
     finally:
+        for r in recorders.values():
+            r.mask = None
         for path, original in swapped.items():
             swap_module(model, path, original)
     return {s.name: stats_from_inputs(model, s, recorders[s.name].sample(), recorders[s.name].seen,

@@ -107,3 +107,19 @@ def test_observe_refuses_converted_model():
     ssdfx.convert(model, num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="revert"):
         observe(model, [kwargs])
+
+
+def test_padding_positions_are_not_recorded():
+    # GPT-2 is causal: the first 4 positions of a right-padded batch see exactly what a batch
+    # of only those 4 positions sees, so their recorded inputs must be that batch's, and the
+    # padding none of them
+    model, kwargs, _ = models.gpt2()
+    model.eval()
+    ids = kwargs["input_ids"]
+    mask = torch.zeros_like(ids)
+    mask[:, :4] = 1
+    padded = ssdfx.observe(model, [{"input_ids": ids, "attention_mask": mask}])
+    short = ssdfx.observe(model, [{"input_ids": ids[:, :4]}])
+    for name, st in padded.items():
+        assert st.tokens_seen == short[name].tokens_seen == ids.shape[0] * 4
+        torch.testing.assert_close(st.x, short[name].x, rtol=1e-5, atol=1e-6)

@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssdfx",
         description="Switchable Sparse-Dense Learning for PyTorch Transformers, as fx graph rewrites.")
-    parser.add_argument("--traceback", action="store_true",
-                        help="show the full traceback on errors (for bug reports)")
+    traceback_help = "show the full traceback on errors (for bug reports)"
+    parser.add_argument("--traceback", action="store_true", help=traceback_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from ssdfx.convert_cli import add_bench, add_convert
     from ssdfx.train_cli import add_plot, add_train
@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_flops(sub)
     add_bench(sub)
+    for command in sub.choices.values():  # also after the subcommand, where users put options
+        # SUPPRESS: when it is not given here, the top-level value (default False) stays
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=traceback_help)
+        command.set_defaults(subparser=command)  # for its own usage line in errors
     return parser
 
 
@@ -381,11 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if extra and not getattr(args, "config_flags", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     prog = f"ssdfx {args.command}"
     try:
         return args.func(args, extra) if getattr(args, "config_flags", False) else args.func(args)
     except UsageError as e:
+        if args.traceback:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except (SSDFXError, ValueError, TypeError, KeyError, IndexError, ImportError, OSError) as e:

@@ -9,10 +9,13 @@ Modes: "dense"; "ssd" (sparse when the activation pattern is stable, `sparse_ste
 "ssd-fixed" (sparse phases on a fixed schedule); "sparse" (sparse for good after the first
 stability-triggered switch: the ablation). Every run but "sparse" ends with a dense phase.
 
-Outputs in `out_dir`: log.jsonl (every step, eval, stability check, switch), checkpoint.pt
-(atomic; every `checkpoint_every` steps and at every switch), final_dense/ (save_pretrained),
-final_moe/ (the converted model), both with the BPE tokenizer when the run trained one
-(AutoTokenizer.from_pretrained), plots/ (ssdfx plot).
+Outputs in `out_dir`: config.json (the settings), log.jsonl (every step, eval, stability check,
+switch, and a final record once the final models are saved), checkpoint.pt (atomic; every
+`checkpoint_every` steps, at every switch, and at the end, marked finished), final_dense/
+(save_pretrained), final_moe/ (the converted model), both with the BPE tokenizer when the run
+trained one (AutoTokenizer.from_pretrained), plots/ (ssdfx plot). A new run starts only in a
+missing or empty directory, or replaces a previous run's files (overwrite); a resumed run takes
+its settings from config.json (`resume_config`) and replays from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from torch import nn
 import ssdfx
 from ssdfx.api import permutation_buffers
 from ssdfx.capture import ROOT_SLOT
-from ssdfx.checkpoint import load_checkpoint, save_atomic
+from ssdfx.checkpoint import (CheckpointError, check_new_run_dir, finished_record, load_checkpoint,
+                              remove_stale_temps, run_settings, save_atomic, start_run_dir, write_text_atomic)
 from ssdfx.data import TokenData, load_corpus, make_tokenizer
 from ssdfx.dataparallel import average_gradients, broadcast_state
 from ssdfx.hf import MODEL_TYPES, build_model, mlm_batch
@@ -45,7 +47,8 @@ from ssdfx.saving import shell_routers
 from ssdfx.stats import observe
 from ssdfx.stability import StabilityMonitor
 
-__all__ = ["TrainConfig", "Trainer", "train", "MODES", "ACTIVATIONS", "PARTITIONS", "ROUTERS", "load_moe"]
+__all__ = ["TrainConfig", "Trainer", "train", "resume_config", "resume_options", "RESUME_CHANGEABLE", "MODES",
+           "ACTIVATIONS", "PARTITIONS", "ROUTERS", "TOKENIZERS", "load_moe"]
 
 MODES = ("dense", "ssd", "ssd-fixed", "sparse")
 # HF activation names whose FFNs ssdfx can convert, in both model types (the rest of HF's
@@ -54,9 +57,18 @@ ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_f
                "swish")
 PARTITIONS = ("kmeans", "coactivation", "random")
 ROUTERS = ("centroid", "mlp")
-# settings a resumed run must share with its checkpoint
-_ARCH_KEYS = ("model", "n_layer", "n_embd", "n_head", "ctx", "d_ff", "activation", "tokenizer",
-              "num_experts", "top_k", "mode", "seed", "batch_size")
+TOKENIZERS = ("bytes", "bpe")
+# settings a resumed run may change: where the run lives, how many threads it uses, whether it
+# shows progress and saves its final models. Every other setting shapes what it computes.
+RESUME_CHANGEABLE = ("out_dir", "threads", "progress", "save_final")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _invalid(name: str, rule: str, value) -> ValueError:
+    return ValueError(f"{name} ({_flag(name)}) must be {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -105,34 +117,99 @@ class TrainConfig:
     save_final: bool = True
 
     def __post_init__(self):
-        # everything the switches will need, checked now: not hours in, at the first switch
+        # every setting, and everything the switches will need, checked now: before the run
+        # directory is touched, not hours in at the first switch
+        self._check_types()
+        self._check_values()
+        self._check_schedule()
+
+    def _check_types(self) -> None:
+        kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string"),
+                 "bool": (bool, "True or False")}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # the annotations are strings (from __future__ import annotations): "int", "int | None", ...
+            kind, _, optional = f.type.partition(" | ")
+            if value is None and optional:
+                continue
+            types, what = kinds[kind]
+            if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
+                raise TypeError(f"{f.name} ({_flag(f.name)}) must be {what}"
+                                f"{' or None' if optional else ''}, got {value!r}")
+
+    def _check_values(self) -> None:
         from ssdfx.ops.dispatch import BACKENDS
         from ssdfx.passes.moefy import validate_dynamic_k
 
         for name, allowed in (("model", MODEL_TYPES), ("mode", MODES), ("activation", ACTIVATIONS),
-                              ("partition", PARTITIONS), ("router", ROUTERS), ("backend", BACKENDS)):
+                              ("partition", PARTITIONS), ("router", ROUTERS), ("backend", BACKENDS),
+                              ("tokenizer", TOKENIZERS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        validate_dynamic_k(self.dynamic_k)
-        for name in ("n_layer", "n_embd", "n_head", "ctx", "steps", "batch_size", "num_experts", "top_k"):
+                raise _invalid(name, f"one of {tuple(allowed)}", getattr(self, name))
+        for name in ("n_layer", "n_embd", "n_head", "ctx", "steps", "batch_size", "num_experts", "top_k",
+                     "patience", "probe_batches", "sparse_steps", "fixed_dense_steps", "eval_every",
+                     "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise _invalid(name, ">= 1", getattr(self, name))
+        for name in ("warmup", "seed", "check_every", "final_dense_steps", "fixed_start"):
+            if getattr(self, name) < 0:
+                raise _invalid(name, ">= 0", getattr(self, name))
+        if self.d_ff is not None and self.d_ff < 1:
+            raise _invalid("d_ff", ">= 1 (omit it for 4 * n_embd)", self.d_ff)
+        if self.threads is not None and self.threads < 1:
+            raise _invalid("threads", ">= 1 (omit it for all cores)", self.threads)
+        if self.bpe_vocab < 256:
+            raise _invalid("bpe_vocab", ">= 256 (a byte-level BPE starts from the 256 bytes)", self.bpe_vocab)
+        for name in ("lr", "weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise _invalid(name, "a finite number >= 0", getattr(self, name))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise _invalid("min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        if not 0 < self.stability_tol < 1:
+            raise _invalid("stability_tol", "in (0, 1)", self.stability_tol)
+        validate_dynamic_k(self.dynamic_k)
+        if not self.out_dir:
+            raise _invalid("out_dir", "a directory path", self.out_dir)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             "(--n-embd, --n-head)")
         if self.ffn_dim % self.num_experts:
-            raise ValueError(f"d_ff={self.ffn_dim} is not divisible by num_experts={self.num_experts}")
+            raise ValueError(f"d_ff={self.ffn_dim} is not divisible by num_experts={self.num_experts} "
+                             "(--d-ff, --num-experts)")
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}")
+            raise _invalid("top_k", f"<= num_experts={self.num_experts}", self.top_k)
+
+    def _check_schedule(self) -> None:
+        """Refuse a switching mode whose schedule leaves no room for a sparse phase (such a run
+        used to train dense from start to end, and say nothing)."""
         if self.mode in ("ssd", "sparse") and self.check_every < 1:
-            raise ValueError(f"mode {self.mode!r} switches on stability checks: check_every must be >= 1")
+            raise ValueError(f"mode {self.mode!r} switches on stability checks: check_every (--check-every) "
+                             f"must be >= 1, got {self.check_every}")
         shortest = max(1, self.sparse_steps // 4)  # a last sparse phase may be cut down to this
-        if self.mode == "ssd-fixed" and self.fixed_start + shortest > self.steps - self.final_dense_steps:
+        if self.mode == "ssd-fixed":
+            first, why, fix = self.fixed_start, f"starts at fixed_start={self.fixed_start}", "--fixed-start"
+        elif self.mode in ("ssd", "sparse"):
+            # the first check has no previous split to compare with, so `patience` stable checks
+            # in a row end at check patience + 1 at the earliest
+            first = self.check_every * (self.patience + 1)
+            why = (f"can start at step {first} at the earliest (check_every={self.check_every} x "
+                   f"(patience={self.patience} + 1): the first stability check only records a split)")
+            fix = "--check-every, --patience"
+        else:
+            return
+        if self.mode == "sparse":  # sparse for good: one sparse step before the end is room enough
+            if first >= self.steps:
+                raise ValueError(f"mode 'sparse' would never go sparse: its sparse phase {why}, so steps "
+                                 f"(--steps) must be >= {first + 1}, got {self.steps}; raise --steps or "
+                                 f"lower {fix.replace(', ', ' or ')}")
+            return
+        if first + shortest > self.steps - self.final_dense_steps:
             raise ValueError(
-                f"mode 'ssd-fixed' would never go sparse: its first sparse phase starts at fixed_start="
-                f"{self.fixed_start} and needs {shortest} step(s) (a quarter of sparse_steps="
-                f"{self.sparse_steps}) before the final_dense_steps={self.final_dense_steps} dense steps, "
-                f"so steps must be >= {self.fixed_start + shortest + self.final_dense_steps}, got "
-                f"{self.steps}; raise --steps or lower --fixed-start or --final-dense-steps")
+                f"mode {self.mode!r} would never go sparse: its first sparse phase {why} and needs "
+                f"{shortest} step(s) (a quarter of sparse_steps={self.sparse_steps}) before the "
+                f"final_dense_steps={self.final_dense_steps} dense steps, so steps must be >= "
+                f"{first + shortest + self.final_dense_steps}, got {self.steps}; raise --steps or lower "
+                f"{fix}, --sparse-steps or --final-dense-steps")
 
     @property
     def ffn_dim(self) -> int:
@@ -150,22 +227,20 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# what a run writes in out_dir; any of the markers means the directory holds a run
-_RUN_MARKERS = ("log.jsonl", "checkpoint.pt", "final_dense", "final_moe")
-_RUN_FILES = _RUN_MARKERS + ("config.json", "plots")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print):
-        # an out_dir holding a run is refused unless resume (continue it) or overwrite (replace it)
+        """A new run needs an out_dir that is missing or empty, or holds a run and `overwrite`
+        (which replaces that run's files, and only those); `resume` continues the run there from
+        its checkpoint, with the same settings but for RESUME_CHANGEABLE."""
         self.cfg, self.log = cfg, log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.out = Path(cfg.out_dir)
-        held = [n for n in _RUN_MARKERS if (self.out / n).exists()]
-        if held and not resume and not overwrite and self.rank == 0:  # rank 0 is the one that writes
-            raise FileExistsError(f"{self.out} holds a run ({', '.join(held)}); pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose another --out-dir")
+        if self.rank == 0:  # rank 0 is the one that writes; the directory is checked before any work
+            if resume:
+                _check_resumable(self.out)
+            else:
+                check_new_run_dir(self.out, overwrite)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         corpus = load_corpus(cfg.corpus)
@@ -191,18 +266,11 @@ class Trainer:
         self.val = self.data.val_batches(cfg.batch_size, cfg.ctx, cfg.eval_batches)
         self.probe = [self._inputs(self.data.batch("val", cfg.batch_size, cfg.ctx, seed=cfg.seed + 1, step=i))
                       for i in range(cfg.probe_batches)]
+        self.finished = False
         if resume:
             self._resume()
         elif self.rank == 0:
-            for name in _RUN_FILES:  # overwrite: no file of the previous run may pass for this one's
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "log.jsonl").write_text("")
-            (self.out / "config.json").write_text(json.dumps(cfg.as_dict(), indent=1))
+            start_run_dir(self.out, cfg.as_dict())
         self._sync_ranks()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -370,7 +438,7 @@ class Trainer:
         self._write({"kind": "switch", "step": self.step, "to": "sparse", "time": self.elapsed})
         self.save_checkpoint()
 
-    def to_dense(self) -> None:
+    def to_dense(self, checkpoint: bool = True) -> None:
         t0 = time.perf_counter()
         group = next(g for g in self.opt.param_groups if g.get("ssdfx_router"))
         for p in group["params"]:
@@ -382,7 +450,8 @@ class Trainer:
         self._sync_ranks()
         self.elapsed += time.perf_counter() - t0
         self._write({"kind": "switch", "step": self.step, "to": "dense", "time": self.elapsed})
-        self.save_checkpoint()
+        if checkpoint:
+            self.save_checkpoint()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -399,14 +468,17 @@ class Trainer:
             "perm_buffers": perm_paths or None,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "monitor": self.monitor.state_dict(), "last_report": self.last_report,
-            "log_lines": self.log_lines,
+            "log_lines": self.log_lines, "finished": self.finished,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }, self.out / "checkpoint.pt")
 
     def _resume(self) -> None:
         cfg = self.cfg
-        expect = {k: v for k, v in cfg.as_dict().items() if k in _ARCH_KEYS}
+        expect = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_CHANGEABLE}
         ckpt = load_checkpoint(self.out / "checkpoint.pt", expect)
+        if ckpt.get("finished"):  # its log lost the final record; the checkpoint still knows
+            raise CheckpointError(f"the run in {self.out} finished at step {ckpt['step']}; there is "
+                                  "nothing to resume (--overwrite starts it over)")
         if ckpt["phase"] == "sparse":
             paths = ckpt.get("perm_buffers") or {s.name: _legacy_perm_path(s) for s in self.sites}
             ssdfx.convert(self.model, cfg.num_experts, cfg.top_k, sites=self.sites,
@@ -424,11 +496,10 @@ class Trainer:
         random.setstate(ckpt["rng"]["python"])
         self.log_lines = ckpt["log_lines"]
         if self.rank == 0:  # drop log lines written after the checkpoint: they will be redone
+            remove_stale_temps(self.out)
             path = self.out / "log.jsonl"
             keep = path.read_text().splitlines()[: self.log_lines] if path.exists() else []
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in keep))
-            os.replace(tmp, path)
+            write_text_atomic("".join(l + "\n" for l in keep), path)
         self.log(f"resumed from {self.out / 'checkpoint.pt'} at step {self.step} ({self.phase})")
 
     # -- output --------------------------------------------------------------------------------
@@ -448,7 +519,10 @@ class Trainer:
             moe_dir = self.out / "final_moe"
             if self.rank == 0 and cfg.save_final:
                 _save_moe(self.model, moe_dir, cfg, self.tokenizer)
-            self.to_dense()
+            # no checkpoint here: a dense one at step == steps made a resume after a crash in the
+            # saves below convert the model afresh for final_moe/, dropping the trained router and
+            # split. Without it a resume replays from the last checkpoint, bit for bit, to here.
+            self.to_dense(checkpoint=False)
             result["val_loss_dense"] = self._evaluate()
         elif cfg.mode != "dense":
             # the dense-trained model, converted for sparse inference as a switch would convert it
@@ -465,6 +539,10 @@ class Trainer:
             _save_tokenizer(self.tokenizer, self.out / "final_dense")
             (self.out / "final_dense" / "ssdfx_train.json").write_text(json.dumps(cfg.as_dict(), indent=1))
         self._write({"kind": "final", **result})
+        # the end state, marked finished once every output is written: --resume then has
+        # nothing left to do, and checkpoint.pt is the trained state, not a stale mid-run one
+        self.finished = True
+        self.save_checkpoint()
         return result
 
     @torch.no_grad()
@@ -561,7 +639,66 @@ def load_moe(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _check_resumable(out: Path) -> None:
+    """Raise CheckpointError, saying what to do instead, unless `out` holds a run that --resume
+    can continue. Reads only."""
+    if run_settings(out) is None:
+        raise CheckpointError(f"{out} holds no ssdfx run to resume (no config.json written by one); start "
+                              "a new run without --resume")
+    done = finished_record(out)
+    if done is not None:
+        raise CheckpointError(f"the run in {out} finished at step {done.get('steps')}; there is nothing to "
+                              "resume (--overwrite starts it over)")
+    if not (out / "checkpoint.pt").is_file():
+        raise CheckpointError(
+            f"the run in {out} stopped before its first checkpoint (written every checkpoint_every steps and "
+            "at every switch), so it cannot be resumed; start it over with --overwrite instead of --resume, "
+            "or choose another --out-dir")
+
+
+def resume_options() -> str:
+    """The options a resumed run may give with other values, for messages and help."""
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    options = [f"--[no-]{n.replace('_', '-')}" if kinds[n] == "bool" else _flag(n)
+               for n in RESUME_CHANGEABLE if n != "out_dir"]  # --out-dir says which run
+    return ", ".join(options[:-1]) + " and " + options[-1]
+
+
+def resume_config(out_dir: str | Path, /, **changes) -> TrainConfig:
+    """The configuration of the run in `out_dir`, as its config.json records it, with `changes`
+    to the settings a resumed run may change (RESUME_CHANGEABLE). Any other setting in `changes`
+    must equal the recorded one, or ValueError names it: a run resumed with another LR, schedule
+    or model would be neither the run it continues nor a new one."""
+    out = Path(out_dir)
+    saved = run_settings(out)
+    if saved is None:
+        _check_resumable(out)  # raises, with what to do instead
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise TypeError(f"resume_config got unknown settings {unknown}; TrainConfig's fields are {sorted(fields)}")
+    # a setting the run's version did not have yet takes its default (the behaviour before it)
+    recorded = {name: saved.get(name, default) for name, default in fields.items()}
+    differ = [n for n, v in changes.items() if n not in RESUME_CHANGEABLE and v != recorded[n]]
+    if differ:
+        given = ", ".join(f"{_flag(n)} {changes[n]} (the run's: {recorded[n]})" for n in differ)
+        free = resume_options()
+        raise ValueError(
+            f"--resume continues the run in {out} with the settings in its config.json, and these options "
+            f"differ from them: {given}; drop them to resume the run as it was, or start a new run with them "
+            f"(--overwrite replaces this one, or choose another --out-dir). On --resume only {free} may change")
+    try:
+        cfg = TrainConfig(**recorded)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"the settings in {out / 'config.json'} do not pass this version's checks: {e}") from e
+    return dataclasses.replace(cfg, **{**changes, "out_dir": str(out)})
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) one training run; returns the final figures. A new run refuses an out_dir
-    that holds a run unless overwrite=True (which replaces it)."""
+    that holds a run unless overwrite=True (which replaces it). Resuming a run that finished
+    changes nothing and returns its final record."""
+    done = finished_record(cfg.out_dir) if resume else None
+    if done is not None:
+        return done
     return Trainer(cfg, resume=resume, overwrite=overwrite).run()

@@ -158,3 +158,39 @@ def test_plot_of_a_damaged_log_says_where(capsys, tmp_path):
 
     (tmp_path / "log.jsonl").write_text(f"{good}\n{good}\n{good[:10]}")
     assert len(read_log(tmp_path)) == 2
+
+
+def test_traceback_before_or_after_the_subcommand(capsys):
+    """`--traceback` was accepted before the subcommand only; after it, `train` said
+    "unrecognized arguments" and flops took it for a config key. Either place now shows the
+    trace; without it the error stays one line."""
+    for argv in (["--traceback", "flops", "gtp2"], ["flops", "gtp2", "--traceback"]):
+        with pytest.raises(Exception, match="did you mean gpt2"):
+            main(argv)
+    code, out, err = run(capsys, "flops", "gtp2")
+    assert code == 1 and "did you mean gpt2" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # a subcommand's unknown option: its own usage line
+        main(["plot", "runs/x", "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ssdfx plot") and "ssdfx plot: error: unrecognized arguments: --bogus" in err
+
+
+def test_train_help_shows_each_default_once(capsys, monkeypatch):
+    """`train --help` printed "(default 4 * n_embd) (default: None)": the help text's own default
+    and ArgumentDefaultsHelpFormatter's."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    options = re.split(r"\n(?=  -)", out.split("options:")[1])
+    assert len(options) > 40
+    for text in options:
+        assert text.count("default") <= 1, text
+    flat = " ".join(out.split())
+    for shown in ("FFN width (default: 4 * n_embd)", "optimizer steps (default: 1000)",
+                  "(default: Shakespeare)", "threads (default: all cores)", "show a progress bar (default: on)"):
+        assert shown in flat, shown

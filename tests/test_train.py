@@ -117,6 +117,19 @@ def _losses(run_dir):
     return [(r["step"], r["phase"], r["loss"]) for r in recs if r["kind"] == "step"]
 
 
+def _records(run_dir):
+    """log.jsonl without what differs between two runs of one configuration: timings and the
+    directory."""
+    recs = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "tok_s", "check_time", "out_dir")} for r in recs]
+
+
+def _tree(root):
+    """Every file under root with its bytes and modification time, and every directory."""
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in Path(root).rglob("*")}
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     kw = dict(mode="ssd-fixed", fixed_start=12, sparse_steps=10, fixed_dense_steps=5, steps=45, check_every=0)
     Trainer(tiny(corpus, tmp_path / "ref", **kw)).run()
@@ -142,20 +155,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("mode, save_final, listed", [
-    ("dense", False, {"log"}),
-    ("dense", True, {"log", "dense model"}),
-    ("ssd-fixed", True, {"log", "checkpoint", "dense model", "MoE model"}),  # a switch checkpoints
+    ("dense", False, {"log", "checkpoint"}),
+    ("dense", True, {"log", "checkpoint", "dense model"}),
+    ("ssd-fixed", True, {"log", "checkpoint", "dense model", "MoE model"}),
 ])
 def test_summary_lists_only_files_that_exist(corpus, tmp_path, capsys, mode, save_final, listed):
-    """The end-of-run summary printed checkpoint.pt (none is written in 5 steps without a switch)
-    and final_moe/ (a dense run writes none) regardless."""
+    """The end-of-run summary printed final_moe/ (a dense run writes none) regardless, and listed
+    a mid-run checkpoint.pt; the checkpoint it lists is now the final state. Short runs print
+    their time with a decimal ("in 0 s" before), and a dense run's start-up line no longer
+    shows E and k, which it does not use."""
     import re
 
     from ssdfx.cli import main
 
     out = tmp_path / "r"
     cfg = tiny(corpus, out, mode=mode, steps=5, save_final=save_final, fixed_start=1, sparse_steps=4,
-               final_dense_steps=2, check_every=0)
+               final_dense_steps=2, check_every=0, checkpoint_every=3)
     assert main(_argv(cfg)) == 0
     captured = capsys.readouterr()
     assert "Writing model shards" not in captured.err  # transformers' bar, under --no-progress
@@ -163,6 +178,11 @@ def test_summary_lists_only_files_that_exist(corpus, tmp_path, capsys, mode, sav
     rows = [(label, path) for label, path in rows if path.startswith(str(out))]
     assert {label for label, _ in rows} == listed, rows
     assert all(Path(path).exists() for _, path in rows), rows
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ckpt["step"], ckpt["finished"]) == (5, True)  # not the step-3 one
+    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert re.search(rf"finished 5 steps in {final['time']:.1f} s of training time", captured.out), captured.out
+    assert ("E=4 k=2" in captured.err) == (mode != "dense"), captured.err
 
 
 def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
@@ -181,25 +201,161 @@ def test_a_new_run_refuses_a_directory_holding_a_run(corpus, tmp_path, capsys):
     second = tiny(corpus, out, mode="dense", steps=3, save_final=True)
     assert main(_argv(second)) == 1
     err = capsys.readouterr().err
-    assert f"ssdfx train: error: {out} holds a run" in err and "pass --resume to continue it" in err, err
-    assert "--overwrite" in err and "Traceback" not in err
+    # a finished run cannot be resumed: the advice is --overwrite or another directory
+    assert f"ssdfx train: error: {out} holds a run that finished at step 5" in err, err
+    assert "--overwrite" in err and "--resume" not in err and "Traceback" not in err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(FileExistsError, match="holds a run"):
         Trainer(second)  # the Python default refuses too
+    (out / ".checkpoint.pt.0123abcd.tmp").write_bytes(b"left by a kill during a write")
+    (out / "notes.txt").write_text("mine")
     assert main(_argv(second, "--overwrite")) == 0
     assert len(_losses(out)) == 3 and not (out / "final_moe").exists()  # nothing of the old run is left
-    assert not (out / "checkpoint.pt").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["mode"] == "dense"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "final_dense",
+                                                     "log.jsonl", "notes.txt"]  # the user's file stays
+
+
+@pytest.mark.parametrize("contents", [
+    {"config.json": '{"my": "settings"}', "plots/figure1.png": "keep"},  # names a run also writes
+    {"log.jsonl": "my own log\n", "notes.txt": "mine"},
+])
+def test_a_new_run_leaves_a_directory_without_a_run_alone(corpus, tmp_path, capsys, contents):
+    """A new run deleted config.json and plots/ from any --out-dir, whether or not it held a run.
+    A non-empty directory that holds no ssdfx run is now refused, with --overwrite too, and
+    nothing in it is touched; an empty directory is used."""
+    from ssdfx.cli import main
+
+    out = tmp_path / "proj"
+    for name, text in contents.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = _tree(out)
+    cfg = tiny(corpus, out, mode="dense", steps=2)
+    for extra in ([], ["--overwrite"]):
+        assert main(_argv(cfg, *extra)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ssdfx train: error: {out} is not empty (") and "holds no ssdfx run" in err, err
+        assert "choose an empty or new --out-dir" in err and "Traceback" not in err
+        assert _tree(out) == before
+    with pytest.raises(FileExistsError, match="holds no ssdfx run"):
+        Trainer(cfg, overwrite=True)
+    assert _tree(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_argv(tiny(corpus, empty, mode="dense", steps=2))) == 0
+    assert main(_argv(tiny(corpus, empty / "log.jsonl", mode="dense", steps=2))) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_points_to_overwrite(corpus, tmp_path, capsys):
+    """After a kill before the first checkpoint a rerun said "pass --resume to continue it", and
+    --resume said "start without --resume": a circle. Both now point to --overwrite."""
+    from ssdfx.cli import main
+
+    out = tmp_path / "r"
+    cfg = tiny(corpus, out, mode="dense", steps=3)
+    Trainer(cfg)  # config.json and an empty log.jsonl, no checkpoint: what a kill at step 0 leaves
+    for extra in ([], ["--resume"]):
+        assert main(_argv(cfg, *extra)) == 1
+        err = capsys.readouterr().err
+        assert "stopped before its first checkpoint" in err and "--overwrite" in err, err
+        assert "pass --resume" not in err and "without --resume" not in err
+    assert main(_argv(cfg, "--overwrite")) == 0
+    assert len(_losses(out)) == 3
+
+
+def test_resume_takes_the_runs_own_settings(corpus, tmp_path, capsys, monkeypatch):
+    """`--resume` built the configuration from the command line's defaults: a run of another
+    architecture failed as "incompatible", and the other settings (--lr, --steps, the schedule)
+    were silently replaced, so the LR jumped at the resumed step. Now config.json is the
+    configuration: an option given with another value is refused by name (a usage error), while
+    --threads and --[no-]progress may change; the resumed log equals an uninterrupted run's."""
+    from ssdfx.cli import main
+
+    kw = dict(mode="ssd-fixed", n_layer=1, steps=14, warmup=3, lr=1e-3, fixed_start=4, sparse_steps=4,
+              final_dense_steps=3, check_every=0, checkpoint_every=5, eval_every=5)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert main(_argv(tiny(corpus, ref, **kw))) == 0
+    real = Trainer._train_step
+
+    def interrupted_at_11(self):
+        if self.step == 11:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(Trainer, "_train_step", interrupted_at_11)
+    assert main(_argv(tiny(corpus, cut, **kw))) == 130
+    monkeypatch.undo()
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["step"] == 10
+    (cut / ".checkpoint.pt.0123abcd.tmp").write_bytes(b"left by a kill during a write")
+    capsys.readouterr()
+    before = _tree(cut)
+    assert main(["train", "--out-dir", str(cut), "--resume", "--lr", "0.01", "--steps", "20", "--n-layer", "1",
+                 "--threads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run's: 0.001), --steps 20 (the run's: 14);" in err, err  # --n-layer 1: no change
+    assert "only --threads, --[no-]progress and --[no-]save-final may change" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert _tree(cut) == before
+    assert main(["train", "--out-dir", str(cut), "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err and _tree(cut) == before
+    assert main(["train", "--out-dir", str(cut), "--resume", "--threads", "1", "--no-progress", "--no-plots"]) == 0
+    assert _records(cut) == _records(ref)
+    assert not list(cut.glob(".*.tmp"))  # the stale temporary file is cleaned up
+
+
+def test_resume_of_a_finished_sparse_run_changes_nothing(corpus, tmp_path, capsys, monkeypatch):
+    """--mode sparse switches to dense in _finish, which saved a checkpoint at the last step:
+    --resume then took the "ends dense" branch and replaced final_moe/ (trained router and split)
+    with a fresh conversion. Now --resume of a finished run says so, exits 0 and touches nothing;
+    and a crash in the final saves resumes from the last mid-run checkpoint to the final models
+    of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    from ssdfx.cli import main
+
+    kw = dict(mode="sparse", n_layer=1, steps=16, check_every=4, patience=1, stability_tol=0.5, save_final=True)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert main(_argv(tiny(corpus, ref, **kw))) == 0
+    assert [r["to"] for r in _records(ref) if r["kind"] == "switch"] == ["sparse", "dense"]
+    before = _tree(ref)
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(ref), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"the run in {ref} finished at step 16; nothing to resume" in err, err
+    assert _tree(ref) == before
+    with pytest.raises(CheckpointError, match="finished at step 16"):
+        Trainer(tiny(corpus, ref, **kw), resume=True)
+    assert ssdfx.train.train(tiny(corpus, ref, **kw), resume=True)["val_loss_sparse"] > 0
+    assert _tree(ref) == before
+
+    def disk_full(self, path, *args, **kwargs):  # final_moe/ is written, final_dense/ fails
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", disk_full)
+    assert main(_argv(tiny(corpus, cut, **kw))) == 1
+    monkeypatch.undo()
+    assert (cut / "final_moe").is_dir() and not (cut / "final_dense").exists()
+    assert main(_argv(tiny(corpus, cut, **kw), "--resume")) == 0
+    assert _records(cut) == _records(ref)
+    for name in ("final_moe/model.safetensors", "final_dense/model.safetensors"):
+        a, b = load_file(ref / name), load_file(cut / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_corrupt_and_incompatible_checkpoints(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "r", steps=12)
-    Trainer(cfg).run()
+    cfg = tiny(corpus, tmp_path / "r", steps=12, mode="dense")
+    Trainer(cfg).save_checkpoint()  # a run stopped at step 0
     with pytest.raises(CheckpointError, match="incompatible run.*n_embd"):
-        Trainer(tiny(corpus, tmp_path / "r", steps=12, n_embd=64), resume=True)
+        Trainer(tiny(corpus, tmp_path / "r", steps=12, mode="dense", n_embd=64), resume=True)
+    # every setting but RESUME_CHANGEABLE must match, not only the architecture
+    with pytest.raises(CheckpointError, match=r"incompatible run \(lr: checkpoint 0.002 vs now 0.01\)"):
+        Trainer(tiny(corpus, tmp_path / "r", steps=12, mode="dense", lr=0.01), resume=True)
+    Trainer(tiny(corpus, tmp_path / "r", steps=12, mode="dense", threads=2, progress=True), resume=True)
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         Trainer(cfg, resume=True)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no ssdfx run to resume"):
         Trainer(tiny(corpus, tmp_path / "none"), resume=True)
 
 
@@ -210,12 +366,13 @@ def test_resume_errors_are_one_line_on_the_command_line(corpus, tmp_path, capsys
 
     assert main(_argv(tiny(corpus, tmp_path / "none"), "--resume")) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ssdfx train: error: no checkpoint at") and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"ssdfx train: error: {tmp_path / 'none'} holds no ssdfx run to resume"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     Trainer(tiny(corpus, tmp_path / "r")).save_checkpoint()
-    assert main(_argv(tiny(corpus, tmp_path / "r", n_embd=64), "--resume")) == 1
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"torn")
+    assert main(_argv(tiny(corpus, tmp_path / "r"), "--resume")) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ssdfx train: error: checkpoint") and "incompatible run" in err and "n_embd" in err
+    assert err.startswith("ssdfx train: error: checkpoint") and "is corrupt" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -223,17 +380,17 @@ def test_resume_errors_are_one_line_on_the_command_line(corpus, tmp_path, capsys
     (["--dynamic-k", "2"], "dynamic_k .* got 2.0"),
     (["--dynamic-k", "0"], "dynamic_k .* got 0.0"),
     (["--num-experts", "5"], "not divisible by num_experts=5"),
-    (["--top-k", "5", "--num-experts", "4"], "top_k=5 > num_experts=4"),
+    (["--top-k", "5", "--num-experts", "4"], r"top_k \(--top-k\) must be <= num_experts=4, got 5"),
 ])
 def test_conversion_options_are_checked_before_the_run_starts(corpus, tmp_path, capsys, flags, match):
-    """A bad conversion option fails at once with a one-line error, before the run directory is
-    written (it used to fail at the first switch, possibly hours in)."""
+    """A bad conversion option fails at once with a one-line usage error, before the run
+    directory is written (it used to fail at the first switch, possibly hours in)."""
     import re
 
     from ssdfx.cli import main
 
     out = tmp_path / "r"
-    assert main(["train", "--corpus", corpus, "--out-dir", str(out), "--no-progress", *flags]) == 1
+    assert main(["train", "--corpus", corpus, "--out-dir", str(out), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and "Traceback" not in err, err
     assert not out.exists()
@@ -251,11 +408,118 @@ def test_unsupported_activation_is_refused_with_the_choices(corpus, tmp_path, ca
     err = capsys.readouterr().err
     assert "--activation" in err and all(a in err for a in ACTIVATIONS) and "relufy" not in err
     assert not out.exists()
-    with pytest.raises(ValueError, match="activation must be one of .*relu.*got 'tanh'"):
+    with pytest.raises(ValueError, match=r"activation \(--activation\) must be one of .*relu.*got 'tanh'"):
         tiny(corpus, out, activation="tanh")
-    for name, value in (("router", "linear"), ("partition", "spectral"), ("backend", "cuda-fast")):
-        with pytest.raises(ValueError, match=f"{name} must be one of"):
+    for name, value in (("router", "linear"), ("partition", "spectral"), ("backend", "cuda-fast"),
+                        ("tokenizer", "words")):
+        with pytest.raises(ValueError, match=f"{name} .*must be one of"):
             tiny(corpus, out, **{name: value})
+
+
+_TINY_CLI = ["--corpus", "CORPUS", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--ctx", "32",
+             "--batch-size", "2", "--num-experts", "4", "--top-k", "2", "--eval-batches", "1", "--probe-batches",
+             "1", "--threads", "1", "--no-progress", "--no-save-final", "--no-plots"]
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--eval-every", "0"], r"eval_every \(--eval-every\) must be >= 1, got 0"),
+    (["--eval-every", "-1"], r"eval_every \(--eval-every\) must be >= 1, got -1"),
+    (["--checkpoint-every", "0"], r"checkpoint_every \(--checkpoint-every\) must be >= 1, got 0"),
+    (["--eval-batches", "0"], r"eval_batches \(--eval-batches\) must be >= 1, got 0"),
+    (["--probe-batches", "0"], r"probe_batches \(--probe-batches\) must be >= 1, got 0"),
+    (["--threads", "-1"], r"threads \(--threads\) must be >= 1 \(omit it for all cores\), got -1"),
+    (["--threads", "0"], r"threads \(--threads\) must be >= 1"),
+    (["--d-ff", "-8"], r"d_ff \(--d-ff\) must be >= 1 \(omit it for 4 \* n_embd\), got -8"),
+    (["--top-k", "9"], r"top_k \(--top-k\) must be <= num_experts=4, got 9"),
+    (["--dynamic-k", "1.5"], r"dynamic_k .*\(0, 1\].*got 1.5"),
+    (["--stability-tol", "1"], r"stability_tol \(--stability-tol\) must be in \(0, 1\), got 1.0"),
+    (["--lr", "-1"], r"lr \(--lr\) must be a finite number >= 0, got -1.0"),
+    (["--lr", "nan"], r"lr \(--lr\) must be a finite number >= 0, got nan"),
+    (["--weight-decay", "inf"], r"weight_decay \(--weight-decay\) must be a finite number >= 0"),
+    (["--grad-clip", "-1"], r"grad_clip \(--grad-clip\) must be a finite number >= 0"),
+    (["--min-lr-ratio", "1.5"], r"min_lr_ratio \(--min-lr-ratio\) must be in \[0, 1\], got 1.5"),
+    (["--warmup", "-1"], r"warmup \(--warmup\) must be >= 0, got -1"),
+    (["--seed", "-1"], r"seed \(--seed\) must be >= 0, got -1"),
+    (["--check-every", "-5"], r"check_every \(--check-every\) must be >= 0, got -5"),
+    (["--final-dense-steps", "-1"], r"final_dense_steps \(--final-dense-steps\) must be >= 0, got -1"),
+    (["--sparse-steps", "0"], r"sparse_steps \(--sparse-steps\) must be >= 1, got 0"),
+    (["--fixed-dense-steps", "0"], r"fixed_dense_steps \(--fixed-dense-steps\) must be >= 1, got 0"),
+    (["--patience", "0"], r"patience \(--patience\) must be >= 1, got 0"),
+    (["--bpe-vocab", "10"], r"bpe_vocab \(--bpe-vocab\) must be >= 256 .*got 10"),
+    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be >= 1, got 0"),
+])
+def test_bad_values_are_usage_errors(corpus, tmp_path, capsys, flags, match):
+    """Bad values gave tracebacks (ZeroDivisionError, a shape error at the first check after the
+    run directory was written), ran silently (--eval-every -1: every step), or exited 1 though
+    they are usage errors. Each is now refused with a one-line message naming the option and its
+    range, exit status 2, before anything is written; --traceback (before or after the
+    subcommand) shows the trace instead."""
+    import re
+
+    from ssdfx.cli import UsageError, main
+
+    out = tmp_path / "r"
+    argv = ["train", *[corpus if a == "CORPUS" else a for a in _TINY_CLI], "--mode", "dense", "--steps", "3",
+            "--out-dir", str(out), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssdfx train: error: ") and re.search(match, err), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    for traceback in (argv[:1] + ["--traceback"] + argv[1:], ["--traceback"] + argv):
+        with pytest.raises(UsageError, match=match):
+            main(traceback)
+
+
+def test_config_fields_are_type_checked(corpus, tmp_path):
+    for field, value, what in (("steps", 2.5, "an integer"), ("steps", True, "an integer"),
+                               ("lr", "0.1", "a number"), ("progress", "no", "True or False"),
+                               ("dynamic_k", "0.9", "a number or None")):
+        flag = "--" + field.replace("_", "-")
+        with pytest.raises(TypeError, match=rf"{field} \({flag}\) must be {what}, got {value!r}"):
+            tiny(corpus, tmp_path / "r", **{field: value})
+    tiny(corpus, tmp_path / "r", lr=1)  # an int is a number
+
+
+def test_ssd_without_room_for_a_sparse_phase_is_refused(corpus, tmp_path, capsys):
+    """mode ssd (and sparse) trained dense from start to end, silently, when the stability
+    checks could not switch before the final dense steps (--steps 60 with the default
+    --sparse-steps and --final-dense-steps). The first check only records a split, so the
+    earliest switch is at check_every * (patience + 1); the boundary is where one cut-short
+    sparse phase fits, and a run at the boundary switches there."""
+    from ssdfx.cli import main
+
+    kw = dict(check_every=2, patience=1, stability_tol=0.99, sparse_steps=4, final_dense_steps=2, eval_every=100)
+    Trainer(tiny(corpus, tmp_path / "ssd", mode="ssd", steps=7, **kw)).run()
+    assert [p for _, p, _ in _losses(tmp_path / "ssd")] == ["dense"] * 4 + ["sparse"] + ["dense"] * 2
+    with pytest.raises(ValueError, match="mode 'ssd' would never go sparse.*step 4 at the earliest.*"
+                                         "steps must be >= 7, got 6"):
+        tiny(corpus, tmp_path / "x", mode="ssd", steps=6, **kw)
+    Trainer(tiny(corpus, tmp_path / "sparse", mode="sparse", steps=5, **kw)).run()
+    assert [p for _, p, _ in _losses(tmp_path / "sparse")] == ["dense"] * 4 + ["sparse"]
+    with pytest.raises(ValueError, match=r"mode 'sparse' would never go sparse.*steps \(--steps\) must be >= 5, got 4"):
+        tiny(corpus, tmp_path / "x", mode="sparse", steps=4, **kw)
+    out = tmp_path / "r"
+    argv = ["train", *[corpus if a == "CORPUS" else a for a in _TINY_CLI], "--steps", "60", "--check-every", "10",
+            "--patience", "1", "--stability-tol", "0.99", "--out-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ssdfx train: error: mode 'ssd' would never go sparse" in err and "steps must be >= 97, got 60" in err
+    assert "lower --check-every, --patience, --sparse-steps or --final-dense-steps" in err and not out.exists()
+
+
+def test_checkpoint_has_the_mode_of_the_other_files(tmp_path):
+    """mkstemp made checkpoint.pt mode 0600 whatever the umask, unlike every other file of a run."""
+    from ssdfx import checkpoint
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_atomic({"x": 1}, tmp_path / "checkpoint.pt")
+        (tmp_path / "log.jsonl").write_text("")  # as the run writes its other files
+    finally:
+        os.umask(old)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert mode == {"checkpoint.pt": 0o644, "log.jsonl": 0o644}
 
 
 def test_every_training_activation_converts():
@@ -284,7 +548,7 @@ def test_ssd_fixed_without_room_for_a_sparse_phase_is_refused(corpus, tmp_path, 
         tiny(corpus, tmp_path / "r", steps=7, **kw)
     for flags in (["--steps", "12", "--final-dense-steps", "12"], ["--steps", "12", "--fixed-start", "20"]):
         out = tmp_path / "r"
-        assert main(["train", "--mode", "ssd-fixed", "--corpus", corpus, "--out-dir", str(out), *flags]) == 1
+        assert main(["train", "--mode", "ssd-fixed", "--corpus", corpus, "--out-dir", str(out), *flags]) == 2
         err = capsys.readouterr().err
         assert "ssdfx train: error: mode 'ssd-fixed' would never go sparse" in err, err
         assert not out.exists()
@@ -477,7 +741,8 @@ def test_bpe_tokenizer_run(corpus, tmp_path, model):
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) < len(text.encode())  # it compresses
     out = tmp_path / "bpe"
-    tr = Trainer(tiny(corpus, out, model=model, tokenizer="bpe", bpe_vocab=300, steps=4, save_final=True))
+    tr = Trainer(tiny(corpus, out, model=model, tokenizer="bpe", bpe_vocab=300, steps=4, save_final=True,
+                      mode="ssd-fixed", fixed_start=1, sparse_steps=4, final_dense_steps=2))
     assert tr.model.get_input_embeddings().weight.shape[0] == tr.tokenizer.vocab_size
     tr.run()
     line = "Line 7: the quick brown fox, 3 times. ünïcode"

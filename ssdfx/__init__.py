@@ -48,3 +48,13 @@ __all__ = [
     "flops", "FlopTable", "debug", "observe", "SiteStats", "relufy", "original_modules",
     "save_converted", "load_converted",
 ]
+
+
+def __getattr__(name: str):
+    # modules that pull in numba and networkx (clustering) load on first use, so that
+    # `import ssdfx` stays light: ssdfx.stability, ssdfx.split
+    if name in ("stability", "split"):
+        import importlib
+
+        return importlib.import_module(f"ssdfx.{name}")
+    raise AttributeError(f"module 'ssdfx' has no attribute {name!r}")

@@ -67,3 +67,15 @@ def test_monitor_triggers_on_a_fixed_model_and_not_on_a_changing_one():
     r = mon.check(model, observe(model, [kwargs]), step=3)
     assert r.mean_delta > 0.03 and not r.stable and r.streak == 0
     assert set(r.as_dict()) >= {"sparsity", "coverage", "coverage_prev", "ari", "stable"}
+
+
+def test_reachable_as_an_attribute_after_import_ssdfx():
+    # the README names it ssdfx.stability; it loads on first use (it pulls in numba)
+    import subprocess
+    import sys
+
+    code = ("import sys, ssdfx; assert 'ssdfx.stability' not in sys.modules; "
+            "print(ssdfx.stability.StabilityMonitor.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "StabilityMonitor"

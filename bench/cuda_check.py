@@ -169,6 +169,9 @@ def main(argv=None):
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     args = ap.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        ap.error("this check needs a CUDA device and none is visible; --dry-run checks the "
+                 "script on CPU with tiny shapes")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         rows = bench_shape(64, 64, 8, 2, ["torch", "grouped_mm", FUSED], repeats=2, inner=1,

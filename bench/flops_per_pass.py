@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from ssdfx.benchmark import time_passes  # noqa: E402
+from ssdfx.cli import positive_int  # noqa: E402
 from ssdfx.modelspec import ModelSpec, build  # noqa: E402
 from ssdfx.tables import render, si  # noqa: E402
 
@@ -56,17 +57,34 @@ def bench_model(name: str, passes, repeats: int, seq_len: int, batch: int) -> li
                  gflops=r.flops / r.ms / 1e6, time_ratio=r.time_ratio) for r in rows]
 
 
+def positions(name: str) -> int | None:
+    """How many positions the model's config has (None: no limit, e.g. T5's relative ones)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(name, **MODELS[name][1])
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return limit if isinstance(limit, int) else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"only {QUICK_MODELS} x {QUICK_PASSES}")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="models to run (default: all)")
-    p.add_argument("--repeats", type=int, default=7, help="timed forwards per model (default: 7)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per batch (default: 4)")
+    p.add_argument("--repeats", type=positive_int, default=7,
+                   help="timed forwards per model (default: 7)")
+    p.add_argument("--seq-len", type=positive_int, default=256,
+                   help="tokens per sequence, at most the models' positions (default: 256)")
+    p.add_argument("--batch", type=positive_int, default=4,
+                   help="sequences per batch (default: 4)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "flops_per_pass.csv"))
     a = p.parse_args(argv)
     names = a.models or (QUICK_MODELS if a.quick else list(MODELS))
     passes = QUICK_PASSES if a.quick else PASSES
+    for name in names:  # before any model is timed
+        limit = positions(name)
+        if limit is not None and a.seq_len > limit:
+            p.error(f"--seq-len {a.seq_len} exceeds {name}'s {limit} positions; pass "
+                    f"--seq-len {limit} or less (or leave {name} out with --models)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{a.batch} x {a.seq_len} tokens, {a.repeats} interleaved repeats, medians")
     rows = []

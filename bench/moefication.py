@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ssdfx.cli import positive_int
 from ssdfx.stats import expert_mass, observe
 from ssdfx.routing import build_router, select_dynamic_k, select_top_k, train_mlp_router
 from ssdfx.split import coactivation_split, kmeans_split, random_split
@@ -48,15 +49,22 @@ def split_timing(layers: int = 12, d: int = 768, f: int = 3072, experts: int = 1
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="dense pre-training steps")
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=256)
-    ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--experts", type=int, default=16, help="E")
-    ap.add_argument("--k", type=int, default=4, help="k (k/E = 1/4 by default)")
-    ap.add_argument("--probe-batches", type=int, default=8, help="validation batches recorded")
+    ap.add_argument("--steps", type=positive_int, default=300, help="dense pre-training steps")
+    ap.add_argument("--n-layer", type=positive_int, default=4)
+    ap.add_argument("--n-embd", type=positive_int, default=256)
+    ap.add_argument("--ctx", type=positive_int, default=128)
+    ap.add_argument("--experts", type=positive_int, default=16,
+                    help="E; it must divide the FFN width 4 * n-embd")
+    ap.add_argument("--k", type=positive_int, default=4, help="k <= E (k/E = 1/4 by default)")
+    ap.add_argument("--probe-batches", type=positive_int, default=8,
+                    help="validation batches recorded")
     ap.add_argument("--out", default="bench/results", help="where to write moefication.csv/.md")
     args = ap.parse_args(argv)
+    if 4 * args.n_embd % args.experts:
+        ap.error(f"--experts {args.experts} does not divide the FFN width 4 * --n-embd = "
+                 f"{4 * args.n_embd}")
+    if args.k > args.experts:
+        ap.error(f"--k {args.k} exceeds --experts {args.experts}")
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ssdfx  # noqa: E402
+from ssdfx.cli import positive_int  # noqa: E402
 
 FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
@@ -201,19 +202,34 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def shape_arg(text: str) -> tuple[int, int, int, int]:
+    """argparse type: TxDxExK, with k <= E and E dividing the FFN width 4d."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or shape[3] > shape[2]:
+        raise argparse.ArgumentTypeError(f"expected T x d x E x k, all >= 1 and k <= E, like "
+                                         f"64x256x16x4; got {text!r}")
+    t, d, e, k = shape
+    if 4 * d % e:
+        raise argparse.ArgumentTypeError(f"{text}: E={e} does not divide the FFN width 4d={4 * d}")
+    return shape
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="4 shapes (the T=2048, d=768 targets and a small one) instead of 54")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
-    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per case (median)")
+    ap.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per case (median)")
     ap.add_argument("--out", type=Path, default=None,
                     help="CSV path (default: bench/results/op[_bf16|_both][_quick].csv, so a quick "
                          "or bf16 run never replaces the fp32 sweep's file)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each repeat wait up to S seconds for an idle CPU (shared "
                          "machines); the CSV records how many repeats started idle")
-    ap.add_argument("--shapes", nargs="+", metavar="TxDxExK", default=None,
+    ap.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
                     help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
                          "default CSV bench/results/op_shapes[_bf16].csv")
     ap.add_argument("--router-share", action="store_true",
@@ -229,13 +245,7 @@ def main(argv=None) -> int:
         suffix = {"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype] + ("_quick" if args.quick else "")
         stem = "op_shapes" if args.shapes else "op"
         args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
-    shapes = configs(args.quick)
-    if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-            assert all(len(s) == 4 and min(s) > 0 and s[3] <= s[2] for s in shapes)
-        except (ValueError, AssertionError):
-            ap.error(f"--shapes takes T x d x E x k with k <= E, like 64x256x16x4; got {args.shapes}")
+    shapes = args.shapes or configs(args.quick)  # --shapes are all checked while parsing
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           "router: ssdfx.convert", flush=True)
     rows = []

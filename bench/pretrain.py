@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 import ssdfx
+from ssdfx.cli import positive_int
 from ssdfx.plot import read_log, sparse_spans
-from ssdfx.train import TrainConfig, Trainer
+from ssdfx.train import MODES, TrainConfig, Trainer
 
 FULL = dict(n_layer=6, n_embd=384, n_head=6, ctx=256, batch_size=16, steps=600, lr=1.5e-3, warmup=40,
             num_experts=16, top_k=4, check_every=25, patience=2, stability_tol=0.03, sparse_steps=200,
@@ -286,15 +287,21 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
     ap.add_argument("--out", default="bench/results", help="results root")
     ap.add_argument("--no-inference", action="store_true", help="skip the MoE inference measurements")
-    ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="override the number of training steps")
+    ap.add_argument("--rounds", type=positive_int, default=3,
                     help="MoE inference: interleaved dense/sparse timing rounds per setting (median)")
     args = ap.parse_args(argv)
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES and not (m.startswith("ssd_") and m[4:].isdigit()
+                                                       and int(m[4:]) > 0)]
+    if bad:  # before the dense run trains
+        ap.error(f"--modes: unknown {', '.join(map(repr, bad))}; give a comma-separated list of "
+                 f"{', '.join(MODES)} or ssd_N (N >= 1)")
     settings = dict(QUICK if args.quick else FULL)
-    if args.steps:
+    if args.steps is not None:
         settings["steps"] = args.steps
     root = Path(args.out) / ("pretrain_quick" if args.quick else "pretrain")
-    modes = args.modes.split(",")
     dense_cfg = dict(settings)
     run_modes(root, args.model, [m for m in modes if m == "dense"], dense_cfg)
     run_modes(root, args.model, [m for m in modes if m != "dense"], settings)

@@ -32,6 +32,17 @@ class UsageError(Exception):
     """Bad command line: exit status 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 
@@ -114,15 +125,16 @@ to it as a keyword argument (n_layer=2, NAME=VALUE)."""
 
 
 def _model_command(sub, name: str, help: str, description: str,
-                   device: str) -> argparse.ArgumentParser:
-    """A subcommand that takes a MODEL: its parser, with the model options and their epilog."""
+                   device: str, meta: bool = True) -> argparse.ArgumentParser:
+    """A subcommand that takes a MODEL: its parser, with the model options and their epilog.
+    meta=False for commands that need real weights (no --device meta)."""
     p = sub.add_parser(name, help=help, description=description, epilog=_MODEL_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, device)
+    _add_model_args(p, device, meta)
     return p
 
 
-def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
+def _add_model_args(p: argparse.ArgumentParser, device: str, meta: bool = True) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="HF model type, saved model directory, or MODULE:FACTORY (see below)")
     g = p.add_argument_group("model")
@@ -143,9 +155,13 @@ def _add_model_args(p: argparse.ArgumentParser, device: str) -> None:
     g.add_argument("--seq-len", type=int, metavar="S",
                    help="example sequence length for HF models (default: 128, or the model's "
                         "positions if fewer)")
-    g.add_argument("--device", choices=["cpu", "meta"], default=device,
-                   help=f"cpu: real random weights; meta: shapes only, no memory (full-size "
-                        f"configs in seconds; nothing can run) (default: {device})")
+    if meta:
+        g.add_argument("--device", choices=["cpu", "meta"], default=device,
+                       help=f"cpu: real random weights; meta: shapes only, no memory (full-size "
+                            f"configs in seconds; nothing can run) (default: {device})")
+    else:
+        g.add_argument("--device", choices=["cpu"], default=device,
+                       help="cpu, the only choice here: this command needs real weights")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(config_flags=True)
 
@@ -154,9 +170,9 @@ def _expert_group(p: argparse.ArgumentParser, partition: str, partitions: list[s
                   partition_note: str = "", top_k_note: str = ""):
     """The "conversion" option group: -E, -k and --partition (callers add their own)."""
     g = p.add_argument_group("conversion")
-    g.add_argument("--num-experts", "-E", type=int, default=8, metavar="E",
+    g.add_argument("--num-experts", "-E", type=positive_int, default=8, metavar="E",
                    help="experts per FFN (default: 8)")
-    g.add_argument("--top-k", "-k", type=int, default=2, metavar="K",
+    g.add_argument("--top-k", "-k", type=positive_int, default=2, metavar="K",
                    help=f"experts per token{top_k_note} (default: 2)")
     g.add_argument("--partition", default=partition, choices=partitions,
                    help=f"how neurons are split into experts (default: {partition}"
@@ -376,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_expert_args(args: argparse.Namespace) -> None:
+    """UsageError for -k above -E, before anything is built (--pass, when given, replaces both
+    and checks itself)."""
+    if not getattr(args, "config_flags", False) or getattr(args, "passes", None):
+        return  # not a MODEL command (train checks its own settings)
+    if args.top_k > args.num_experts:
+        raise UsageError(f"-k/--top-k {args.top_k} exceeds -E/--num-experts {args.num_experts}: "
+                         "each token picks K of the E experts")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ssdfx.errors import SSDFXError
 
@@ -388,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     prog = f"ssdfx {args.command}"
     try:
+        _check_expert_args(args)
         return args.func(args, extra) if getattr(args, "config_flags", False) else args.func(args)
     except UsageError as e:
         if args.traceback:

@@ -33,12 +33,16 @@ from ssdfx.tables import render
 __all__ = [
     "SiteRow", "SiteTable", "site_table", "model_sites", "routed_parts", "RoutedParts", "resolve_site", "SiteGraph", "site_graphs", "listing",
     "code_of", "op_counts", "NodeDiff", "node_diff", "to_dot", "draw_site", "graphviz_available",
-    "GraphvizNotFoundError",
+    "GraphvizNotFoundError", "GraphvizFailedError",
 ]
 
 
 class GraphvizNotFoundError(SSDFXError, RuntimeError):
     """Rendering a drawing needs graphviz's `dot` program, which is not installed."""
+
+
+class GraphvizFailedError(SSDFXError, RuntimeError):
+    """graphviz's `dot` ran and failed (e.g. installed without the plugin for the format)."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,7 @@ def draw_site(model: nn.Module, site: FFNSite | int | str, directory: str,
     fmt: "svg", "png", "pdf" (rendered with graphviz's `dot`), "dot" (text only) or None (svg
     when graphviz is installed, else text only). Returns the paths written. Raises
     GraphvizNotFoundError after writing the .dot files when fmt asks for rendering and `dot` is
-    not on PATH.
+    not on PATH, GraphvizFailedError (with dot's own message) when it fails.
     """
     if fmt not in (None, "dot", "svg", "png", "pdf"):
         raise ValueError(f"fmt must be 'svg', 'png', 'pdf', 'dot' or None, got {fmt!r}")
@@ -347,6 +351,13 @@ def draw_site(model: nn.Module, site: FFNSite | int | str, directory: str,
             f"`dot -T{render_fmt} FILE.dot -o FILE.{render_fmt}`")
     for src in list(written):
         dst = src[:-4] + "." + render_fmt
-        subprocess.run([exe, f"-T{render_fmt}", src, "-o", dst], check=True, capture_output=True)
+        done = subprocess.run([exe, f"-T{render_fmt}", src, "-o", dst], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            said = " ".join(done.stderr.split()) or f"exit status {done.returncode}, no message"
+            raise GraphvizFailedError(
+                f"{exe} -T{render_fmt} failed on {src}: {said}. The .dot files are written in "
+                f"{directory}; pass --format dot (fmt='dot') to skip rendering, or install "
+                f"graphviz with {render_fmt} support")
         written.append(dst)
     return written

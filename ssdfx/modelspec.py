@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "Built", "build", "parse_value", "HEADS", "ALIASES"]
+from ssdfx.errors import SSDFXError
+
+__all__ = ["ModelSpec", "Built", "build", "parse_value", "HEADS", "ALIASES", "FactoryError"]
 
 # --head choices -> transformers' auto-mapping of model type -> class name; "auto" tries them in
 # this order, so encoder-decoders get their seq2seq LM, encoders their masked LM.
@@ -114,6 +116,17 @@ def parse_value(text: str):
         return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+class FactoryError(SSDFXError, RuntimeError):
+    """A MODULE:FUNCTION factory whose module failed to import or whose call raised; the
+    original exception is the __cause__."""
+
+
+def _failed(name: str, doing: str, e: BaseException) -> FactoryError:
+    detail = str(e).strip().splitlines()
+    return FactoryError(f"factory {name}: {doing} raised {type(e).__name__}"
+                        f"{': ' + detail[0] if detail else ''}")
+
+
 def _load_factory(name: str):
     target, _, func = name.rpartition(":")
     if not target or not func:
@@ -127,12 +140,17 @@ def _load_factory(name: str):
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))  # its sibling imports
         try:
             spec.loader.exec_module(module)
+        except Exception as e:  # the user's module: a SyntaxError, or whatever its code raises
+            raise _failed(name, f"loading {target}", e) from e
         finally:
             sys.path.pop(0)
     else:
         if os.getcwd() not in sys.path:  # console scripts do not put the cwd on sys.path
             sys.path.append(os.getcwd())
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise _failed(name, f"importing {target}", e) from e
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ValueError(f"{target} has no callable {func!r}")
@@ -145,8 +163,13 @@ def _from_factory(spec: ModelSpec) -> tuple[nn.Module, tuple, dict, str]:
         raise ValueError(f"{flags} apply to HF model types; pass a factory's arguments as "
                          f"--set NAME=VALUE")
     torch.manual_seed(spec.seed)
-    with torch.device(spec.device):
-        out = _load_factory(spec.name)(**spec.overrides)
+    factory = _load_factory(spec.name)
+    try:
+        with torch.device(spec.device):
+            out = factory(**spec.overrides)
+    except Exception as e:  # the user's code: any exception type
+        args = ", ".join(f"{k}={v!r}" for k, v in spec.overrides.items())
+        raise _failed(spec.name, f"the call {factory.__name__}({args})", e) from e
     model, args, kwargs = (out, None, None) if isinstance(out, nn.Module) else (None, None, None)
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], nn.Module):
         model = out[0]

@@ -26,6 +26,27 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return records
 
 
+# the fields the plots read, per record kind (other kinds, and other fields, are not plotted)
+_FIELDS = {"step": ("step", "time", "loss"), "eval": ("step", "time", "val_loss"),
+           "switch": ("step", "time", "to"), "stability": ("step", "sparsity", "coverage", "mean_delta")}
+
+
+def _check_plottable(run_dir: str | Path, log: list[dict]) -> None:
+    """ValueError, before anything is written, for a log with no steps or a record that lacks
+    a field the plots read."""
+    path = Path(run_dir) / "log.jsonl"
+    for i, r in enumerate(log, 1):
+        kind = r.get("kind") if isinstance(r, dict) else None
+        missing = [f for f in _FIELDS.get(kind, ()) if f not in r]
+        if kind is None or missing:
+            what = f"lacks {', '.join(missing)}" if missing else "has no kind"
+            raise ValueError(f"{path}: record {i} ({kind or 'no kind'}) {what}; the log is damaged "
+                             "or not an ssdfx training log")
+    if not any(r["kind"] == "step" for r in log):
+        raise ValueError(f"{path} holds no training steps yet ({len(log)} records): nothing to "
+                         "plot; run `ssdfx plot` once the run has logged some")
+
+
 def sparse_spans(log: list[dict], key: str = "step") -> list[tuple[float, float]]:
     """(start, end) of every sparse phase, in steps or in wall time."""
     spans, start = [], None
@@ -61,6 +82,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     import matplotlib.pyplot as plt
 
     log = read_log(run_dir)
+    _check_plottable(run_dir, log)
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     steps = [r for r in log if r["kind"] == "step"]

@@ -4,11 +4,14 @@ A directory holds
 
     model.safetensors   the converted model's state dict (shared tensors, such as GPT-2's tied
                         embedding and output layer, are stored once)
-    ssdfx.json          num_experts, top_k, dynamic_k, the sites, per site its activation and
-                        the state-dict key of its neuron permutation (its router sits beside
-                        it)
+    ssdfx.json          num_experts, top_k, dynamic_k, the router kind, the sites, per site
+                        its activation and the state-dict key of its neuron permutation (its
+                        router sits beside it)
     config.json         for Hugging Face models: their config (`save_pretrained`), so that
                         `load_converted(dir)` can build the model by itself
+
+A save goes into a missing or empty directory, or replaces an earlier save (overwrite=True), and
+nothing else: a directory holding a dense model or other files is refused.
 
 Rebuilding is convert again with the saved splits and routers of the right shapes, then
 loading the weights: the result computes exactly what was saved. Any other model is rebuilt by
@@ -21,6 +24,7 @@ buffers take the dtypes they were saved in (a bf16 save loads as bf16).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,18 +38,50 @@ META = "ssdfx.json"
 WEIGHTS = "model.safetensors"
 
 
-def check_target(path: str | Path) -> Path:
-    """`path` as a Path; FileExistsError if it holds weights that save_converted did not write
-    (a dense save_pretrained directory, say), which saving there would replace."""
+OWN_FILES = ("config.json", WEIGHTS, META)  # what a save writes; all that overwrite removes
+# weights of a model that is not an ssdfx save (save_pretrained shards and their index, pickles)
+_OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def check_target(path: str | Path, overwrite: bool = False) -> Path:
+    """`path` as a Path, if save_converted may write there: a missing or empty directory, or an
+    earlier ssdfx save (it has ssdfx.json) when `overwrite` is set. FileExistsError otherwise,
+    naming what the directory holds. Reads only."""
     path = Path(path)
-    if (path / WEIGHTS).exists() and not (path / META).exists():
-        raise FileExistsError(f"{path} holds a {WEIGHTS} that ssdfx did not write (no {META}), "
-                              "e.g. the dense model; choose another directory")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a directory; choose a new or empty directory")
+    # the temporary files of an interrupted save are not worth keeping (a save replaces them)
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    present = [n for n in present if n not in {f + ".tmp" for f in OWN_FILES}]
+    if not present:
+        return path
+    if META not in present:
+        kind = ("a model saved by save_pretrained or other weights" if
+                any(n.endswith(_OTHER_WEIGHTS) for n in present) else "files")
+        raise FileExistsError(f"{path} is not empty: it holds {kind} that ssdfx did not write "
+                              f"({_names(present)}); save into a new or empty directory")
+    other = [n for n in present if n != WEIGHTS and n.endswith(_OTHER_WEIGHTS)]
+    if other:
+        raise FileExistsError(f"{path} holds an ssdfx save ({META}) and other model weights too "
+                              f"({_names(other)}), which saving there would not remove; save into "
+                              "a new or empty directory")
+    if not overwrite:
+        raise FileExistsError(f"{path} holds a converted model saved by ssdfx ({META}); pass "
+                              "overwrite=True (ssdfx convert --overwrite) to replace it, or save "
+                              "into a new or empty directory")
     return path
 
 
-def save_converted(model: nn.Module, path: str | Path) -> Path:
-    """Write a converted model to directory `path` (created if needed); returns the path."""
+def save_converted(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a converted model to directory `path` (created if needed); returns the path.
+
+    `path` must be missing or empty, or hold an earlier save_converted save, which is replaced
+    only with `overwrite=True` (its files, OWN_FILES, are replaced or removed; nothing else in
+    the directory is touched). Anything else there raises FileExistsError before writing."""
     from safetensors.torch import save_model
 
     import ssdfx
@@ -56,7 +92,7 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
     if conv is None:
         raise NotConvertedError("save_converted saves a converted model; call ssdfx.convert(model) "
                                 "first (or save a dense model with its own save method)")
-    path = check_target(path)
+    path = check_target(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     # every file is written under a temporary name and renamed into place at the end, so an
     # interrupted save leaves the previous one in the directory as it was
@@ -67,15 +103,29 @@ def save_converted(model: nn.Module, path: str | Path) -> Path:
         renames.append("config.json")
     tmp_weights, tmp_meta = path / (WEIGHTS + ".tmp"), path / (META + ".tmp")
     save_model(model, str(tmp_weights))
+    _follow_umask(tmp_weights)
     tmp_meta.write_text(json.dumps({
         "format": FORMAT, "model_class": type(model).__name__,
         "num_experts": conv.num_experts, "top_k": conv.top_k, "dynamic_k": conv.dynamic_k,
+        "router": conv.router,
         "sites": [s.name for s in conv.sites], "perm_buffers": permutation_buffers(model),
         "activations": {s.name: s.activation for s in conv.sites},
     }, indent=1))
     for name in renames + [WEIGHTS, META]:
         (path / (name + ".tmp")).replace(path / name)
+    # an earlier save's file that this one does not write (the config.json of an HF model, when
+    # a plain module is saved over it) must not pass for part of this save
+    for name in set(OWN_FILES) - set(renames + [WEIGHTS, META]):
+        (path / name).unlink(missing_ok=True)
     return path
+
+
+def _follow_umask(path: Path) -> None:
+    """Give `path` the permissions open() would (0666 less the umask): safetensors creates its
+    files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def shell_routers(state: Mapping, perm_paths: dict[str, str]) -> dict[str, nn.Module]:
@@ -148,6 +198,8 @@ def load_converted(path: str | Path, model: nn.Module | None = None, *,
     ssdfx.convert(model, meta["num_experts"], meta["top_k"], sites=sites, partition=partition,
                   router=routers, dynamic_k=meta.get("dynamic_k"),
                   example_inputs=example_inputs, example_kwargs=example_kwargs)
+    # the routers were passed as modules (shapes only), which convert calls "custom"
+    ssdfx.conversion(model).router = meta.get("router", "custom")
     _cast_to_saved(model, dtypes)
     load_model(model, str(path / WEIGHTS))
     return model.eval()

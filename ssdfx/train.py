@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -583,10 +584,10 @@ def _save_moe(model: nn.Module, path: Path, cfg: TrainConfig, tokenizer=None) ->
     from ssdfx.saving import META, WEIGHTS, save_converted
 
     if (path / WEIGHTS).exists() and not (path / META).exists() and (path / "moe.json").exists():
-        # this driver's own older format (before ssdfx.json), which save_converted would refuse
-        # to overwrite as a model it did not write
-        (path / WEIGHTS).unlink()
-    save_converted(model, path)  # model.safetensors, ssdfx.json, config.json
+        # this driver's own older format (before ssdfx.json), which save_converted refuses to
+        # replace as files it did not write; the directory is the run's own, so it goes whole
+        shutil.rmtree(path)
+    save_converted(model, path, overwrite=True)  # model.safetensors, ssdfx.json, config.json
     _save_tokenizer(tokenizer, path)
     conv = ssdfx.conversion(model)
     # the training configuration and the sites, for the record (load_converted needs neither)

@@ -75,7 +75,7 @@ def test_inspect_text_dense_and_draw(capsys, tmp_path):
 @pytest.mark.parametrize("argv,code,message", [
     (["flops", "gtp2"], 1, "did you mean gpt2"),
     (["flops", "gpt2", "--n-layr", "2"], 1, "did you mean n_layer"),
-    (["flops", *SMALL_GPT2, "-E", "4", "-k", "5"], 1, "top_k must be an int in [1, num_experts=4]"),
+    (["flops", *SMALL_GPT2, "-E", "4", "-k", "5"], 2, "-k/--top-k 5 exceeds -E/--num-experts 4"),
     (["flops", *SMALL_GPT2, "-E", "5"], 1, "not divisible by num_experts=5"),
     (["flops", "gpt2", "--set", "n_layer"], 2, "--set expects KEY=VALUE"),
     (["flops", "gpt2", "--check"], 2, "--device cpu"),
@@ -194,3 +194,72 @@ def test_train_help_shows_each_default_once(capsys, monkeypatch):
     for shown in ("FFN width (default: 4 * n_embd)", "optimizer steps (default: 1000)",
                   "(default: Shakespeare)", "threads (default: all cores)", "show a progress bar (default: on)"):
         assert shown in flat, shown
+
+
+FAILING_FACTORIES = """
+import torch
+def boom(**kw):
+    raise RuntimeError("factory failed on purpose")
+def zero(**kw):
+    return 1 / 0
+def attr(**kw):
+    return torch.nn.Linear(2, 2).nope
+"""
+
+
+@pytest.mark.parametrize("source, func, error", [
+    (FAILING_FACTORIES, "boom", "RuntimeError: factory failed on purpose"),
+    (FAILING_FACTORIES, "zero", "ZeroDivisionError: division by zero"),
+    (FAILING_FACTORIES, "attr", "AttributeError: 'Linear' object has no attribute 'nope'"),
+    ("def f(:\n", "f", "SyntaxError"),
+])
+def test_a_failing_factory_is_one_line_naming_it(capsys, tmp_path, source, func, error):
+    """A factory module that failed to import, or a factory call that raised anything but the
+    few types the CLI caught, gave a traceback."""
+    path = tmp_path / f"fac_{func}.py"
+    path.write_text(source)
+    spec = f"{path}:{func}"
+    code, out, err = run(capsys, "flops", spec)
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"ssdfx flops: error: factory {spec}: ") and error in err, err
+    from ssdfx.modelspec import FactoryError
+
+    with pytest.raises(FactoryError) as e:  # --traceback shows the original exception too
+        main(["flops", spec, "--traceback"])
+    assert error.split(":")[0] == type(e.value.__cause__).__name__
+
+
+def test_inspect_draw_reports_a_failing_dot(capsys, tmp_path, monkeypatch):
+    """A `dot` that fails (graphviz without the png plugin) raised CalledProcessError and its
+    message was lost; now it is one line with dot's own words, and the .dot files stay."""
+    fake = tmp_path / "bin" / "dot"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Format: \"png\" not recognized. Use one of: dot svg' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run(capsys, "inspect", *SMALL_GPT2, "--dense", "--draw", str(tmp_path / "g"),
+                         "--format", "png")
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert 'Format: "png" not recognized' in err and "--format dot" in err
+    assert os.listdir(tmp_path / "g") == ["transformer.h.0.mlp.before.dot"]
+
+
+@pytest.mark.parametrize("log, message", [
+    ("", "holds no training steps yet"),
+    ('{"kind": "step"}\n', "record 1 (step) lacks step, time, loss"),
+    ('{"step": 1}\n', "record 1 (no kind) has no kind"),
+])
+def test_plot_refuses_an_empty_or_malformed_log(capsys, tmp_path, log, message):
+    (tmp_path / "log.jsonl").write_text(log)
+    code, out, err = run(capsys, "plot", str(tmp_path))
+    assert code == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "plots").exists()
+
+
+def test_convert_and_bench_help_offer_only_what_works(capsys):
+    for cmd in ("convert", "bench"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "{cpu,meta}" not in out and "--device {cpu}" in out, cmd
+    assert "no labels are passed" in out  # bench --backward says what it times

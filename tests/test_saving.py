@@ -152,7 +152,7 @@ def test_an_interrupted_save_keeps_the_previous_one(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # killed while writing the weights of a second save
     monkeypatch.setattr("safetensors.torch.save_model", dies)
     with pytest.raises(KeyboardInterrupt):
-        saving.save_converted(model, tmp_path / "moe")
+        saving.save_converted(model, tmp_path / "moe", overwrite=True)
     loaded = ssdfx.load_converted(tmp_path / "moe")
     torch.testing.assert_close(_logits(loaded, kwargs), want, rtol=0, atol=0)
 
@@ -203,8 +203,10 @@ def test_cli_refuses_a_converted_directory_and_never_overwrites_a_dense_save(tmp
         code = main([cmd[0], str(tmp_path / "moe"), *cmd[1:]])
         err = capsys.readouterr().err
         assert code == 1 and "ssdfx.load_converted" in err and "Traceback" not in err, (cmd, err)
-    # saving over an earlier converted save is fine
-    ssdfx.save_converted(ssdfx.load_converted(tmp_path / "moe"), tmp_path / "moe")
+    # saving over an earlier converted save needs overwrite=True
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ssdfx.save_converted(ssdfx.load_converted(tmp_path / "moe"), tmp_path / "moe")
+    ssdfx.save_converted(ssdfx.load_converted(tmp_path / "moe"), tmp_path / "moe", overwrite=True)
 
 
 def test_cli_bench_reports_flops_of_each_pass(capsys):
@@ -233,3 +235,99 @@ def test_cli_bench_reports_flops_of_each_pass(capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error
         main(["bench", *argv, "--pass", "4"])
     assert exit_.value.code == 2 and "expected E:K" in capsys.readouterr().err
+
+
+def _tree(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_save_goes_only_into_an_empty_directory_or_over_an_earlier_save(tmp_path):
+    """An unrelated config.json was replaced; a sharded dense save got a permuted
+    model.safetensors that from_pretrained then loaded instead of its shards; an earlier save
+    was replaced without notice, and a plain module saved over an HF one left its config.json."""
+    from transformers import GPT2LMHeadModel
+
+    model, kwargs = _gpt2()
+    dense = _logits(model, kwargs)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"mine": 1}')
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    ssdfx.convert(model, 4, 2, router="centroid")
+    want = _logits(model, kwargs)
+    for name, message in (("other", "ssdfx did not write"), ("shards", "save_pretrained")):
+        before = _tree(tmp_path / name)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=message):
+                ssdfx.save_converted(model, tmp_path / name, overwrite=overwrite)
+            assert _tree(tmp_path / name) == before
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "shards")  # still the dense weights
+    torch.testing.assert_close(_logits(reloaded.eval(), kwargs), dense, rtol=0, atol=0)
+
+    moe = tmp_path / "moe"
+    ssdfx.save_converted(model, moe)
+    (moe / "notes.txt").write_text("kept")
+    before = _tree(moe)
+    with pytest.raises(FileExistsError, match="holds a converted model saved by ssdfx"):
+        ssdfx.save_converted(model, moe)
+    assert _tree(moe) == before
+    # the save records its router kind: the loaded model's summary says centroid, not custom
+    assert "centroid router" in str(ssdfx.conversion(ssdfx.load_converted(moe)))
+    # model.safetensors follows the umask like the other files (safetensors creates it 0600)
+    assert (moe / "model.safetensors").stat().st_mode == (moe / "ssdfx.json").stat().st_mode
+
+    # a plain module over the HF save: the HF config.json goes, other files stay
+    block, bkw, _ = models.block()
+    ssdfx.convert(block.eval(), 4, 2)
+    ssdfx.save_converted(block, moe, overwrite=True)
+    assert sorted(p.name for p in moe.iterdir()) == ["model.safetensors", "notes.txt", "ssdfx.json"]
+    fresh, _, _ = models.block()
+    loaded = ssdfx.load_converted(moe, model=fresh)
+    torch.testing.assert_close(_logits(loaded, bkw), _logits(block, bkw), rtol=0, atol=0)
+    # and back: the HF model's own save loads as saved
+    ssdfx.save_converted(model, moe, overwrite=True)
+    torch.testing.assert_close(_logits(ssdfx.load_converted(moe), kwargs), want, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="is a file"):
+        ssdfx.save_converted(model, moe / "notes.txt", overwrite=True)
+
+
+def test_cli_convert_out_and_overwrite(tmp_path, capsys):
+    argv = ["convert", "gpt2", "--n-layer", "1", "--d-model", "32", "--n-head", "4",
+            "--vocab-size", "97", "--seq-len", "8", "-E", "4", "-k", "2", "--router", "mlp"]
+    (tmp_path / "afile").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "moe")]) == 0
+    capsys.readouterr()
+    before = _tree(tmp_path / "moe")
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "moe")]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(tmp_path / "moe") in err and len(err.splitlines()) == 1
+    assert _tree(tmp_path / "moe") == before
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "moe"), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert _tree(tmp_path / "moe")["model.safetensors"] != before["model.safetensors"]
+    assert "mlp router" in str(ssdfx.conversion(ssdfx.load_converted(tmp_path / "moe")))
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "--dynamic-k", "1.5"], ["convert", "--dynamic-k", "0"], ["convert", "-E", "0"],
+    ["convert", "-k", "0"], ["convert", "-k", "9"], ["convert", "--device", "meta"],
+    ["bench", "--repeats", "0"], ["bench", "--repeats", "-3"], ["bench", "--pass", "8:9"],
+    ["bench", "--pass", "0:0"], ["bench", "--device", "meta"],
+])
+def test_cli_convert_and_bench_usage_errors_exit_2_before_building(tmp_path, capsys, monkeypatch,
+                                                                   argv):
+    import ssdfx.modelspec
+
+    def never(spec):
+        raise AssertionError("the model was built before the usage error was found")
+    monkeypatch.setattr(ssdfx.modelspec, "build", never)
+    full = [argv[0], "gpt2", *argv[1:]] + (["--out", str(tmp_path / "o")] if argv[0] == "convert" else [])
+    try:
+        code = main(full)
+    except SystemExit as e:  # argparse's own usage error
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"ssdfx {argv[0]}: error: " in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

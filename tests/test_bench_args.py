@@ -1,0 +1,56 @@
+"""The benchmark scripts refuse bad arguments at parsing (exit 2, one error line), before they
+train, time or write anything: they used to crash with a traceback (or fail after minutes of
+work, losing the results so far)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_checks_every_shape_before_measuring_any():
+    # 64x64x4x2 is fine; E=3 does not divide the FFN width 256, so nothing may be measured
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "op.py"), "--shapes", "64x64x4x2",
+                           "64x64x3x2", "--repeats", "1", "--out", os.devnull],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "E=3 does not divide the FFN width 4d=256" in done.stderr
+    assert "dtype=" not in done.stdout  # no shape was measured
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("op", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
+    ("op", ["--shapes", "64x64x4x5"], "k <= E"),
+    ("flops_per_pass", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
+    ("flops_per_pass", ["--seq-len", "0"], "--seq-len: expected a whole number >= 1"),
+    ("flops_per_pass", ["--seq-len", "5000"], "exceeds gpt2's 1024 positions"),
+    ("moefication", ["--experts", "7"], "--experts 7 does not divide the FFN width"),
+    ("moefication", ["--k", "0"], "--k: expected a whole number >= 1"),
+    ("moefication", ["--k", "17"], "--k 17 exceeds --experts 16"),
+    ("moefication", ["--steps", "0"], "--steps: expected a whole number >= 1"),
+    ("pretrain", ["--modes", "dense,foo"], "--modes: unknown 'foo'"),
+    ("pretrain", ["--steps", "0"], "--steps: expected a whole number >= 1"),
+    ("pretrain", ["--rounds", "0"], "--rounds: expected a whole number >= 1"),
+    pytest.param("cuda_check", [], "needs a CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the refusal is for machines without CUDA")),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch, tmp_path, script, argv, message):
+    monkeypatch.chdir(tmp_path)  # anything written by mistake lands here
+    with pytest.raises(SystemExit) as e:
+        _script(script).main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import ssdfx
+from ssdfx.checkpoint import finished_record
 from ssdfx.cli import positive_int
 from ssdfx.plot import read_log, sparse_spans
 from ssdfx.train import MODES, TrainConfig, Trainer
@@ -46,11 +47,6 @@ def run_dir(root: Path, model: str, mode: str) -> Path:
     return root / model / mode
 
 
-def finished(path: Path) -> bool:
-    log = path / "log.jsonl"
-    return log.exists() and any('"kind": "final"' in line for line in log.read_text().splitlines())
-
-
 def mode_settings(mode: str) -> dict:
     """A run name is a training mode, or `ssd_N`: mode ssd with sparse phases of N steps."""
     if mode.startswith("ssd_") and mode[4:].isdigit():
@@ -61,7 +57,7 @@ def mode_settings(mode: str) -> dict:
 def run_modes(root: Path, model: str, modes: list[str], settings: dict) -> None:
     for mode in modes:
         out = run_dir(root, model, mode)
-        if finished(out):
+        if finished_record(out) is not None:
             print(f"{model}/{mode}: already finished, reusing {out}")
             continue
         cfg = TrainConfig(model=model, activation="relu", out_dir=str(out), progress=False,
@@ -293,8 +289,8 @@ def main(argv=None) -> None:
                     help="MoE inference: interleaved dense/sparse timing rounds per setting (median)")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    bad = [m for m in modes if m not in MODES and not (m.startswith("ssd_") and m[4:].isdigit()
-                                                       and int(m[4:]) > 0)]
+    bad = [m for m in modes
+           if mode_settings(m)["mode"] not in MODES or mode_settings(m).get("sparse_steps", 1) < 1]
     if bad:  # before the dense run trains
         ap.error(f"--modes: unknown {', '.join(map(repr, bad))}; give a comma-separated list of "
                  f"{', '.join(MODES)} or ssd_N (N >= 1)")

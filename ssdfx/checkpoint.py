@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ssdfx.errors import SSDFXError
+from ssdfx.tables import name_list
 
 __all__ = ["save_atomic", "write_text_atomic", "load_checkpoint", "CheckpointError", "FORMAT",
            "RUN_FILES", "run_settings", "finished_record", "check_new_run_dir", "start_run_dir",
@@ -130,8 +131,7 @@ def finished_record(out: str | Path) -> dict | None:
 
 
 def _names(paths) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in paths)
-    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return name_list(p.name + ("/" if p.is_dir() else "") for p in paths)
 
 
 def check_new_run_dir(out: str | Path, overwrite: bool) -> None:

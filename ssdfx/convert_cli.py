@@ -30,12 +30,14 @@ def _pass_arg(text: str) -> tuple[int, int]:
 
 
 def _share(text: str) -> float:
+    """argparse type of --dynamic-k: the bounds convert checks (`validate_dynamic_k`)."""
+    from ssdfx.passes.moefy import validate_dynamic_k
+
     try:
         value = float(text)
+        validate_dynamic_k(value)
     except ValueError:
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] such as 0.9, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] such as 0.9, got {text!r}") from None
     return value
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssdfx.tables import name_list
+
 __all__ = ["load_converted", "save_converted"]
 
 FORMAT = 1
@@ -41,10 +43,6 @@ WEIGHTS = "model.safetensors"
 OWN_FILES = ("config.json", WEIGHTS, META)  # what a save writes; all that overwrite removes
 # weights of a model that is not an ssdfx save (save_pretrained shards and their index, pickles)
 _OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def check_target(path: str | Path, overwrite: bool = False) -> Path:
@@ -63,11 +61,11 @@ def check_target(path: str | Path, overwrite: bool = False) -> Path:
         kind = ("a model saved by save_pretrained or other weights" if
                 any(n.endswith(_OTHER_WEIGHTS) for n in present) else "files")
         raise FileExistsError(f"{path} is not empty: it holds {kind} that ssdfx did not write "
-                              f"({_names(present)}); save into a new or empty directory")
+                              f"({name_list(present)}); save into a new or empty directory")
     other = [n for n in present if n != WEIGHTS and n.endswith(_OTHER_WEIGHTS)]
     if other:
         raise FileExistsError(f"{path} holds an ssdfx save ({META}) and other model weights too "
-                              f"({_names(other)}), which saving there would not remove; save into "
+                              f"({name_list(other)}), which saving there would not remove; save into "
                               "a new or empty directory")
     if not overwrite:
         raise FileExistsError(f"{path} holds a converted model saved by ssdfx ({META}); pass "

@@ -12,9 +12,16 @@ import csv
 import io
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["render", "to_csv", "si"]
+__all__ = ["render", "to_csv", "si", "name_list"]
 
 _PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+def name_list(names: Iterable[str], most: int = 6) -> str:
+    """Names for a message, sorted, the first `most` of them and how many more:
+    name_list(["b", "a"]) == "a, b"."""
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def si(value: float | int | None, digits: int = 3) -> str:

@@ -183,17 +183,30 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(backend, dtype, monkeypatch
         assert torch.equal(a, b)
 
 @pytest.mark.parametrize("backend, dtype", [("numba", torch.float32), ("torch", torch.bfloat16)])
-def test_call_without_gradients_equals_the_custom_op(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("shape", [(40, 4, 2), (0, 4, 2), (7, 1, 1), (9, 3, 3)])
+@pytest.mark.parametrize("pair_buffer", [True, False])
+def test_call_without_gradients_equals_the_custom_op(backend, dtype, dropout_p, glu, shape,
+                                                     pair_buffer, monkeypatch):
     # with nothing to differentiate (no_grad, or no input that needs a gradient) eager calls
-    # run the kernels without the autograd Function; the output must be the op's, untracked
+    # run the kernels without the autograd Function (numba without dropout: its own launcher,
+    # cpu_numba.infer); the output must be the op's, untracked
     import ssdfx.ops
+    from ssdfx.ops import cpu_numba
 
-    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=dtype)
-    p["expert_idx"][3, 1] = -1
+    if not pair_buffer:
+        if backend != "numba":
+            pytest.skip("the pair buffer limit is the numba launchers'")
+        monkeypatch.setattr(cpu_numba, "PAIR_BUFFER_BYTES", 0)  # the accumulator kernels
+    t, e, k = shape
+    p = _problem(t=t, d=16, e=e, m=8, k=k, dtype=dtype, glu=glu)
+    if t > 3:
+        p["expert_idx"][3, k - 1] = -1
 
     def run():
         torch.manual_seed(5)  # the dropout mask
-        return _call(p, backend, dropout_p=0.25)
+        return _call(p, backend, dropout_p=dropout_p)
 
     with torch.no_grad():
         y_no_grad = run()

@@ -21,7 +21,7 @@ import torch
 from ssdfx.activations import ACTIVATIONS
 from ssdfx.fx_leaf import graph_leaf
 from ssdfx.ops.dispatch import BACKENDS, plain_eager
-from ssdfx.ops.registry import (EagerMoeFfn, device_forward, moe_ffn_backward_op, moe_ffn_op,
+from ssdfx.ops.registry import (EagerMoeFfn, device_infer, moe_ffn_backward_op, moe_ffn_op,
                                 pair_count)
 
 __all__ = ["BACKENDS", "moe_ffn", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
@@ -132,7 +132,7 @@ def moe_ffn(
         else:
             # nothing to differentiate (inference): the kernels alone, without the autograd
             # Function's bookkeeping (25-80 us a call, ~6% of the forward at T=64, d=256)
-            y = device_forward(*args)[0]
+            y = device_infer(*args)
     else:
         y = moe_ffn_op(*args)[0]
     return y.reshape(*lead, d)

@@ -44,7 +44,7 @@ from ssdfx.activations import activation_backward, activation_fn
 from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "num_workers",
+__all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "infer", "num_workers",
            "padded_slots", "sort_pairs", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -204,21 +204,20 @@ padded_slots = _keeps_torch_threads(_padded_slots)
 
 
 # numba's top-k is O(E^2) per row: faster than torch.topk on fresh data up to E=64 (T=2048,
-# E=64, k=8: 279 us against 612 us); below TOP_K_MIN_ROWS rows torch.topk is as fast.
-# It runs on the op's two threads even where that costs more than the ranking itself (right
-# after a dense forward+backward, as in a model: 235 us at T=512, E=8, k=1 against 50 us for
-# a serial kernel): the parallel region wakes numba's pool for the expert kernels that follow,
-# and with a serial top-k the whole sparse forward was no faster, at T=512, E=16, k=4 slower
-# (1.72 against 1.50 ms and 2.26 against 1.93 ms in two runs, ~65 calls each, alternated).
+# E=64, k=8: 279 us against 612 us). Below TOP_K_PARALLEL_ROWS rows it runs in the calling
+# thread: in a model (each call right after a dense forward+backward, alternated, 60-80 calls)
+# that made the sparse forward 1.03-1.14x faster at T=64-512 than torch.topk below 256 rows
+# and numba's two threads from there, 1.005x at T=2048 and 0.95-0.97x at T=8192, where the
+# two threads are kept.
 TOP_K_MAX_EXPERTS = 64
-TOP_K_MIN_ROWS = 256
+TOP_K_PARALLEL_ROWS = 2048
 
 
 def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     """Indices (..., k) of the k largest values along the last dim, largest first, computed by
     numba for CPU float32/float64 eager tensors; None where torch.topk should run instead
-    (other devices or dtypes, traced or fake tensors, many experts, few rows). Rows with a NaN
-    or with equal values that make the top k ambiguous are taken from torch.topk.
+    (other devices or dtypes, traced or fake tensors, many experts). Rows with a NaN or with
+    equal values that make the top k ambiguous are taken from torch.topk.
 
     torch.topk sorts each row with unpredictable branches: at T=512, E=16, k=4 it took 84 us
     on fresh data, this 20 us (two threads).
@@ -228,8 +227,7 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     ne = probs.shape[-1]
     rows = probs.numel() // max(ne, 1)
     if (probs.device.type != "cpu" or probs.dtype not in SUPPORTED_DTYPES
-            or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or rows < TOP_K_MIN_ROWS
-            or not plain_eager(probs)):
+            or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or rows == 0 or not plain_eager(probs)):
         return None
     flat = probs.detach().reshape(rows, ne).contiguous()
     idx, bad = _top_k(flat, k)
@@ -242,11 +240,15 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
 def _top_k(probs, k):
     from ssdfx.ops import numba_kernels as nk
 
-    workers = num_workers()
-    idx = torch.empty(probs.shape[0], k, dtype=torch.int64)
-    bad = torch.empty(probs.shape[0], dtype=torch.bool)
-    with _numba_phase(workers, blas=False):
-        n_bad = nk.top_k(_np(probs), k, _np(idx), _np(bad), workers)
+    rows = probs.shape[0]
+    idx = torch.empty(rows, k, dtype=torch.int64)
+    bad = torch.empty(rows, dtype=torch.bool)
+    if rows < TOP_K_PARALLEL_ROWS:
+        n_bad = nk.top_k_serial(_np(probs), k, _np(idx), _np(bad))
+    else:
+        workers = num_workers()
+        with _numba_phase(workers, blas=False):
+            n_bad = nk.top_k(_np(probs), k, _np(idx), _np(bad), workers)
     return idx, bad if n_bad else None
 
 
@@ -300,6 +302,57 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
             numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
                                    scratch)
     return yt, a1t, a3t, order_t, offsets_t
+
+
+@_keeps_torch_threads
+def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
+    """`forward`'s y alone, for calls with nothing to differentiate and no dropout; the same
+    kernels in the same order, so the same bits.
+
+    Nothing is saved for a backward, so the layout (sort, worker plan, inverse permutation) is
+    built by one numba call and the pre-activations are scratch for the valid pairs only.
+    Right after other work (as in a model) every call from Python costs 5-30 us here: at T=64,
+    d=256, E=16, k=4 the sort, plan, inverse and buffer set-up were 40 us of a 440 us forward.
+    """
+    _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
+    workers = num_workers()
+    from ssdfx.ops import numba_kernels as nk
+
+    t_all, d = x.shape
+    k = expert_idx.shape[1]
+    m = w1.shape[0] // num_experts
+    glu = w3 is not None
+    xn = _np(x.contiguous())
+    dt = xn.dtype
+    order, offsets, inv, ptr, experts, nmax, pairs = nk.route(
+        _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
+    if pairs < 0:
+        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    a1 = np.empty((pairs, m), dt)  # (P, m)
+    a3 = np.empty((pairs if glu else 0, m), dt)
+    yt = torch.empty(t_all, d, dtype=x.dtype)
+    y = _np(yt)
+    scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
+    empty1 = np.empty(0, dt)
+    g = _np(gate.contiguous()).reshape(-1)
+    with _numba_phase(workers):
+        nk.fwd_up(
+            xn, _np(w1), _np(b1) if b1 is not None else empty1,
+            _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1,
+            order, offsets, k, ptr, experts, a1, a3, scratch,
+        )
+        h = _np(hidden(torch.from_numpy(a1), torch.from_numpy(a3) if glu else None, None, 0.0,
+                       activation).contiguous())
+        if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
+            nk.fwd_down(h, _np(w2), g, order, inv, offsets, k, ptr, experts, y,
+                        np.empty((pairs, d), dt))
+        else:
+            from ssdfx.ops import numba_acc
+
+            ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
+            numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
+                                   scratch)
+    return yt
 
 
 @_keeps_torch_threads

@@ -15,6 +15,7 @@ Backends (explicit strings; there is no global switch):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,13 +28,17 @@ BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
 
 @dataclass(frozen=True)
 class Kernels:
-    """A backend's forward and backward kernel functions (see `ssdfx.ops.reference`)."""
+    """A backend's forward and backward kernel functions (see `ssdfx.ops.reference`), and
+    optionally `infer`: forward's y alone without dropout, for calls with nothing to
+    differentiate (x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)."""
 
     name: str
     forward: Callable
     backward: Callable
+    infer: Callable | None = None
 
 
+@functools.cache
 def _make(name: str) -> Kernels:
     if name == "reference":
         from ssdfx.ops import reference as mod
@@ -42,7 +47,7 @@ def _make(name: str) -> Kernels:
     if name == "numba":
         from ssdfx.ops import cpu_numba as mod
 
-        return Kernels(name, mod.forward, mod.backward)
+        return Kernels(name, mod.forward, mod.backward, mod.infer)
     if name == "grouped_mm":
         from ssdfx.ops import grouped as mod
 

@@ -34,7 +34,7 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm
 
 __all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up",
-           "padded_slots", "plan", "top_k"]
+           "padded_slots", "plan", "route", "top_k", "top_k_serial"]
 
 
 def _sigs(make):
@@ -98,10 +98,15 @@ def padded_slots(order, offsets, k, t_all, cap, pos, tok):
     return offsets[num_experts]
 
 
-@njit(cache=True, nogil=True)
-def _top_k_block(probs, k, idx, bad):
-    """top_k on a block of rows; bad[t] = 1 where row t has a NaN, or equal values that make
-    its top k ambiguous (then idx[t] is unspecified)."""
+@njit(
+    [_i64(_c(f, 2), _i64, _c(_i64, 2), _c(types.boolean, 1))
+     for f in (types.float32, types.float64)],
+    cache=True, nogil=True,
+)
+def top_k_serial(probs, k, idx, bad):
+    """`top_k` in the calling thread, for few rows; also each block of `top_k`. bad[t] = 1
+    where row t has a NaN, or equal values that make its top k ambiguous (then idx[t] is
+    unspecified). Returns how many rows are bad."""
     t_all, ne = probs.shape
     rank = np.empty(ne, np.int32)
     slot = np.empty(ne, np.int64)
@@ -152,7 +157,7 @@ def top_k(probs, k, idx, bad, nw):
     counts = np.zeros(nw, np.int64)
     for c in prange(nw):
         lo, hi = c * t_all // nw, (c + 1) * t_all // nw
-        counts[c] = _top_k_block(probs[lo:hi], k, idx[lo:hi], bad[lo:hi])
+        counts[c] = top_k_serial(probs[lo:hi], k, idx[lo:hi], bad[lo:hi])
     return counts.sum()
 
 
@@ -188,6 +193,30 @@ def plan(offsets, workers):
     if ne > 0:
         nmax = counts.max()
     return ptr, experts, nmax
+
+
+@njit(types.Tuple((_I1, _I1, _I1, _I1, _I1, _i64, _i64))(_I1, _i64, _i64), cache=True,
+      nogil=True)
+def route(idx, num_experts, workers):
+    """`count_sort`, `plan` and the inverse permutation in one call, for the no-grad forward
+    (whose layout never leaves the launcher): each is a separate call from Python otherwise,
+    and right after other work every call from Python costs 5-30 us on this machine.
+
+    idx (T*K,) -> order (T*K,), offsets (E+1,), inv (T*K,) the layout row of each pair, ptr,
+    experts, nmax as in `plan`, and P; P = -1 if an index is out of range (the rest is then
+    unspecified).
+    """
+    n = idx.shape[0]
+    order = np.empty(n, np.int64)
+    offsets = np.empty(num_experts + 1, np.int64)
+    inv = np.empty(n, np.int64)
+    pairs = count_sort(idx, num_experts, order, offsets)
+    if pairs < 0:
+        return order, offsets, inv, np.zeros(workers + 1, np.int64), np.empty(0, np.int64), 0, pairs
+    for r in range(n):
+        inv[order[r]] = r
+    ptr, experts, nmax = plan(offsets, workers)
+    return order, offsets, inv, ptr, experts, nmax, pairs
 
 
 @njit(cache=True, nogil=True, inline="always")

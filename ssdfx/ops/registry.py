@@ -22,7 +22,8 @@ from torch.utils.flop_counter import register_flop_formula
 from ssdfx.ops import reference
 from ssdfx.ops.dispatch import select
 
-__all__ = ["EagerMoeFfn", "device_forward", "moe_ffn_backward_op", "moe_ffn_op", "pair_count"]
+__all__ = ["EagerMoeFfn", "device_forward", "device_infer", "moe_ffn_backward_op", "moe_ffn_op",
+           "pair_count"]
 
 _FwdOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 _BwdOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -49,6 +50,18 @@ def device_forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, a
     kernels = select(backend, x, w1, num_experts)
     return kernels.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
                            activation, dropout_p)
+
+
+def device_infer(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
+                 dropout_p, backend):
+    """y of `device_forward` for a call with nothing to differentiate: the backend's `infer`
+    where it has one and there is no dropout (it saves nothing for a backward), else the
+    forward's y."""
+    kernels = select(backend, x, w1, num_experts)
+    if kernels.infer is not None and keep is None:
+        return kernels.infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
+    return kernels.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
+                           activation, dropout_p)[0]
 
 
 moe_ffn_op.register_kernel("cpu")(device_forward)

@@ -200,6 +200,57 @@ def test_numba_accumulator_variant_matches_reference(spec):
 
 
 @SETTINGS
+@given(problems(), st.sampled_from([torch.float32, torch.float64]), st.booleans())
+@example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
+              activation="gelu", dropout_p=0.0), torch.float32, True)
+@example(dict(e=8, m=2, d=3, t=5, k=1, glu=False, bias=False, unused=0.0, skew=True, seed=2,
+              activation="silu", dropout_p=0.0), torch.float32, True)
+@example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
+              activation="relu", dropout_p=0.0), torch.float64, False)
+def test_numba_inference_call_matches_reference(spec, dtype, pair_buffer):
+    # cpu_numba.infer: the forward of calls with nothing to differentiate (one fused kernel
+    # with numba's activations while the pair rows fit PAIR_BUFFER_BYTES, else the
+    # accumulator kernels)
+    from ssdfx.ops import cpu_numba
+
+    p = make(spec, dtype)
+    ref_p = _upcast(p) if dtype == torch.float32 else p
+    e, act = spec["e"], spec["activation"]
+    want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"], ref_p["w3"],
+                             ref_p["b3"], p["expert_idx"], ref_p["gate"], None, e, act, 0.0)
+    with _patched(cpu_numba, PAIR_BUFFER_BYTES=cpu_numba.PAIR_BUFFER_BYTES if pair_buffer else 0):
+        y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
+                            p["expert_idx"], p["gate"], e, act)
+    assert y.dtype == dtype and y.shape == p["x"].shape
+    scale = _term_scales(_upcast(p), spec, want[1].float(), want[2].float(), want[3], want[4])
+    _close(y, want[0], 1e-4 if dtype == torch.float32 else 1e-10, scale["y"])
+
+
+# largest |numba - exact| / max(1, |exact|) allowed for the float32 activations of the fused
+# inference kernel (measured: 2.1e-7 for GELU, whose erfc formula is good to 1.5e-7, and
+# 1.2e-7 for the others; torch's own float32 functions: 1.0e-6 and 1.2-1.5e-7)
+_ACT_BOUND32 = {"gelu": 2.5e-7}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_numba_activations_match_float64_torch(name):
+    import numpy as np
+
+    from ssdfx.ops.numba_act import CODES, activate
+
+    x = torch.cat([torch.linspace(-30, 30, 300001), torch.linspace(-1e-3, 1e-3, 2001),
+                   torch.tensor([0.0, -0.0, 87.5, -87.5, 100.0, -100.0, float("nan")])])
+    exact = ACTIVATIONS[name](x.double())
+    for dtype, bound in ((torch.float32, _ACT_BOUND32.get(name, 1.5e-7)), (torch.float64, 1e-15)):
+        h = x.to(dtype).numpy().copy()
+        activate(h, CODES[name], np.empty_like(h), np.empty(h.size, np.int32))
+        got = torch.from_numpy(h).double()
+        assert torch.isnan(got[-1]), "NaN must stay NaN"
+        err = ((got - exact).abs() / exact.abs().clamp_min(1.0))[:-1]
+        assert float(err.max()) <= bound, (dtype, float(err.max()), float(x[err.argmax()]))
+
+
+@SETTINGS
 @given(problems())
 def test_torch_fp32_matches_reference(spec):
     check_against_reference("torch", spec, torch.float32, 1e-4)

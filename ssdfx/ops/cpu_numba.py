@@ -3,6 +3,8 @@
 The forward and the backward each run in three phases: a numba GEMM phase, the elementwise
 middle in torch (`ssdfx.ops.layout`), and a second numba GEMM phase. See `numba_kernels` for
 why the work is split this way; `numba_acc` holds the variants used past PAIR_BUFFER_BYTES.
+`infer`, the forward of calls with nothing to differentiate, is one numba call after the
+routing (`numba_kernels.fwd_infer`).
 
 Why numba + BLAS per expert rather than torch.mm per expert (the "torch" backend): measured
 on the 2-core target machine, OpenBLAS sgemm called in place from numba ran an expert's GEMM
@@ -306,18 +308,22 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
 
 @_keeps_torch_threads
 def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
-    """`forward`'s y alone, for calls with nothing to differentiate and no dropout; the same
-    kernels in the same order, so the same bits.
+    """`forward`'s y alone, for calls with nothing to differentiate and no dropout.
 
     Nothing is saved for a backward, so the layout (sort, worker plan, inverse permutation) is
-    built by one numba call and the pre-activations are scratch for the valid pairs only.
-    Right after other work (as in a model) every call from Python costs 5-30 us here: at T=64,
-    d=256, E=16, k=4 the sort, plan, inverse and buffer set-up were 40 us of a 440 us forward.
+    built by one numba call, and while the per-pair rows fit PAIR_BUFFER_BYTES the rest is one
+    more: `numba_kernels.fwd_infer`, with the activation in numba (`numba_act`). Right after
+    other work, as in a model, every call from Python costs 5-30 us on this machine: at T=64,
+    d=256, E=16, k=4 the sort, plan, inverse, buffers and torch's activation between two
+    numba phases were 90 us of a 440 us forward. ReLU, squared ReLU and identity give
+    `forward`'s bits; GELU, SiLU and their variants differ from torch's float32 functions by
+    ~1e-7 relative (see numba_act). Past the buffer limit it runs `forward`'s kernels.
     """
+    from ssdfx.ops import numba_kernels as nk
+    from ssdfx.ops.numba_act import CODES
+
     _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
     workers = num_workers()
-    from ssdfx.ops import numba_kernels as nk
-
     t_all, d = x.shape
     k = expert_idx.shape[1]
     m = w1.shape[0] // num_experts
@@ -328,30 +334,37 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
         _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
     if pairs < 0:
         check_expert_idx(expert_idx, num_experts)  # raises with the offending range
-    a1 = np.empty((pairs, m), dt)  # (P, m)
-    a3 = np.empty((pairs if glu else 0, m), dt)
     yt = torch.empty(t_all, d, dtype=x.dtype)
     y = _np(yt)
     scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
     empty1 = np.empty(0, dt)
+    w1n, w3n = _np(w1), _np(w3) if glu else np.empty((0, d), dt)
+    b1n = _np(b1) if b1 is not None else empty1
+    b3n = _np(b3) if b3 is not None else empty1
     g = _np(gate.contiguous()).reshape(-1)
+    if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
+        code = CODES[activation]
+        block = nmax * m
+        hs = np.empty((workers, block), dt)
+        h3s = np.empty((workers, block if glu else 0), dt)
+        # float32 GELU/SiLU variants need two scratch rows for their exp
+        sized = block if (code >= 3 and dt == np.float32) else 0
+        with _numba_phase(workers):
+            nk.fwd_infer(xn, w1n, b1n, w3n, b3n, _np(w2), g, order, inv, offsets, k, ptr,
+                         experts, code, y, np.empty((pairs, d), dt), scratch, hs, h3s,
+                         np.empty((workers, sized), dt), np.empty((workers, sized), np.int32))
+        return yt
+    from ssdfx.ops import numba_acc
+
+    a1 = np.empty((pairs, m), dt)  # (P, m)
+    a3 = np.empty((pairs if glu else 0, m), dt)
     with _numba_phase(workers):
-        nk.fwd_up(
-            xn, _np(w1), _np(b1) if b1 is not None else empty1,
-            _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1,
-            order, offsets, k, ptr, experts, a1, a3, scratch,
-        )
+        nk.fwd_up(xn, w1n, b1n, w3n, b3n, order, offsets, k, ptr, experts, a1, a3, scratch)
         h = _np(hidden(torch.from_numpy(a1), torch.from_numpy(a3) if glu else None, None, 0.0,
                        activation).contiguous())
-        if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
-            nk.fwd_down(h, _np(w2), g, order, inv, offsets, k, ptr, experts, y,
-                        np.empty((pairs, d), dt))
-        else:
-            from ssdfx.ops import numba_acc
-
-            ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
-            numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
-                                   scratch)
+        ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
+        numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
+                               scratch)
     return yt
 
 

@@ -18,8 +18,10 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
 - the down-projection GEMMs write each pair's row in place (layout order), then token blocks
   sum their K rows in parallel: two experts of one token never race, and the result does not
   depend on thread timing.
-- the elementwise activation runs in torch between the GEMM kernels (vectorised erf, exp,
-  tanh, which numba's LLVM cannot vectorise without SVML), so the op has three phases.
+- in the training forward and the backward the elementwise activation runs in torch between
+  the GEMM kernels (three phases), so that its values and derivatives are ATen's, as in the
+  dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer`: one kernel,
+  with the activation in numba (`numba_act`, formulas LLVM vectorises).
 
 Every kernel is compiled for explicit float32 and float64 signatures with weights typed as
 any-layout arrays: one compiled version per dtype instead of one per combination of weight
@@ -32,8 +34,9 @@ import numpy as np
 from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
+from ssdfx.ops.numba_act import activate
 
-__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_up",
+__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_infer", "fwd_up",
            "padded_slots", "plan", "route", "top_k", "top_k_serial"]
 
 
@@ -326,6 +329,63 @@ def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
                 continue
             lo = e * m
             gemm(h[s:s + n], w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)
+    _combine(ypair, gate, inv, offsets[ne], k, nw, y)
+
+
+@njit(
+    _sigs(lambda f: types.void(
+        _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
+        # x, w1, b1, w3, b3, w2, gate
+        _I1, _I1, _I1, _i64, _I1, _I1, _i64,  # order, inv, offsets, K, ptr, experts, act
+        _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2),
+        # y, ypair, xs, hs, h3s, tmps, bits
+    )),
+    parallel=True, cache=True, nogil=True, error_model="numpy",
+)
+def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, y, ypair,
+              xs, hs, h3s, tmps, bits):
+    """The whole forward in one call, for calls that save nothing for a backward: per expert,
+    the up-projection(s), the activation (`numba_act`, `act` its code) and the down-projection
+    into the pair rows run back to back while the expert's block is in cache; then token
+    blocks are summed as in `fwd_down`.
+
+    Shapes as in `fwd_up` and `fwd_down`; hs, h3s (W, nmax*m) hidden-unit scratch (h3s (W, 0)
+    without GLU); tmps (W, nmax*m or 0) and bits (W, nmax*m or 0) int32 scratch of the float32
+    activations (0 where the activation needs none).
+    """
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    nw = ptr.shape[0] - 1
+    glu = w3.shape[0] > 0
+    for w in prange(nw):
+        xw = xs[w]
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            if n == 0:
+                continue
+            for r in range(n):
+                xw[r, :] = x[order[s + r] // k]
+            lo = e * m
+            hflat = hs[w][:n * m]
+            hb = hflat.reshape((n, m))
+            gemm(xw[:n], w1[lo:lo + m].T, hb, 0.0)
+            if b1.shape[0] > 0:
+                for r in range(n):
+                    add_to(hb[r], b1[lo:lo + m])
+            ns = n * m if tmps.shape[1] > 0 else 0
+            activate(hflat, act, tmps[w][:ns], bits[w][:ns])
+            if glu:
+                gflat = h3s[w][:n * m]
+                gb = gflat.reshape((n, m))
+                gemm(xw[:n], w3[lo:lo + m].T, gb, 0.0)
+                if b3.shape[0] > 0:
+                    for r in range(n):
+                        add_to(gb[r], b3[lo:lo + m])
+                for c in range(n * m):
+                    hflat[c] *= gflat[c]
+            gemm(hb, w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
 

@@ -82,33 +82,54 @@ def _blas_libraries() -> tuple:
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
+@functools.cache
+def _blas_thread_calls() -> tuple:
+    """(get, set) of each loaded BLAS library's thread count, resolved once per process.
+
+    For OpenBLAS with its own threads, the library's functions themselves: threadpoolctl's
+    methods look the symbol up by name on every call and a phase makes four calls per
+    library. threadpoolctl's methods for anything else (OpenMP-threaded builds, MKL, BLIS).
+    """
+    calls = []
+    for lib in _blas_libraries():
+        get = put = None
+        find = getattr(lib, "_get_symbol", None)  # threadpoolctl's affix-aware lookup
+        if (find is not None and lib.internal_api == "openblas"
+                and getattr(lib, "threading_layer", None) == "pthreads"):
+            get, put = find("openblas_get_num_threads"), find("openblas_set_num_threads")
+        if get is None or put is None:
+            get, put = lib.get_num_threads, lib.set_num_threads
+        calls.append((get, put))
+    return tuple(calls)
+
+
 @contextlib.contextmanager
 def _numba_phase(workers: int, blas: bool = True):
     """numba runs `workers` threads (and BLAS one) inside the phase; the counts are restored
     after. `blas=False` for kernels that call no BLAS.
 
-    Reads and sets each BLAS library's count directly: threadpoolctl's `limit()` does the same
-    but took 11.5 us per phase against 2.8 us (it re-reads every library's info), which is
-    ~5% of the forward at T=64, d=256.
+    Right after other work each step here is a cold call: threadpoolctl's `limit()` took
+    11.5 us per phase, its per-library methods 13 us for one round of reads, and
+    `numba.get_num_threads()` alone 22 us (it takes a lock and checks the pool from Python);
+    so the BLAS counts go through the libraries' own functions (`_blas_thread_calls`) and
+    numba's through one compiled call that swaps it (`numba_kernels.swap_threads`).
     """
-    import numba
+    from ssdfx.ops.numba_kernels import swap_threads
 
-    libs = _blas_libraries() if blas else ()
-    before = [lib.get_num_threads() for lib in libs]
-    numba_before = numba.get_num_threads()
-    for lib, n in zip(libs, before):
+    calls = _blas_thread_calls() if blas else ()
+    before = [get() for get, _ in calls]
+    for (_, put), n in zip(calls, before):
         if n != 1:
-            lib.set_num_threads(1)
-    if numba_before != workers:
-        numba.set_num_threads(workers)
+            put(1)
+    numba_before = swap_threads(workers)
     try:
         yield
     finally:
         if numba_before != workers:
-            numba.set_num_threads(numba_before)
-        for lib, n in zip(libs, before):
+            swap_threads(numba_before)
+        for (_, put), n in zip(calls, before):
             if n != 1:
-                lib.set_num_threads(n)
+                put(n)
 
 
 def _keeps_torch_threads(launcher):

@@ -30,6 +30,7 @@ layouts (C for nn.Linear, F for Conv1D's `.t()` views).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 
@@ -37,7 +38,7 @@ from ssdfx.ops.blas import gemm
 from ssdfx.ops.numba_act import activate
 
 __all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_infer", "fwd_up",
-           "padded_slots", "plan", "route", "top_k", "top_k_serial"]
+           "padded_slots", "plan", "route", "swap_threads", "top_k", "top_k_serial"]
 
 
 def _sigs(make):
@@ -54,6 +55,18 @@ def _c(dt, nd):
 
 def _a(dt, nd):
     return types.Array(dt, nd, "A")
+
+
+@njit(types.int64(types.int64), nogil=True)
+def swap_threads(n):
+    """Set numba's thread count (of the calling thread) to n; returns the previous one. One
+    compiled call instead of numba.get_num_threads() and set_num_threads() from Python.
+    Not cached on disk (numba cannot: the threading layer's functions are runtime pointers);
+    compiling it takes ~0.1 s once per process."""
+    old = numba.get_num_threads()
+    if old != n:
+        numba.set_num_threads(n)
+    return old
 
 
 @njit(types.int64(_I1, _i64, _I1, _I1), cache=True, nogil=True)

@@ -338,7 +338,7 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     d=256, E=16, k=4 the sort, plan, inverse, buffers and torch's activation between two
     numba phases were 90 us of a 440 us forward. ReLU, squared ReLU and identity give
     `forward`'s bits; GELU, SiLU and their variants differ from torch's float32 functions by
-    ~1e-7 relative (see numba_act). Past the buffer limit it runs `forward`'s kernels.
+    ~1e-7 relative (see numba_act). Past the buffer limit it runs `forward`.
     """
     from ssdfx.ops import numba_kernels as nk
     from ssdfx.ops.numba_act import CODES
@@ -355,37 +355,27 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
         _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
     if pairs < 0:
         check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    if pairs * d * dt.itemsize >= PAIR_BUFFER_BYTES:
+        # large problems: forward's accumulator kernels, with its torch-allocated buffers (at
+        # T=8192 numpy's fresh ones made the call 10% slower)
+        return forward(x, w1, b1, w2, w3, b3, expert_idx, gate, None, num_experts, activation,
+                       0.0)[0]
     yt = torch.empty(t_all, d, dtype=x.dtype)
     y = _np(yt)
     scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
     empty1 = np.empty(0, dt)
-    w1n, w3n = _np(w1), _np(w3) if glu else np.empty((0, d), dt)
-    b1n = _np(b1) if b1 is not None else empty1
-    b3n = _np(b3) if b3 is not None else empty1
     g = _np(gate.contiguous()).reshape(-1)
-    if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
-        code = CODES[activation]
-        block = nmax * m
-        hs = np.empty((workers, block), dt)
-        h3s = np.empty((workers, block if glu else 0), dt)
-        # float32 GELU/SiLU variants need two scratch rows for their exp
-        sized = block if (code >= 3 and dt == np.float32) else 0
-        with _numba_phase(workers):
-            nk.fwd_infer(xn, w1n, b1n, w3n, b3n, _np(w2), g, order, inv, offsets, k, ptr,
-                         experts, code, y, np.empty((pairs, d), dt), scratch, hs, h3s,
-                         np.empty((workers, sized), dt), np.empty((workers, sized), np.int32))
-        return yt
-    from ssdfx.ops import numba_acc
-
-    a1 = np.empty((pairs, m), dt)  # (P, m)
-    a3 = np.empty((pairs if glu else 0, m), dt)
+    code = CODES[activation]
+    block = nmax * m
+    # float32 GELU/SiLU variants need two scratch rows for their exp
+    sized = block if (code >= 3 and dt == np.float32) else 0
     with _numba_phase(workers):
-        nk.fwd_up(xn, w1n, b1n, w3n, b3n, order, offsets, k, ptr, experts, a1, a3, scratch)
-        h = _np(hidden(torch.from_numpy(a1), torch.from_numpy(a3) if glu else None, None, 0.0,
-                       activation).contiguous())
-        ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
-        numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
-                               scratch)
+        nk.fwd_infer(xn, _np(w1), _np(b1) if b1 is not None else empty1,
+                     _np(w3) if glu else np.empty((0, d), dt),
+                     _np(b3) if b3 is not None else empty1, _np(w2), g, order, inv, offsets, k,
+                     ptr, experts, code, y, np.empty((pairs, d), dt), scratch,
+                     np.empty((workers, block), dt), np.empty((workers, block if glu else 0), dt),
+                     np.empty((workers, sized), dt), np.empty((workers, sized), np.int32))
     return yt
 
 

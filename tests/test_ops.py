@@ -5,6 +5,7 @@ Kernel-vs-reference property tests are in test_ops_kernels.py, GPU ones in test_
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -400,11 +401,13 @@ def test_threads_follow_torch_and_import_leaves_them_alone():
 
 
 def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
-    # Workers call BLAS concurrently, so inside a numba phase every BLAS library runs one
-    # thread; afterwards the user's counts are back. Read independently with threadpoolctl.
+    # Workers call BLAS concurrently, so inside a numba phase every OpenBLAS library runs one
+    # thread when the kernels call OpenBLAS (with torch's MKL, `gemm` sets that per call and
+    # the phase leaves them alone); afterwards the user's counts are back. Read independently
+    # with threadpoolctl.
     threadpoolctl = pytest.importorskip("threadpoolctl")
     numba = pytest.importorskip("numba")
-    from ssdfx.ops import cpu_numba
+    from ssdfx.ops import blas, cpu_numba
 
     def blas_threads():
         return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
@@ -415,7 +418,7 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
         assert before and set(before) == {2}
         numba_before = numba.get_num_threads()
         with cpu_numba._numba_phase(1):
-            assert set(blas_threads()) == {1}
+            assert blas_threads() == ([1] * len(before) if blas.LIBRARY == "openblas" else before)
             # numba's regions start only the op's workers (idle pool threads stall the barrier
             # when their core is busy)
             assert numba.get_num_threads() == 1
@@ -425,6 +428,86 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
                 torch.randint(0, 3, (16, 1)), torch.ones(16, 1), num_experts=3,
                 activation="relu", backend="numba")
         assert blas_threads() == before
+
+
+def test_blas_choice_follows_the_cpu_and_rejects_bad_settings():
+    from ssdfx.ops.blas import _choose
+
+    assert _choose("auto", True, "GenuineIntel") == "mkl"
+    assert _choose("", True, "GenuineIntel") == "mkl"
+    assert _choose("auto", True, "AuthenticAMD") == "openblas"
+    assert _choose("auto", False, "GenuineIntel") == "openblas"
+    assert _choose(" MKL ", True, "AuthenticAMD") == "mkl"
+    assert _choose("openblas", True, "GenuineIntel") == "openblas"
+    with pytest.raises(ValueError, match="SSDFX_BLAS='blis' is not one of auto, mkl, openblas"):
+        _choose("blis", True, "GenuineIntel")
+    with pytest.raises(RuntimeError, match="exports no MKL sgemm_.*SSDFX_BLAS=openblas"):
+        _choose("mkl", False, "GenuineIntel")
+
+
+@pytest.mark.parametrize("library", ["openblas", "mkl"])
+def test_each_blas_computes_the_gemm_and_the_op(library):
+    # Each library the kernels can call, in its own process (the choice is made once): gemm
+    # on every operand layout against float64 numpy, MKL's per-thread count restored after
+    # each call, and the numba op's forward and gradients against the reference backend.
+    pytest.importorskip("numba")
+    from ssdfx.ops.blas import _mkl_addresses
+
+    if library == "mkl" and _mkl_addresses() is None:
+        pytest.skip("this torch build has no MKL")
+    code = textwrap.dedent(
+        """
+        import ctypes, glob, os, numpy as np, torch
+        from numba import njit
+        from ssdfx.ops import blas, moe_ffn
+        assert blas.LIBRARY == os.environ["SSDFX_BLAS"], blas.LIBRARY
+
+        @njit(["void(f4[:, :], f4[:, :], f4[:, :], f8)", "void(f8[:, :], f8[:, :], f8[:, :], f8)"])
+        def run(a, b, c, beta):  # any layout (one compilation per dtype)
+            blas.gemm(a, b, c, beta)
+
+        rng = np.random.default_rng(0)
+        for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+            a0, b0 = rng.standard_normal((7, 5)), rng.standard_normal((5, 6))
+            c0 = rng.standard_normal((7, 6))
+            for a in (a0.astype(dt), np.asfortranarray(a0.astype(dt)),
+                      rng.standard_normal((9, 11)).astype(dt)[1:8, 2:7]):
+                a0 = a.astype(np.float64)
+                for b in (b0.astype(dt), b0.T.astype(dt).copy().T):
+                    for c in (c0.astype(dt).copy(), np.asfortranarray(c0.astype(dt))):
+                        ref = a0 @ b0 + 0.5 * c.astype(np.float64)
+                        run(a, b, c, 0.5)
+                        assert np.abs(c - ref).max() < tol * 10, (dt, np.abs(c - ref).max())
+        if blas.LIBRARY == "mkl":
+            lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                                     "libtorch_cpu.*"))[0])
+            lib.MKL_Set_Num_Threads_Local(3)
+            run(a, b, c, 0.0)
+            assert lib.MKL_Set_Num_Threads_Local(0) == 3  # gemm gave the thread its count back
+
+        torch.manual_seed(0)
+        t, d, e, m, k = 40, 24, 4, 8, 2
+        args = [torch.randn(t, d), torch.randn(e * m, d), torch.randn(e * m),
+                torch.randn(d, e * m), torch.randn(e * m, d), torch.randn(e * m)]
+        for x in args:
+            x.requires_grad_(True)
+        idx = torch.randn(t, e).topk(k, dim=1).indices
+        gate = torch.rand(t, k, requires_grad=True)
+        outs = []
+        for backend in ("numba", "reference"):
+            y = moe_ffn(*args, idx, gate, num_experts=e, activation="silu", backend=backend)
+            grads = torch.autograd.grad(y.square().sum(), args + [gate])
+            outs.append((y, *grads))
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, SSDFX_BLAS=library)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=_repo_root(), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
 
 
 def _repo_root():

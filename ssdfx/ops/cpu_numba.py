@@ -89,7 +89,12 @@ def _blas_thread_calls() -> tuple:
     For OpenBLAS with its own threads, the library's functions themselves: threadpoolctl's
     methods look the symbol up by name on every call and a phase makes four calls per
     library. threadpoolctl's methods for anything else (OpenMP-threaded builds, MKL, BLIS).
+    Empty where the kernels call torch's MKL, which `blas.gemm` keeps single-threaded itself.
     """
+    from ssdfx.ops.blas import LIBRARY
+
+    if LIBRARY == "mkl":
+        return ()
     calls = []
     for lib in _blas_libraries():
         get = put = None

@@ -19,6 +19,8 @@ import argparse
 import copy
 import csv
 import itertools
+import os
+import platform
 import statistics
 import sys
 import time
@@ -48,26 +50,44 @@ def sparse_model(dense: nn.Sequential, num_experts: int, k: int) -> nn.Module:
     return ssdfx.convert(copy.deepcopy(dense), num_experts=num_experts, top_k=k)
 
 
-def _cpu_idle_share(seconds: float = 0.3) -> float:
-    """Share of CPU time idle over `seconds` (Linux /proc/stat; 1.0 elsewhere)."""
-    def read():
+def _cpu_times() -> tuple[int, int, int]:
+    """(total, idle, steal) CPU time of the whole machine so far, in jiffies (Linux
+    /proc/stat; zeros elsewhere). Steal is time the hypervisor gave this VM's CPUs to others."""
+    try:
         with open("/proc/stat") as f:
             vals = [int(v) for v in f.readline().split()[1:]]
-        return sum(vals), vals[3] + vals[4]
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
     except OSError:
-        return 1.0
-    return (i1 - i0) / max(1, t1 - t0)
+        return 0, 0, 0
+    return sum(vals), vals[3] + vals[4], vals[7] if len(vals) > 7 else 0
 
 
-def wait_idle(max_wait: float, share: float = 0.9) -> bool:
-    """Wait (up to max_wait s) until the machine is idle, so other jobs do not skew a run."""
+def _cpu_idle_share(seconds: float = 0.3) -> float:
+    """Share of CPU time idle over `seconds` (1.0 where /proc/stat is missing)."""
+    t0, i0, _ = _cpu_times()
+    time.sleep(seconds)
+    t1, i1, _ = _cpu_times()
+    return (i1 - i0) / (t1 - t0) if t1 > t0 else 1.0
+
+
+def _steal_share(seconds: float = 0.2) -> float:
+    """Share of CPU time stolen by the hypervisor while both threads multiply matrices for
+    `seconds`: steal only shows while the VM runs, so an idle check alone cannot see a busy
+    host."""
+    a = torch.randn(256, 256)
+    t0, _, s0 = _cpu_times()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+    t1, _, s1 = _cpu_times()
+    return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def wait_idle(max_wait: float, share: float = 0.9, max_steal: float = 0.03) -> bool:
+    """Wait (up to max_wait s) until the machine is idle and the host gives it whole CPUs
+    (steal below max_steal), so other jobs, here or on the host, do not skew a run."""
     deadline = time.monotonic() + max_wait
     while time.monotonic() < deadline:
-        if _cpu_idle_share() >= share:
+        if _cpu_idle_share() >= share and _steal_share() <= max_steal:
             return True
     return False
 
@@ -76,6 +96,21 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def machine() -> str:
+    """The CPU and the BLAS the numba kernels call: the ratios depend on both (dense fp32 runs
+    MKL, whose speed depends on the CPU's vendor; see bench/README.md)."""
+    from ssdfx.ops import blas
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}"
 
 
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
@@ -127,7 +162,7 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
             clear()
             run()
     times = {key: [] for key in cases}
-    quiet = 0
+    quiet = busy = stolen = 0
     keys = list(cases)
     for rep in range(repeats):
         if idle_wait > 0:
@@ -139,10 +174,14 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
                 clear()
                 run()
         # rotate the order, so that no case always runs first or always after the same one
+        total0, _, steal0 = _cpu_times()
         for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
             run, clear = cases[key]
             clear()
             times[key].append(_timed(run))
+        total1, _, steal1 = _cpu_times()
+        busy += total1 - total0
+        stolen += steal1 - steal0
     med = {key: statistics.median(v) for key, v in times.items()}
     rows = []
     for phase in ("fwd", "fwd+bwd"):
@@ -153,6 +192,11 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
             dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
             speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
             quiet_repeats=f"{quiet}/{repeats}" if idle_wait > 0 else "",
+            # share of the timed repeats' CPU time the hypervisor gave to other guests: an
+            # idle check cannot see it (nothing is stolen from an idle VM), and it slows the
+            # cases unevenly; figures with more than a few percent are not comparable
+            steal=round(stolen / busy, 3) if busy else "",
+            machine=machine(),
         ))
     return rows
 
@@ -227,11 +271,12 @@ def main(argv=None) -> int:
                     help="CSV path (default: bench/results/op[_bf16|_both][_quick].csv, so a quick "
                          "or bf16 run never replaces the fp32 sweep's file)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="before each repeat wait up to S seconds for an idle CPU (shared "
-                         "machines); the CSV records how many repeats started idle")
+                    help="before each repeat wait up to S seconds for an idle CPU whose host "
+                         "steals under 3%% of its time (shared machines, VMs); the CSV records "
+                         "how many repeats started so and the steal share while timing")
     ap.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
                     help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
-                         "default CSV bench/results/op_shapes[_bf16].csv")
+                         "default CSV bench/results/op_shapes[_bf16|_both].csv")
     ap.add_argument("--router-share", action="store_true",
                     help="only print the routing share of the sparse forward at d=768 (fp32)")
     args = ap.parse_args(argv)
@@ -247,7 +292,7 @@ def main(argv=None) -> int:
         args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
     shapes = args.shapes or configs(args.quick)  # --shapes are all checked while parsing
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          "router: ssdfx.convert", flush=True)
+          f"router: ssdfx.convert, {machine()}", flush=True)
     rows = []
     for dtype in dtypes:
         for t, d, e, k in shapes:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
-from ssdfx.ops.numba_kernels import _I1, _a, _c, _i64, _sigs, add_scaled, add_to, expert_grads
+from ssdfx.ops.numba_kernels import (_I1, _a, _c, _i64, _per_dtype, add_scaled, add_to,
+                                     expert_grads)
 
 __all__ = ["bwd_weights_acc", "fwd_down_acc"]
 
@@ -30,12 +31,12 @@ def _reduce(y, ybuf, nw, t_all):
                 add_to(y[t], ybuf[j, t])
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2, gate
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _c(f, 2), _c(f, 3), _c(f, 3),  # y, ybuf, ys
-    )),
+    ),
     parallel=True, cache=True, nogil=True,
 )
 def fwd_down_acc(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
@@ -66,14 +67,14 @@ def fwd_down_acc(h, w2, gate, order, offsets, k, ptr, experts, y, ybuf, ys):
     _reduce(y, ybuf, nw, t_all)
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
         _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
         _c(f, 2), _c(f, 3), _c(f, 3), _c(f, 3),  # dx, dxbuf, xs, ds
-    )),
+    ),
     parallel=True, cache=True, nogil=True,
 )
 def bwd_weights_acc(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,

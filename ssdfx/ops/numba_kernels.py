@@ -23,12 +23,17 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer`: one kernel,
   with the activation in numba (`numba_act`, formulas LLVM vectorises).
 
-Every kernel is compiled for explicit float32 and float64 signatures with weights typed as
-any-layout arrays: one compiled version per dtype instead of one per combination of weight
-layouts (C for nn.Linear, F for Conv1D's `.t()` views).
+Every kernel has explicit float32 and float64 signatures with weights typed as any-layout
+arrays: one compiled version per dtype instead of one per combination of weight layouts (C for
+nn.Linear, F for Conv1D's `.t()` views). The GEMM kernels (`_per_dtype`) compile, or load from
+numba's on-disk cache, a dtype's version on their first call with that dtype instead of every
+version at import: compiling all of them took 166 s on the tenth session's Xeon and loading
+them from the cache 5.3 s per process, while most processes only ever use float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numba
 import numpy as np
@@ -41,8 +46,31 @@ __all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "f
            "padded_slots", "plan", "route", "swap_threads", "top_k", "top_k_serial"]
 
 
-def _sigs(make):
-    return [make(types.float32), make(types.float64)]
+class _PerDtype:
+    """A kernel called from Python whose signature `make(float type)` is compiled (or loaded from
+    numba's cache) on the first call with that dtype (of the first argument); calls then take
+    that version, converting layouts as numba does for explicit signatures."""
+
+    def __init__(self, make, options, fn):
+        self.kernel = njit(**options)(fn)  # only ever called after _compile
+        self._make = make
+        self._ready = set()
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if args[0].dtype not in self._ready:
+            self._compile(args[0].dtype)
+        return self.kernel(*args)
+
+    def _compile(self, dtype):
+        self.kernel.disable_compile(False)
+        self.kernel.compile(self._make(numba.from_dtype(dtype)))
+        self.kernel.disable_compile(True)  # as njit does after explicit signatures
+        self._ready.add(dtype)
+
+
+def _per_dtype(make, **options):
+    return lambda fn: _PerDtype(make, options, fn)
 
 
 _i64 = types.int64
@@ -272,12 +300,12 @@ def _combine(rows, gate, inv, n_rows, k, nw, out):
                         add_to(row, rows[r])
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),  # x, w1, b1, w3, b3
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _c(f, 2), _c(f, 2), _c(f, 3),  # a1, a3, xs
-    )),
+    ),
     parallel=True, cache=True, nogil=True,
 )
 def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
@@ -312,12 +340,12 @@ def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
                         add_to(a3[s + r], b3[lo:lo + m])
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2, gate
         _I1, _I1, _I1, _i64, _I1, _I1,  # order, inv, offsets, K, ptr, experts
         _c(f, 2), _c(f, 2),  # y, ypair
-    )),
+    ),
     parallel=True, cache=True, nogil=True,
 )
 def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
@@ -345,14 +373,14 @@ def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
         # x, w1, b1, w3, b3, w2, gate
         _I1, _I1, _I1, _i64, _I1, _I1, _i64,  # order, inv, offsets, K, ptr, experts, act
         _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2),
         # y, ypair, xs, hs, h3s, tmps, bits
-    )),
+    ),
     parallel=True, cache=True, nogil=True, error_model="numpy",
 )
 def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, y, ypair,
@@ -402,12 +430,12 @@ def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts,
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1),  # dy, w2, gate
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _c(f, 2), _c(f, 2), _c(f, 1), _c(f, 3),  # h, dh, dgate, ds
-    )),
+    ),
     parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"},
 )
 def bwd_dh(dy, w2, gate, order, offsets, k, ptr, experts, h, dh, dgate, ds):
@@ -482,14 +510,14 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
         gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
 
 
-@njit(
-    _sigs(lambda f: types.void(
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
         _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
         _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
         _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
         _I1, _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 3),  # inv, dx, dxpair, xs, ds
-    )),
+    ),
     parallel=True, cache=True, nogil=True,
 )
 def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,

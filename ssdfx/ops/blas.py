@@ -10,10 +10,11 @@ Which BLAS (`LIBRARY`): on Intel CPUs the MKL that torch links into libtorch_cpu
 machines this project ran on, inside the op's two-worker kernels: on an AMD Zen 4, MKL takes its
 AVX2 path and was 8-12% slower than OpenBLAS at 128-512 x 768 x 192 (equal or ~11 us faster per
 projection only at 16-32-row experts); on an AVX-512 Intel Xeon, MKL ran the 16 experts' GEMMs of
-T=2048, d=768, E=16, k=4 in 21.6-22.2 ms against 23.1-23.5 for OpenBLAS, and the whole op went
-from 2.53-2.77x to 2.89-2.97x of dense forward, 2.50-2.52x to 2.85-2.93x forward+backward
-(T=512, d=768, E=8, k=1: 3.16-3.62x -> 4.11-4.23x forward). `SSDFX_BLAS=mkl|openblas` overrides
-the choice (read once, when the kernels are first loaded).
+T=2048, d=768, E=16, k=4 in 21.6-22.2 ms against 23.1-23.5 for OpenBLAS, and `bench/op.py`
+(two processes per library, no steal) measured the op at T=2048, d=256, E=32, k=16 at
+0.85-0.90x of dense forward with OpenBLAS against 1.07-1.17x with MKL, T=512, d=768, E=8, k=1
+3.49-3.58x against 3.97-4.79x, T=2048, d=768, E=16, k=4 equal (2.71-2.74x, 2.74-2.82x).
+`SSDFX_BLAS=mkl|openblas` overrides the choice (read once, when the kernels are first loaded).
 
 Threads: each worker runs its own GEMMs single-threaded. OpenBLAS's count is process-wide and
 set around each numba phase (`cpu_numba._numba_phase`); MKL's is set per call here, thread-locally

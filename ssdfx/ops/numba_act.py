@@ -71,6 +71,14 @@ def _exp32_(t, bits):
         t[c] *= scale[c]
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _times_sigmoid32(h, tmp, bits):
+    """h = h * sigmoid(z) for float32, given tmp = -z (overwritten)."""
+    _exp32_(tmp, bits)
+    for c in range(h.shape[0]):
+        h[c] = h[c] / (np.float32(1.0) + tmp[c])
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _sigmoid_times(h, a, tmp, bits):
     """h = h * sigmoid(a * h) (silu: a = 1, quick_gelu: a = 1.702)."""
@@ -78,9 +86,7 @@ def _sigmoid_times(h, a, tmp, bits):
         af = np.float32(a)
         for c in range(h.shape[0]):
             tmp[c] = -af * h[c]
-        _exp32_(tmp, bits)
-        for c in range(h.shape[0]):
-            h[c] = h[c] / (np.float32(1.0) + tmp[c])
+        _times_sigmoid32(h, tmp, bits)
     else:
         for c in range(h.shape[0]):
             v = h[c]
@@ -93,9 +99,7 @@ def _gelu_tanh(h, tmp, bits):
         for c in range(h.shape[0]):
             v = h[c]
             tmp[c] = np.float32(-_GELU_TANH_C) * (v + np.float32(0.044715) * v * v * v)
-        _exp32_(tmp, bits)
-        for c in range(h.shape[0]):
-            h[c] = h[c] / (np.float32(1.0) + tmp[c])
+        _times_sigmoid32(h, tmp, bits)
     else:
         for c in range(h.shape[0]):
             v = h[c]

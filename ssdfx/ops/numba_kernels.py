@@ -300,6 +300,24 @@ def _combine(rows, gate, inv, n_rows, k, nw, out):
                         add_to(row, rows[r])
 
 
+@njit(cache=True, nogil=True, inline="always")
+def expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, a1, a3):
+    """One expert's up-projection(s): its tokens' rows (pairs order[s:s+n]) gathered into
+    xw[:n], then a1 = xw w1_e^T + b1_e and, with GLU (w3 has rows), a3 = xw w3_e^T + b3_e;
+    a1, a3 (n, m) outputs, lo = e * m. Shared by `fwd_up` and `fwd_infer`."""
+    for r in range(n):
+        xw[r, :] = x[order[s + r] // k]
+    gemm(xw[:n], w1[lo:lo + m].T, a1, 0.0)
+    if b1.shape[0] > 0:
+        for r in range(n):
+            add_to(a1[r], b1[lo:lo + m])
+    if w3.shape[0] > 0:
+        gemm(xw[:n], w3[lo:lo + m].T, a3, 0.0)
+        if b3.shape[0] > 0:
+            for r in range(n):
+                add_to(a3[r], b3[lo:lo + m])
+
+
 @_per_dtype(
     lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),  # x, w1, b1, w3, b3
@@ -317,27 +335,14 @@ def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
-    glu = w3.shape[0] > 0
     for w in prange(ptr.shape[0] - 1):
-        xw = xs[w]
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
             s = offsets[e]
             n = offsets[e + 1] - s
-            if n == 0:
-                continue
-            for r in range(n):
-                xw[r, :] = x[order[s + r] // k]
-            lo = e * m
-            gemm(xw[:n], w1[lo:lo + m].T, a1[s:s + n], 0.0)
-            if b1.shape[0] > 0:
-                for r in range(n):
-                    add_to(a1[s + r], b1[lo:lo + m])
-            if glu:
-                gemm(xw[:n], w3[lo:lo + m].T, a3[s:s + n], 0.0)
-                if b3.shape[0] > 0:
-                    for r in range(n):
-                        add_to(a3[s + r], b3[lo:lo + m])
+            if n > 0:
+                expert_up(x, w1, b1, w3, b3, order, s, n, k, e * m, m, xs[w], a1[s:s + n],
+                          a3[s:s + n])
 
 
 @_per_dtype(
@@ -399,31 +404,21 @@ def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts,
     nw = ptr.shape[0] - 1
     glu = w3.shape[0] > 0
     for w in prange(nw):
-        xw = xs[w]
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
             s = offsets[e]
             n = offsets[e + 1] - s
             if n == 0:
                 continue
-            for r in range(n):
-                xw[r, :] = x[order[s + r] // k]
             lo = e * m
             hflat = hs[w][:n * m]
             hb = hflat.reshape((n, m))
-            gemm(xw[:n], w1[lo:lo + m].T, hb, 0.0)
-            if b1.shape[0] > 0:
-                for r in range(n):
-                    add_to(hb[r], b1[lo:lo + m])
+            gflat = h3s[w][:n * m if glu else 0]
+            expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xs[w], hb,
+                      gflat.reshape((n if glu else 0, m)))
             ns = n * m if tmps.shape[1] > 0 else 0
             activate(hflat, act, tmps[w][:ns], bits[w][:ns])
             if glu:
-                gflat = h3s[w][:n * m]
-                gb = gflat.reshape((n, m))
-                gemm(xw[:n], w3[lo:lo + m].T, gb, 0.0)
-                if b3.shape[0] > 0:
-                    for r in range(n):
-                        add_to(gb[r], b3[lo:lo + m])
                 for c in range(n * m):
                     hflat[c] *= gflat[c]
             gemm(hb, w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)

@@ -183,16 +183,16 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(backend, dtype, monkeypatch
     for a, b in zip(g_eager, g_op):
         assert torch.equal(a, b)
 
-# pair_buffer=False: numba's launchers past PAIR_BUFFER_BYTES (the accumulator kernels)
-@pytest.mark.parametrize("backend, dtype, pair_buffer", [
-    ("numba", torch.float32, True), ("numba", torch.float32, False),
-    ("torch", torch.bfloat16, True)])
+# sum_by: how numba's launchers sum each token's K rows (pair rows or token blocks, forced)
+@pytest.mark.parametrize("backend, dtype, sum_by", [
+    ("numba", torch.float32, "pairs"), ("numba", torch.float32, "tokens"),
+    ("torch", torch.bfloat16, None)])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("shape", [(40, 4, 2), (0, 4, 2), (7, 1, 1), (9, 3, 3)])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_call_without_gradients_equals_the_custom_op(backend, dtype, dropout_p, glu, shape,
-                                                     pair_buffer, activation, monkeypatch):
+                                                     sum_by, activation, monkeypatch):
     # with nothing to differentiate (no_grad, or no input that needs a gradient) eager calls
     # run the kernels without the autograd Function (numba without dropout: its own launcher,
     # cpu_numba.infer); the output must be the op's, untracked; bit for bit except where
@@ -200,8 +200,8 @@ def test_call_without_gradients_equals_the_custom_op(backend, dtype, dropout_p, 
     import ssdfx.ops
     from ssdfx.ops import cpu_numba
 
-    if not pair_buffer:
-        monkeypatch.setattr(cpu_numba, "PAIR_BUFFER_BYTES", 0)
+    if sum_by is not None:
+        monkeypatch.setattr(cpu_numba, "by_token_blocks", lambda *shape: sum_by == "tokens")
     t, e, k = shape
     p = _problem(t=t, d=16, e=e, m=8, k=k, dtype=dtype, glu=glu)
     if t > 3:
@@ -222,8 +222,7 @@ def test_call_without_gradients_equals_the_custom_op(backend, dtype, dropout_p, 
     assert y_no_grad.grad_fn is None and y_plain.grad_fn is None
     assert y_tracked.grad_fn is not None
     assert torch.equal(y_tracked, y_op)
-    fused_gelu = (backend == "numba" and dropout_p == 0.0 and activation == "gelu"
-                  and pair_buffer)
+    fused_gelu = backend == "numba" and dropout_p == 0.0 and activation == "gelu"
     for y in (y_no_grad, y_plain):
         if fused_gelu:  # sums of terms up to max|y|: float32 rounding scales with them
             scale = float(y_op.abs().max()) if y_op.numel() else 0.0

@@ -189,28 +189,42 @@ def test_numba_fp32_matches_reference(spec):
     check_against_reference("numba", spec, torch.float32, 1e-4)
 
 
-@SETTINGS
-@given(problems())
-def test_numba_accumulator_variant_matches_reference(spec):
-    # large problems take the per-worker-accumulator kernels (numba_acc); force them here
+def _sum_by(sum_by):
+    # force how the numba launchers sum each token's K rows: "pairs" (a (P, d) buffer:
+    # fwd_down, fwd_infer, bwd_weights) or "tokens" (token blocks: the *_tokens kernels);
+    # cpu_numba.by_token_blocks picks otherwise
     from ssdfx.ops import cpu_numba
 
-    with _patched(cpu_numba, PAIR_BUFFER_BYTES=0):
+    return _patched(cpu_numba, by_token_blocks=lambda *shape: sum_by == "tokens")
+
+
+@SETTINGS
+@given(problems(), st.sampled_from(["pairs", "tokens"]))
+@example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
+              activation="silu", dropout_p=0.0), "pairs")
+@example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
+              activation="gelu_tanh", dropout_p=0.3), "tokens")
+@example(dict(e=1, m=3, d=5, t=1, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
+              activation="gelu", dropout_p=0.0), "tokens")
+def test_numba_both_token_sums_match_reference(spec, sum_by):
+    # both ways of summing each token's rows (forward's y, backward's dx), whichever the
+    # problem's size would pick
+    with _sum_by(sum_by):
         check_against_reference("numba", spec, torch.float32, 1e-4)
 
 
 @SETTINGS
-@given(problems(), st.sampled_from([torch.float32, torch.float64]), st.booleans())
+@given(problems(), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from(["pairs", "tokens"]))
 @example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
-              activation="gelu", dropout_p=0.0), torch.float32, True)
+              activation="gelu", dropout_p=0.0), torch.float32, "pairs")
 @example(dict(e=8, m=2, d=3, t=5, k=1, glu=False, bias=False, unused=0.0, skew=True, seed=2,
-              activation="silu", dropout_p=0.0), torch.float32, True)
+              activation="silu", dropout_p=0.0), torch.float32, "tokens")
 @example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
-              activation="relu", dropout_p=0.0), torch.float64, False)
-def test_numba_inference_call_matches_reference(spec, dtype, pair_buffer):
-    # cpu_numba.infer: the forward of calls with nothing to differentiate (one fused kernel
-    # with numba's activations while the pair rows fit PAIR_BUFFER_BYTES, else the
-    # accumulator kernels)
+              activation="relu", dropout_p=0.0), torch.float64, "tokens")
+def test_numba_inference_call_matches_reference(spec, dtype, sum_by):
+    # cpu_numba.infer: the forward of calls with nothing to differentiate (one numba call
+    # after the routing, with numba's activations; both ways of summing per token)
     from ssdfx.ops import cpu_numba
 
     p = make(spec, dtype)
@@ -218,7 +232,7 @@ def test_numba_inference_call_matches_reference(spec, dtype, pair_buffer):
     e, act = spec["e"], spec["activation"]
     want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"], ref_p["w3"],
                              ref_p["b3"], p["expert_idx"], ref_p["gate"], None, e, act, 0.0)
-    with _patched(cpu_numba, PAIR_BUFFER_BYTES=cpu_numba.PAIR_BUFFER_BYTES if pair_buffer else 0):
+    with _sum_by(sum_by):
         y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
                             p["expert_idx"], p["gate"], e, act)
     assert y.dtype == dtype and y.shape == p["x"].shape

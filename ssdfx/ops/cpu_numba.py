@@ -2,9 +2,9 @@
 
 The forward and the backward each run in three phases: a numba GEMM phase, the elementwise
 middle in torch (`ssdfx.ops.layout`), and a second numba GEMM phase. See `numba_kernels` for
-why the work is split this way; `numba_acc` holds the variants used past PAIR_BUFFER_BYTES.
+why the work is split this way; `by_token_blocks` picks how each token's K rows are summed.
 `infer`, the forward of calls with nothing to differentiate, is one numba call after the
-routing (`numba_kernels.fwd_infer`).
+routing (`numba_kernels.fwd_infer` or `fwd_infer_tokens`).
 
 Why numba + BLAS per expert rather than torch.mm per expert (the "torch" backend): measured
 on the 2-core target machine, OpenBLAS sgemm called in place from numba ran an expert's GEMM
@@ -46,18 +46,42 @@ from ssdfx.activations import activation_backward, activation_fn
 from ssdfx.ops.layout import hidden
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "forward", "infer", "num_workers",
-           "padded_slots", "sort_pairs", "top_k_indices"]
+__all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks", "forward",
+           "infer", "num_workers", "padded_slots", "sort_pairs", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
-# Below this size the down-projection writes every pair's row to one (P, d) buffer and sums per
-# token (numba_kernels); from it on workers accumulate into private (T, d) buffers instead
-# (numba_acc). 32 MiB is glibc's largest dynamic mmap threshold: a request of that size or more
-# is mapped fresh, and page-faults, on every call (an exactly-32 MiB buffer at T=2048, d=256,
-# E=32, k=16 made the forward 0.71-1.01x of dense against 1.11-1.12x through numba_acc).
-# See numba_acc's docstring.
+# Two ways to sum each token's K expert outputs (and, in the backward, its K input-gradient
+# rows), see numba_kernels:
+#   pair rows     workers by expert write every pair's (d,) row to a (P, d) buffer, then token
+#                 blocks sum them (fwd_down, fwd_infer, bwd_weights);
+#   token blocks  each worker runs every expert's GEMM on the pairs of its own block of tokens
+#                 and adds the rows into those tokens while in cache (the *_tokens kernels):
+#                 no (P, d) buffer through memory, but each of the W workers reads every
+#                 expert's weights, and inference writes the (P, m) hidden units out between
+#                 its two phases instead of keeping each expert's block in cache.
+# `by_token_blocks` takes token blocks where tokens have several rows to sum (P >= 4 T) and
+# the pairs outnumber the weights' extra reads (P >= (W - 1) F), and wherever the pair rows
+# would reach PAIR_BUFFER_BYTES. Measured on the Intel Xeon (W=2, in-process A/B through the
+# converted module, forward / forward+backward, token blocks over pair rows): k=16 at d=256,
+# E=32 (m=32) T=512 1.13x / 1.14x; T=2048, d=256, E=16, k=8 1.07x / 1.08x; d=768, E=32, k=16,
+# T=512 1.12x / 1.08x; T=2048, d=768, E=16, k=4 1.00x / 1.02x; but k=1 at T=8192, d=256,
+# E=8 0.87x / 1.01x, T=2048, d=768, E=16, k=2 0.97x / 1.09x, and T=64, d=768, E=16, k=4
+# (P=256 < F=3072) 0.73x / 0.88x. Past PAIR_BUFFER_BYTES they replace per-worker (T, d)
+# accumulators, which they beat by 1.02x (T=8192, d=768, E=16, k=4) to 1.12x (d=256, E=32,
+# k=16). 32 MiB is glibc's largest dynamic mmap threshold: a request of that size or more is
+# mapped fresh, and page-faults, on every call (an exactly-32 MiB pair buffer at T=2048,
+# d=256, E=32, k=16 made the forward 0.71-1.01x of dense).
 PAIR_BUFFER_BYTES = 32 * 2**20
+
+
+def by_token_blocks(pairs: int, t_all: int, f_all: int, d: int, itemsize: int,
+                    workers: int) -> bool:
+    """Whether the kernels sum each token's rows by token blocks rather than pair rows (see
+    above): P pairs of T tokens, F hidden units, W workers."""
+    if pairs * d * itemsize >= PAIR_BUFFER_BYTES:
+        return True
+    return pairs >= 4 * t_all and pairs >= (workers - 1) * f_all
 
 
 def num_workers(torch_threads: int | None = None) -> int:
@@ -319,16 +343,12 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         kp = keep.reshape(t_all * k, m)[order_t[:pairs]] if keep is not None else None
         h = _np(hidden(a1t[:pairs], a3t[:pairs] if glu else None, kp, dropout_p,
                        activation).contiguous())
-        if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
+        if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
+            nk.fwd_down_tokens(h, _np(w2).T, g, order, offsets, k, workers, y, scratch)
+        else:
             ypair = np.empty((pairs, d), dt)  # (P, d)
             nk.fwd_down(h, _np(w2), g, order, _inverse(order), offsets, k, ptr, experts, y,
                         ypair)
-        else:
-            from ssdfx.ops import numba_acc
-
-            ybuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
-            numba_acc.fwd_down_acc(h, _np(w2), g, order, offsets, k, ptr, experts, y, ybuf,
-                                   scratch)
     return yt, a1t, a3t, order_t, offsets_t
 
 
@@ -337,13 +357,13 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     """`forward`'s y alone, for calls with nothing to differentiate and no dropout.
 
     Nothing is saved for a backward, so the layout (sort, worker plan, inverse permutation) is
-    built by one numba call, and while the per-pair rows fit PAIR_BUFFER_BYTES the rest is one
-    more: `numba_kernels.fwd_infer`, with the activation in numba (`numba_act`). Right after
-    other work, as in a model, every call from Python costs 5-30 us on this machine: at T=64,
-    d=256, E=16, k=4 the sort, plan, inverse, buffers and torch's activation between two
-    numba phases were 90 us of a 440 us forward. ReLU, squared ReLU and identity give
-    `forward`'s bits; GELU, SiLU and their variants differ from torch's float32 functions by
-    ~1e-7 relative (see numba_act). Past the buffer limit it runs `forward`.
+    built by one numba call, and the rest is one more: `numba_kernels.fwd_infer` (pair rows)
+    or `fwd_infer_tokens` (token blocks, see `by_token_blocks`), with the activation in numba
+    (`numba_act`). Right after other work, as in a model, every call from Python costs 5-30 us
+    on this machine: at T=64, d=256, E=16, k=4 the sort, plan, inverse, buffers and torch's
+    activation between two numba phases were 90 us of a 440 us forward. ReLU, squared ReLU
+    and identity give `forward`'s bits; GELU, SiLU and their variants differ from torch's
+    float32 functions by ~1e-7 relative (see numba_act).
     """
     from ssdfx.ops import numba_kernels as nk
     from ssdfx.ops.numba_act import CODES
@@ -360,27 +380,30 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
         _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
     if pairs < 0:
         check_expert_idx(expert_idx, num_experts)  # raises with the offending range
-    if pairs * d * dt.itemsize >= PAIR_BUFFER_BYTES:
-        # large problems: forward's accumulator kernels, with its torch-allocated buffers (at
-        # T=8192 numpy's fresh ones made the call 10% slower)
-        return forward(x, w1, b1, w2, w3, b3, expert_idx, gate, None, num_experts, activation,
-                       0.0)[0]
     yt = torch.empty(t_all, d, dtype=x.dtype)
     y = _np(yt)
     scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
     empty1 = np.empty(0, dt)
     g = _np(gate.contiguous()).reshape(-1)
     code = CODES[activation]
+    weights = (xn, _np(w1), _np(b1) if b1 is not None else empty1,
+               _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1)
     block = nmax * m
     # float32 GELU/SiLU variants need two scratch rows for their exp
     sized = block if (code >= 3 and dt == np.float32) else 0
+    tmps, bits = np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
     with _numba_phase(workers):
-        nk.fwd_infer(xn, _np(w1), _np(b1) if b1 is not None else empty1,
-                     _np(w3) if glu else np.empty((0, d), dt),
-                     _np(b3) if b3 is not None else empty1, _np(w2), g, order, inv, offsets, k,
-                     ptr, experts, code, y, np.empty((pairs, d), dt), scratch,
-                     np.empty((workers, block), dt), np.empty((workers, block if glu else 0), dt),
-                     np.empty((workers, sized), dt), np.empty((workers, sized), np.int32))
+        if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
+            # (P, m) hidden units: torch's buffers, as in `forward` (at T=8192 numpy's fresh
+            # ones made the call 10% slower)
+            h = torch.empty(pairs, m, dtype=x.dtype)
+            h3 = torch.empty(pairs if glu else 0, m, dtype=x.dtype)
+            nk.fwd_infer_tokens(*weights, _np(w2).T, g, order, offsets, k, ptr, experts, code,
+                                y, _np(h), _np(h3), scratch, tmps, bits)
+        else:
+            nk.fwd_infer(*weights, _np(w2), g, order, inv, offsets, k, ptr, experts, code, y,
+                         np.empty((pairs, d), dt), scratch, np.empty((workers, block), dt),
+                         np.empty((workers, block if glu else 0), dt), tmps, bits)
     return yt
 
 
@@ -442,14 +465,11 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             on, offn, k, ptr, experts,
             _np(dw1), _np(dw2), _np(dw3) if glu else np.empty((0, d), dt), db1, db3,
         )
-        if pairs * d * dt.itemsize < PAIR_BUFFER_BYTES:
+        if by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers):
+            nk.bwd_weights_tokens(*args, dx, xs, ds)
+        else:
             dxpair = np.empty((pairs, d), dt)  # (P, d)
             nk.bwd_weights(*args, _inverse(on), dx, dxpair, xs, ds)
-        else:
-            from ssdfx.ops import numba_acc
-
-            dxbuf = np.empty((workers - 1, t_all, d), dt)  # (W-1, T, d)
-            numba_acc.bwd_weights_acc(*args, dx, dxbuf, xs, ds)
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = torch.from_numpy(dg)
     return (dxt, dw1, db1t, dw2, dw3, db3t,

@@ -15,9 +15,12 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   (largest first onto the least-loaded worker).
 - each worker gathers its expert's token rows into its own scratch so the GEMMs read
   contiguous rows; the weights are read in place, whatever their strides (see `blas.gemm`).
-- the down-projection GEMMs write each pair's row in place (layout order), then token blocks
-  sum their K rows in parallel: two experts of one token never race, and the result does not
-  depend on thread timing.
+- each token's K output rows (and, in the backward, its K input-gradient rows) are summed
+  in one of two ways that never race and give results independent of thread timing (the
+  launcher picks, see `cpu_numba.by_token_blocks`): pair rows, where the GEMMs write every
+  pair's row to a (P, d) buffer in layout order and token blocks then sum their K rows in
+  parallel; or token blocks (`token_sum`), where each worker runs every expert's GEMM on the
+  pairs of its own tokens and adds the rows into them while in cache.
 - in the training forward and the backward the elementwise activation runs in torch between
   the GEMM kernels (three phases), so that its values and derivatives are ATen's, as in the
   dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer`: one kernel,
@@ -42,8 +45,9 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm
 from ssdfx.ops.numba_act import activate
 
-__all__ = ["bwd_dh", "bwd_weights", "count_sort", "expert_grads", "fwd_down", "fwd_infer", "fwd_up",
-           "padded_slots", "plan", "route", "swap_threads", "top_k", "top_k_serial"]
+__all__ = ["bwd_dh", "bwd_weights", "bwd_weights_tokens", "count_sort", "expert_grads", "fwd_down",
+           "fwd_down_tokens", "fwd_infer", "fwd_infer_tokens", "fwd_up", "padded_slots", "plan",
+           "route", "swap_threads", "top_k", "top_k_serial"]
 
 
 class _PerDtype:
@@ -301,10 +305,60 @@ def _combine(rows, gate, inv, n_rows, k, nw, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def first_at_least(order, a, b, v):
+    """The first r in [a, b) with order[r] >= v (b if none), by bisection; order[a:b]
+    ascending."""
+    while a < b:
+        c = (a + b) // 2
+        if order[c] < v:
+            a = c + 1
+        else:
+            b = c
+    return a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys):
+    """Worker w's token block of out[t] = sum_j gate[t, j] * (a1_(t,j) w1_e (+ a3_(t,j) w3_e)).
+
+    The worker owns tokens [w T / W, (w+1) T / W): no other worker writes their rows, so each
+    expert's GEMM output is added straight into them while still in cache, with no (P, d)
+    buffer and no race. The layout sorts pairs stably, so within an expert's range they ascend
+    by token and the worker's pairs of expert e are one sub-range, found by bisection.
+
+    a1, a3 (P, m) in pair order (a3 (0, m): none); w1, w3 (F, d) any layout, expert e's block
+    rows [e*m, (e+1)*m); gate (T*K,) or (0,) for all ones; out (T, d); ys (nmax, d) scratch.
+    """
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    t_all = out.shape[0]
+    tlo = w * t_all // nw
+    thi = (w + 1) * t_all // nw
+    out[tlo:thi] = 0.0
+    for i in range(ne):
+        e = (i + w * ne // nw) % ne  # workers start on different experts
+        a = first_at_least(order, offsets[e], offsets[e + 1], tlo * k)
+        b = first_at_least(order, a, offsets[e + 1], thi * k)
+        n = b - a
+        if n == 0:
+            continue
+        lo = e * m
+        gemm(a1[a:b], w1[lo:lo + m], ys[:n], 0.0)
+        if a3.shape[0] > 0:
+            gemm(a3[a:b], w3[lo:lo + m], ys[:n], 1.0)
+        for r in range(n):
+            p = order[a + r]
+            if gate.shape[0] > 0:
+                add_scaled(out[p // k], gate[p], ys[r])
+            else:
+                add_to(out[p // k], ys[r])
+
+
+@njit(cache=True, nogil=True, inline="always")
 def expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, a1, a3):
     """One expert's up-projection(s): its tokens' rows (pairs order[s:s+n]) gathered into
     xw[:n], then a1 = xw w1_e^T + b1_e and, with GLU (w3 has rows), a3 = xw w3_e^T + b3_e;
-    a1, a3 (n, m) outputs, lo = e * m. Shared by `fwd_up` and `fwd_infer`."""
+    a1, a3 (n, m) outputs, lo = e * m. Shared by `fwd_up` and the inference kernels."""
     for r in range(n):
         xw[r, :] = x[order[s + r] // k]
     gemm(xw[:n], w1[lo:lo + m].T, a1, 0.0)
@@ -316,6 +370,20 @@ def expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, a1, a3):
         if b3.shape[0] > 0:
             for r in range(n):
                 add_to(a3[r], b3[lo:lo + m])
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def expert_hidden(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, hb, gb, tmp, bits):
+    """One expert's hidden units for inference: `expert_up` into hb (and gb with GLU), then
+    hb = act(hb) (* gb) in place, with the activation in numba (`numba_act`, `act` its code).
+    hb, gb (n, m) (gb (0, m) without GLU); tmp, bits (n*m or 0,) the activation's scratch."""
+    expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, hb, gb)
+    hflat = hb.reshape(-1)
+    activate(hflat, act, tmp, bits)
+    if gb.shape[0] > 0:
+        gflat = gb.reshape(-1)
+        for c in range(n * m):
+            hflat[c] *= gflat[c]
 
 
 @_per_dtype(
@@ -354,7 +422,7 @@ def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
     parallel=True, cache=True, nogil=True,
 )
 def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
-    """Down-projection and combine: y[t] = sum_j gate[t, j] * h_(t,j) w2_e^T.
+    """Down-projection and combine by pair rows: y[t] = sum_j gate[t, j] * h_(t,j) w2_e^T.
 
     Each expert's GEMM writes its pair rows in place in ypair (layout order); then token blocks
     are summed in parallel. This beat scatter-adding into per-worker (T, d) accumulators by
@@ -380,6 +448,24 @@ def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
 
 @_per_dtype(
     lambda f: types.void(
+        _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2t (F, d), gate
+        _I1, _I1, _i64, _i64,  # order, offsets, K, W
+        _c(f, 2), _c(f, 3),  # y, ys
+    ),
+    parallel=True, cache=True, nogil=True,
+)
+def fwd_down_tokens(h, w2t, gate, order, offsets, k, nw, y, ys):
+    """`fwd_down` by token blocks (`token_sum`): the same y without the (P, d) pair rows.
+
+    h (P, m) in pair order; w2t (F, d) any layout (w2 transposed); gate (T*K,); y (T, d)
+    output; ys (W, nmax, d) scratch.
+    """
+    for w in prange(nw):
+        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, ys[w])
+
+
+@_per_dtype(
+    lambda f: types.void(
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
         # x, w1, b1, w3, b3, w2, gate
         _I1, _I1, _I1, _i64, _I1, _I1, _i64,  # order, inv, offsets, K, ptr, experts, act
@@ -390,10 +476,9 @@ def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
 )
 def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, y, ypair,
               xs, hs, h3s, tmps, bits):
-    """The whole forward in one call, for calls that save nothing for a backward: per expert,
-    the up-projection(s), the activation (`numba_act`, `act` its code) and the down-projection
-    into the pair rows run back to back while the expert's block is in cache; then token
-    blocks are summed as in `fwd_down`.
+    """The whole forward in one call, for calls that save nothing for a backward, by pair
+    rows: per expert, `expert_hidden` and the down-projection into the pair rows run back to
+    back while the expert's block is in cache; then token blocks are summed as in `fwd_down`.
 
     Shapes as in `fwd_up` and `fwd_down`; hs, h3s (W, nmax*m) hidden-unit scratch (h3s (W, 0)
     without GLU); tmps (W, nmax*m or 0) and bits (W, nmax*m or 0) int32 scratch of the float32
@@ -410,19 +495,50 @@ def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts,
             n = offsets[e + 1] - s
             if n == 0:
                 continue
-            lo = e * m
-            hflat = hs[w][:n * m]
-            hb = hflat.reshape((n, m))
-            gflat = h3s[w][:n * m if glu else 0]
-            expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xs[w], hb,
-                      gflat.reshape((n if glu else 0, m)))
+            hb = hs[w][:n * m].reshape((n, m))
+            gb = h3s[w][:n * m if glu else 0].reshape((n if glu else 0, m))
             ns = n * m if tmps.shape[1] > 0 else 0
-            activate(hflat, act, tmps[w][:ns], bits[w][:ns])
-            if glu:
-                for c in range(n * m):
-                    hflat[c] *= gflat[c]
-            gemm(hb, w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)
+            expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], hb, gb,
+                          tmps[w][:ns], bits[w][:ns])
+            gemm(hb, w2[:, e * m:(e + 1) * m].T, ypair[s:s + n], 0.0)
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
+
+
+@_per_dtype(
+    lambda f: types.void(
+        _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
+        # x, w1, b1, w3, b3, w2t, gate
+        _I1, _I1, _i64, _I1, _I1, _i64,  # order, offsets, K, ptr, experts, act
+        _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(types.int32, 2),
+        # y, h, h3, xs, tmps, bits
+    ),
+    parallel=True, cache=True, nogil=True, error_model="numpy",
+)
+def fwd_infer_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, y, h,
+                     h3, xs, tmps, bits):
+    """`fwd_infer` by token blocks: every expert's hidden units (`expert_hidden`, workers by
+    expert) into h, then the down-projection and sum by `token_sum` (workers by token block).
+
+    w2t (F, d) any layout (w2 transposed); h, h3 (P, m) scratch in pair order (h3 (0, m)
+    without GLU); xs (W, nmax, d) scratch, first for the gathered rows, then for the
+    down-projection's; tmps, bits as in `fwd_infer`.
+    """
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    nw = ptr.shape[0] - 1
+    glu = w3.shape[0] > 0
+    for w in prange(nw):
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            n = offsets[e + 1] - s
+            if n == 0:
+                continue
+            ns = n * m if tmps.shape[1] > 0 else 0
+            expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], h[s:s + n],
+                          h3[s:s + n] if glu else h3[:0], tmps[w][:ns], bits[w][:ns])
+    for w in prange(nw):
+        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, xs[w])
 
 
 @_per_dtype(
@@ -474,8 +590,8 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
     """One expert's weight and bias gradients, and its pairs' input-gradient rows.
 
     The expert owns neurons [lo, lo + m) and pairs order[s:s + n]; xw, dw (nmax, d) are the
-    worker's scratch (dw may back dxrows: the dy rows are dead by the time dxrows is written);
-    dxrows (n, d) receives da1 w1_e (+ da3 w3_e). Shapes as in `bwd_weights`.
+    worker's scratch; dxrows (n, d) receives da1 w1_e (+ da3 w3_e), or is (0, d) for none
+    (`bwd_weights_tokens` computes them by token block). Shapes as in `bwd_weights`.
     """
     glu = w3.shape[0] > 0
     if n == 0:
@@ -496,13 +612,16 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
     db1[lo:lo + m] = 0.0
     for r in range(n):
         add_to(db1[lo:lo + m], da1[s + r])
-    gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
+    dx = dxrows.shape[0] > 0
+    if dx:
+        gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
     if glu:
         gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
         db3[lo:lo + m] = 0.0
         for r in range(n):
             add_to(db3[lo:lo + m], da3[s + r])
-        gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
+        if dx:
+            gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
 
 
 @_per_dtype(
@@ -536,3 +655,31 @@ def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
             expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, e * m, m,
                          dw1, dw2, dw3, db1, db3, xs[w], ds[w], dxpair[s:s + n])
     _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)
+
+
+@_per_dtype(
+    lambda f: types.void(
+        _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
+        _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
+        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
+        _c(f, 2), _c(f, 3), _c(f, 3),  # dx, xs, ds
+    ),
+    parallel=True, cache=True, nogil=True,
+)
+def bwd_weights_tokens(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
+                       dw1, dw2, dw3, db1, db3, dx, xs, ds):
+    """`bwd_weights` with the input gradient by token blocks: the weight and bias gradients
+    per expert (workers by expert), then dx[t] = sum_j da1_(t,j) w1_e (+ da3_(t,j) w3_e) by
+    `token_sum` (workers by token block), with no (P, d) pair rows. Shapes as there."""
+    ne = offsets.shape[0] - 1
+    m = w1.shape[0] // ne
+    nw = ptr.shape[0] - 1
+    for w in prange(nw):
+        for i in range(ptr[w], ptr[w + 1]):
+            e = experts[i]
+            s = offsets[e]
+            expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, offsets[e + 1] - s, k, e * m,
+                         m, dw1, dw2, dw3, db1, db3, xs[w], ds[w], ds[w][:0])
+    for w in prange(nw):
+        token_sum(da1, w1, da3, w3, gh[:0, 0], order, offsets, k, w, nw, dx, ds[w])

@@ -213,6 +213,23 @@ def test_numba_both_token_sums_match_reference(spec, sum_by):
         check_against_reference("numba", spec, torch.float32, 1e-4)
 
 
+@pytest.mark.parametrize("sum_by", ["pairs", "tokens"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_token_sums_with_one_and_two_workers(sum_by, threads):
+    # token blocks split the tokens over the workers (one worker: all of them; two: a token
+    # T=13 splits unevenly) and each worker takes a sub-range of every expert's pairs; unused
+    # slots and experts nobody chose included
+    spec = dict(e=4, m=3, d=5, t=13, k=3, glu=True, bias=True, unused=0.3, skew=True, seed=7,
+                activation="silu", dropout_p=0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _sum_by(sum_by):
+            check_against_reference("numba", spec, torch.float32, 1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
 @SETTINGS
 @given(problems(), st.sampled_from([torch.float32, torch.float64]),
        st.sampled_from(["pairs", "tokens"]))

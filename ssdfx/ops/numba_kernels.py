@@ -23,8 +23,9 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   pairs of its own tokens and adds the rows into them while in cache.
 - in the training forward and the backward the elementwise activation runs in torch between
   the GEMM kernels (three phases), so that its values and derivatives are ATen's, as in the
-  dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer`: one kernel,
-  with the activation in numba (`numba_act`, formulas LLVM vectorises).
+  dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer` or
+  `fwd_infer_tokens`: one kernel, with the activation in numba (`numba_act`, formulas LLVM
+  vectorises).
 
 Every kernel has explicit float32 and float64 signatures with weights typed as any-layout
 arrays: one compiled version per dtype instead of one per combination of weight layouts (C for

@@ -216,8 +216,8 @@ def test_numba_both_token_sums_match_reference(spec, sum_by):
 @pytest.mark.parametrize("sum_by", ["pairs", "tokens"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_numba_token_sums_with_one_and_two_workers(sum_by, threads):
-    # token blocks split the tokens over the workers (one worker: all of them; two: a token
-    # T=13 splits unevenly) and each worker takes a sub-range of every expert's pairs; unused
+    # token blocks split the tokens over the workers (one worker: all of them; two: T=13
+    # tokens split unevenly) and each worker takes a sub-range of every expert's pairs; unused
     # slots and experts nobody chose included
     spec = dict(e=4, m=3, d=5, t=13, k=3, glu=True, bias=True, unused=0.3, skew=True, seed=7,
                 activation="silu", dropout_p=0.0)

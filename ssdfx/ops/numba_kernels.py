@@ -613,15 +613,15 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
     db1[lo:lo + m] = 0.0
     for r in range(n):
         add_to(db1[lo:lo + m], da1[s + r])
-    dx = dxrows.shape[0] > 0
-    if dx:
+    with_rows = dxrows.shape[0] > 0
+    if with_rows:
         gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
     if glu:
         gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
         db3[lo:lo + m] = 0.0
         for r in range(n):
             add_to(db3[lo:lo + m], da3[s + r])
-        if dx:
+        if with_rows:
             gemm(da3[s:s + n], w3[lo:lo + m], dxrows, 1.0)
 
 
@@ -683,4 +683,4 @@ def bwd_weights_tokens(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, expe
             expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, offsets[e + 1] - s, k, e * m,
                          m, dw1, dw2, dw3, db1, db3, xs[w], ds[w], ds[w][:0])
     for w in prange(nw):
-        token_sum(da1, w1, da3, w3, gh[:0, 0], order, offsets, k, w, nw, dx, ds[w])
+        token_sum(da1, w1, da3, w3, np.empty(0, dx.dtype), order, offsets, k, w, nw, dx, ds[w])

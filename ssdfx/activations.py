@@ -65,10 +65,11 @@ def gelu_tanh_coeff() -> tuple[float, float]:
 def activation_backward(name: str, grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """grad * act'(a): the derivative of `activation_fn(name)` at pre-activation `a`.
 
-    The sparse operator's kernels write their own backward (autograd over per-expert slices is
-    slow), so each activation needs its derivative. Where ATen has a backward kernel we call
-    it, so the sparse gradients match the dense FFN's autograd bit for bit in the elementwise
-    part; the others are closed forms.
+    The sparse operator's torch kernels (reference, torch path, padded, grouped_mm) write their
+    own backward (autograd over per-expert slices is slow), so each activation needs its
+    derivative. Where ATen has a backward kernel we call it, so their gradients match the dense
+    FFN's autograd bit for bit in the elementwise part; the others are closed forms. (The numba
+    kernels compute the derivative in numba instead, `ssdfx.ops.numba_act.activate_grad`.)
     """
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, a, 0)

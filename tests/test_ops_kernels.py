@@ -190,8 +190,8 @@ def test_numba_fp32_matches_reference(spec):
 
 
 def _sum_by(sum_by):
-    # force how the numba launchers sum each token's K rows: "pairs" (a (P, d) buffer:
-    # fwd_down, fwd_infer, bwd_weights) or "tokens" (token blocks: the *_tokens kernels);
+    # force how the numba launchers sum each token's K rows: "pairs" (a (P, d) buffer: fwd,
+    # bwd) or "tokens" (token blocks: fwd_tokens, bwd with by_tokens);
     # cpu_numba.by_token_blocks picks otherwise
     from ssdfx.ops import cpu_numba
 
@@ -279,6 +279,42 @@ def test_numba_activations_match_float64_torch(name):
         assert torch.isnan(got[-1]), "NaN must stay NaN"
         err = ((got - exact).abs() / exact.abs().clamp_min(1.0))[:-1]
         assert float(err.max()) <= bound, (dtype, float(err.max()), float(x[err.argmax()]))
+
+
+# the same for act'(x) (the backward kernel's `activate_grad`; measured: 2.5e-7 for GELU,
+# 1.7-1.8e-7 for the sigmoid family, 9.8e-15 for the float64 tanh-GELU, whose derivative goes
+# through the sigmoid; torch's own float32 derivatives: 2.4e-7 and 9.8e-7-1.0e-6)
+_GRAD_BOUND32 = {"gelu": 3e-7, "gelu_tanh": 2.5e-7, "silu": 2.5e-7, "quick_gelu": 2.5e-7}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_numba_activation_derivatives_match_float64_autograd(name):
+    import numpy as np
+
+    from ssdfx.ops.numba_act import CODES, activate_grad
+
+    x = torch.cat([torch.linspace(-30, 30, 300001), torch.linspace(-1e-3, 1e-3, 2001),
+                   torch.tensor([0.0, -0.0, 87.5, -87.5, 100.0, -100.0, float("nan")])])
+    xd = x.double().requires_grad_()
+    value = ACTIVATIONS[name](xd)
+    (exact,) = torch.autograd.grad(value.sum(), xd)
+    value = value.detach()
+    for dtype, value_bound, grad_bound in (
+            (torch.float32, _ACT_BOUND32.get(name, 1.5e-7), _GRAD_BOUND32.get(name, 1.5e-7)),
+            (torch.float64, 1e-15, 2e-14)):
+        a = x.to(dtype).numpy().copy()
+        h, g = np.empty_like(a), np.empty_like(a)
+        activate_grad(a, h, g, CODES[name], np.empty_like(a), np.empty(a.size, np.int32))
+        assert np.array_equal(a[:-1], x.to(dtype).numpy()[:-1]), "the input must be unchanged"
+        # at NaN: what torch's backward gives (NaN, or 1 where ReLU's threshold_backward and
+        # the identity pass the gradient through)
+        assert np.isnan(h[-1]) and (np.isnan(g[-1]) == bool(torch.isnan(exact[-1])))
+        for got, want, bound, what in ((h, value, value_bound, "value"),
+                                       (g, exact, grad_bound, "derivative")):
+            got = torch.from_numpy(got).double()
+            err = ((got - want).abs() / want.abs().clamp_min(1.0))[:-1]
+            assert float(err.max()) <= bound, (what, dtype, float(err.max()),
+                                               float(x[err.argmax()]))
 
 
 @SETTINGS

@@ -1,10 +1,9 @@
 """Launchers of the numba CPU kernels: validate, convert torch tensors to numpy views, run.
 
-The forward and the backward each run in three phases: a numba GEMM phase, the elementwise
-middle in torch (`ssdfx.ops.layout`), and a second numba GEMM phase. See `numba_kernels` for
+The forward is one numba call after the sort (`numba_kernels.fwd` or `fwd_tokens`, shared
+with `infer`, which saves nothing), the backward one more (`numba_kernels.bwd`); the
+activation and its derivative run in numba inside them (`numba_act`). See `numba_kernels` for
 why the work is split this way; `by_token_blocks` picks how each token's K rows are summed.
-`infer`, the forward of calls with nothing to differentiate, is one numba call after the
-routing (`numba_kernels.fwd_infer` or `fwd_infer_tokens`).
 
 Why numba + BLAS per expert rather than torch.mm per expert (the "torch" backend): measured
 on the 2-core target machine, OpenBLAS sgemm called in place from numba ran an expert's GEMM
@@ -42,8 +41,7 @@ import functools
 import numpy as np
 import torch
 
-from ssdfx.activations import activation_backward, activation_fn
-from ssdfx.ops.layout import hidden
+from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 
 __all__ = ["PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks", "forward",
@@ -54,9 +52,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # Two ways to sum each token's K expert outputs (and, in the backward, its K input-gradient
 # rows), see numba_kernels:
 #   pair rows     workers by expert write every pair's (d,) row to a (P, d) buffer, then token
-#                 blocks sum them (fwd_down, fwd_infer, bwd_weights);
+#                 blocks sum them (`fwd`, and `bwd` without by_tokens);
 #   token blocks  each worker runs every expert's GEMM on the pairs of its own block of tokens
-#                 and adds the rows into those tokens while in cache (the *_tokens kernels):
+#                 and adds the rows into those tokens while in cache (`fwd_tokens`, and `bwd`
+#                 with by_tokens):
 #                 no (P, d) buffer through memory, but each of the W workers reads every
 #                 expert's weights, and inference writes the (P, m) hidden units out between
 #                 its two phases instead of keeping each expert's block in cache.
@@ -304,8 +303,56 @@ def _top_k(probs, k):
     return idx, bad if n_bad else None
 
 
+def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
+                    k, activation, a1s, a3s, ks, y):
+    """Run `numba_kernels.fwd` (pair rows) or `fwd_tokens` (token blocks, see
+    `by_token_blocks`) for `forward` and `infer`: numpy order, offsets, ptr, experts; inv the
+    inverse permutation or None (built here if pair rows need it); a1s, a3s, ks, y numpy
+    arrays as the kernels take them."""
+    from ssdfx.ops import numba_kernels as nk
+    from ssdfx.ops.numba_act import CODES
+
+    workers = ptr.shape[0] - 1
+    t_all, d = x.shape
+    m = a1s.shape[1]
+    pairs = int(offsets[-1])
+    glu = w3 is not None
+    xn = _np(x.contiguous())
+    dt = xn.dtype
+    save = a1s.shape[0] > 0
+    code = CODES[activation]
+    scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
+    empty1 = np.empty(0, dt)
+    g = _np(gate.contiguous()).reshape(-1)
+    weights = (xn, _np(w1), _np(b1) if b1 is not None else empty1,
+               _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1)
+    block = nmax * m
+    # float32 GELU/SiLU variants need two scratch rows for their exp
+    sized = block if (code >= 3 and dt == np.float32) else 0
+    tmps, bits = np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
+    g3 = glu and not save  # GLU's second up-projection needs scratch only in inference
+    with _numba_phase(workers):
+        if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
+            # (P, m) hidden units: torch's buffers (at T=8192 numpy's fresh ones made the call
+            # 10% slower)
+            h = torch.empty(pairs, m, dtype=x.dtype)
+            h3 = torch.empty(pairs if g3 else 0, m, dtype=x.dtype)
+            nk.fwd_tokens(*weights, _np(w2).T, g, order, offsets, k, ptr, experts, code, a1s,
+                          a3s, ks, y, _np(h), _np(h3), scratch, tmps, bits)
+        else:
+            nk.fwd(*weights, _np(w2), g, order, _inverse(order) if inv is None else inv,
+                   offsets, k, ptr, experts, code, a1s, a3s, ks, y, np.empty((pairs, d), dt),
+                   scratch, np.empty((workers, block), dt),
+                   np.empty((workers, block if g3 else 0), dt), tmps, bits)
+
+
 @_keeps_torch_threads
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
+    """y, and what the backward needs: the pre-activations a1, a3 (T*K, m) in pair order
+    (rows >= P zero), the layout order and offsets. One numba call after the sort
+    (`_forward_kernel`), with the activation in numba (`numba_act`): the values differ from
+    torch's float32 GELU/SiLU family by ~1e-7 relative; ReLU, squared ReLU and identity are
+    exact."""
     _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
     workers = num_workers()
     from ssdfx.ops import numba_kernels as nk
@@ -314,8 +361,6 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     k = expert_idx.shape[1]
     m = w1.shape[0] // num_experts
     glu = w3 is not None
-    xn = _np(x.contiguous())
-    dt = xn.dtype
     # what leaves the launcher is allocated by torch: a tensor over a numpy array needs the GIL
     # to be freed, which an autograd graph may do from another thread or at interpreter exit
     # (the saved a1, the gradients); scratch that never leaves is numpy
@@ -325,30 +370,15 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     ptr, experts, nmax = nk.plan(offsets, workers)
     a1t = torch.empty(t_all * k, m, dtype=x.dtype)
     a3t = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)
+    a1t[pairs:] = 0.0
+    a3t[pairs:] = 0.0
     yt = torch.empty(t_all, d, dtype=x.dtype)
-    a1, a3, y = _np(a1t), _np(a3t), _np(yt)
-    scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
-    empty1 = np.empty(0, dt)
-    g = _np(gate.contiguous()).reshape(-1)
-    # one numba phase for the whole call: the torch elementwise middle uses neither numba's
-    # pool nor the BLAS whose threads the phase limits
-    with _numba_phase(workers):
-        nk.fwd_up(
-            xn, _np(w1), _np(b1) if b1 is not None else empty1,
-            _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1,
-            order, offsets, k, ptr, experts, a1, a3, scratch,
-        )
-        a1[pairs:] = 0.0
-        a3[pairs:] = 0.0
-        kp = keep.reshape(t_all * k, m)[order_t[:pairs]] if keep is not None else None
-        h = _np(hidden(a1t[:pairs], a3t[:pairs] if glu else None, kp, dropout_p,
-                       activation).contiguous())
-        if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
-            nk.fwd_down_tokens(h, _np(w2).T, g, order, offsets, k, workers, y, scratch)
-        else:
-            ypair = np.empty((pairs, d), dt)  # (P, d)
-            nk.fwd_down(h, _np(w2), g, order, _inverse(order), offsets, k, ptr, experts, y,
-                        ypair)
+    ks = (keep_scale(keep.reshape(t_all * k, m)[order_t[:pairs]], dropout_p, x.dtype)
+          .contiguous() if keep is not None else x.new_empty(0, m))
+    _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, None, ptr, experts, nmax, k,
+                    activation, _np(a1t[:pairs]),
+                    _np(a3t[:pairs]) if glu else np.empty((0, m), _np(x).dtype), _np(ks),
+                    _np(yt))
     return yt, a1t, a3t, order_t, offsets_t
 
 
@@ -357,63 +387,44 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     """`forward`'s y alone, for calls with nothing to differentiate and no dropout.
 
     Nothing is saved for a backward, so the layout (sort, worker plan, inverse permutation) is
-    built by one numba call, and the rest is one more: `numba_kernels.fwd_infer` (pair rows)
-    or `fwd_infer_tokens` (token blocks, see `by_token_blocks`), with the activation in numba
-    (`numba_act`). Right after other work, as in a model, every call from Python costs 5-30 us
-    on this machine: at T=64, d=256, E=16, k=4 the sort, plan, inverse, buffers and torch's
-    activation between two numba phases were 90 us of a 440 us forward. ReLU, squared ReLU
-    and identity give `forward`'s bits; GELU, SiLU and their variants differ from torch's
-    float32 functions by ~1e-7 relative (see numba_act).
+    built by one numba call (`numba_kernels.route`), and the rest is one more
+    (`_forward_kernel`, saving nothing). Right after other work, as in a model, every call from
+    Python costs 5-30 us on this machine: at T=64, d=256, E=16, k=4 the sort, plan, inverse,
+    buffers and torch's activation between two numba phases were 90 us of a 440 us forward.
+    The same kernels as `forward`'s, so the same y.
     """
     from ssdfx.ops import numba_kernels as nk
-    from ssdfx.ops.numba_act import CODES
 
     _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
     workers = num_workers()
     t_all, d = x.shape
-    k = expert_idx.shape[1]
     m = w1.shape[0] // num_experts
-    glu = w3 is not None
-    xn = _np(x.contiguous())
-    dt = xn.dtype
     order, offsets, inv, ptr, experts, nmax, pairs = nk.route(
         _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
     if pairs < 0:
         check_expert_idx(expert_idx, num_experts)  # raises with the offending range
     yt = torch.empty(t_all, d, dtype=x.dtype)
-    y = _np(yt)
-    scratch = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
-    empty1 = np.empty(0, dt)
-    g = _np(gate.contiguous()).reshape(-1)
-    code = CODES[activation]
-    weights = (xn, _np(w1), _np(b1) if b1 is not None else empty1,
-               _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1)
-    block = nmax * m
-    # float32 GELU/SiLU variants need two scratch rows for their exp
-    sized = block if (code >= 3 and dt == np.float32) else 0
-    tmps, bits = np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
-    with _numba_phase(workers):
-        if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
-            # (P, m) hidden units: torch's buffers, as in `forward` (at T=8192 numpy's fresh
-            # ones made the call 10% slower)
-            h = torch.empty(pairs, m, dtype=x.dtype)
-            h3 = torch.empty(pairs if glu else 0, m, dtype=x.dtype)
-            nk.fwd_infer_tokens(*weights, _np(w2).T, g, order, offsets, k, ptr, experts, code,
-                                y, _np(h), _np(h3), scratch, tmps, bits)
-        else:
-            nk.fwd_infer(*weights, _np(w2), g, order, inv, offsets, k, ptr, experts, code, y,
-                         np.empty((pairs, d), dt), scratch, np.empty((workers, block), dt),
-                         np.empty((workers, block if glu else 0), dt), tmps, bits)
+    none = np.empty((0, m), _np(x).dtype)
+    _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
+                    expert_idx.shape[1], activation, none, none, none, _np(yt))
     return yt
 
 
 @_keeps_torch_threads
 def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
              dropout_p):
+    """Every gradient in one numba call (`numba_kernels.bwd`): per expert, the hidden units'
+    gradient, the activation's derivative (numba's, `numba_act.activate_grad`, recomputed from
+    the saved a1), the gate's gradient and the weight gradients while the expert's blocks are
+    in cache, then the input gradient. Against three phases (a GEMM kernel, torch's
+    elementwise backward over (P, m), a second GEMM kernel that gathered dy again) this took
+    the Intel Xeon's backward from 77.7-98.8 ms to 71.7-90.5 ms at T=2048, d=768, E=16, k=4
+    (1.05-1.09x), 1.21x at T=8192, d=256, E=32, k=16 and 1.26x at T=512, d=256, E=16, k=8."""
+    from ssdfx.ops import numba_kernels as nk
+    from ssdfx.ops.numba_act import CODES
+
     _check(x, w1, w2, w3, num_experts, dy=dy, gate=gate, a1=a1)
     workers = num_workers()
-    from ssdfx.ops import numba_kernels as nk
-
     t_all, d = x.shape
     k = gate.shape[1]
     f_all = w1.shape[0]
@@ -424,52 +435,36 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     on, offn = _np(order), _np(offsets)
     pairs = int(offn[-1])
     ptr, experts, nmax = nk.plan(offn, workers)
-    xs = np.empty((workers, nmax, d), dt)  # (W, nmax, d)
-    ds = np.empty_like(xs)
+    code = CODES[activation]
     sel = order[:pairs]
-    kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
-    a1p = a1[:pairs]
-    a3p = a3[:pairs] if glu else None
-    f = activation_fn(activation)(a1p)  # (P, m)
-    h = hidden(a1p, a3p, kp, dropout_p, activation) if (glu or kp is not None) else f
-    if h.untyped_storage().data_ptr() == a1.untyped_storage().data_ptr():
-        h = h.clone()  # identity activation: h is a1 itself, and bwd_dh overwrites h
-    hn = _np(h.contiguous())
-    # internal only (freed on return, in this thread), so numpy's: with a torch buffer here the
+    ks = (keep_scale(keep.reshape(t_all * k, m)[sel], dropout_p, x.dtype).contiguous()
+          if keep is not None else torch.empty(0, m, dtype=x.dtype))
+    # internal buffers (freed on return, in this thread) are numpy's: with a torch buffer the
     # backward at T=64, d=768, E=8, k=4 took 9.8 ms instead of 4.6 (glibc then returned the
     # freed weight-gradient pages to the OS, and the next call faulted them in again)
-    dh = np.empty((pairs, m), dt)
-    dht = torch.from_numpy(dh)
+    block = nmax * m
+    sized = block if (code >= 3 and dt == np.float32) else 0  # as in `infer`
     dg = np.empty(pairs, dt)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     db1t = x.new_empty(f_all)
     dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
     db3t = x.new_empty(f_all if glu else 0)
     dxt = x.new_empty(t_all, d)
-    db1, db3, dx = _np(db1t), _np(db3t), _np(dxt)
+    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
     with _numba_phase(workers):
-        nk.bwd_dh(dyn, _np(w2), _np(gate.contiguous()).reshape(-1), on, offn, k, ptr, experts,
-                  hn, dh, dg, ds)
-        # hn is now gate * h, dh is gate * dy w2_e = dL/dh; through h = f * a3 * keep/(1-p):
-        if kp is not None:
-            dht.mul_(kp.to(x.dtype) * (1.0 / (1.0 - dropout_p)))
-        da3 = None
-        if glu:
-            da3 = dht * f
-            dht.mul_(a3p)
-        da1 = activation_backward(activation, dht, a1p)
-        args = (
-            xn, dyn, _np(w1), _np(w3) if glu else np.empty((0, d), dt),
-            hn, _np(da1.contiguous()),
-            _np(da3.contiguous()) if glu else np.empty((0, m), dt),
-            on, offn, k, ptr, experts,
-            _np(dw1), _np(dw2), _np(dw3) if glu else np.empty((0, d), dt), db1, db3,
+        nk.bwd(
+            xn, dyn, _np(w1), _np(w2), _np(w3) if glu else np.empty((0, d), dt),
+            _np(a1[:pairs]), _np(a3[:pairs]) if glu else np.empty((0, m), dt),
+            _np(gate.contiguous()).reshape(-1), _np(ks), on, offn, k, ptr, experts, code,
+            _np(dw1), _np(dw2), _np(dw3) if glu else np.empty((0, d), dt), _np(db1t),
+            _np(db3t), dg,
+            np.empty((pairs, m), dt), np.empty((pairs if glu else 0, m), dt),
+            tokens, np.empty(0, np.int64) if tokens else _inverse(on), _np(dxt),
+            np.empty((0 if tokens else pairs, d), dt),
+            np.empty((workers, nmax, d), dt), np.empty((workers, nmax, d), dt),
+            np.empty((workers, 3 * block), dt), np.empty((workers, sized), dt),
+            np.empty((workers, sized), np.int32),
         )
-        if by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers):
-            nk.bwd_weights_tokens(*args, dx, xs, ds)
-        else:
-            dxpair = np.empty((pairs, d), dt)  # (P, d)
-            nk.bwd_weights(*args, _inverse(on), dx, dxpair, xs, ds)
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = torch.from_numpy(dg)
     return (dxt, dw1, db1t, dw2, dw3, db3t,

@@ -23,8 +23,8 @@ import torch
 
 from ssdfx.activations import activation_backward, activation_fn
 
-__all__ = ["cols_grad", "expert_views", "hidden", "hidden_backward", "rows_grad", "sort_pairs",
-           "sum_slots", "unit_gates"]
+__all__ = ["cols_grad", "expert_views", "hidden", "hidden_backward", "keep_scale", "rows_grad",
+           "sort_pairs", "sum_slots", "unit_gates"]
 
 
 def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ def cols_grad(w2: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _keep_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtype):
+def keep_scale(keep: torch.Tensor | None, dropout_p: float, dtype: torch.dtype):
     # inverted dropout: kept units are scaled by 1/(1-p) so the expectation is unchanged
     if keep is None:
         return None
@@ -85,7 +85,7 @@ def hidden(
     h = activation_fn(activation)(a1)
     if a3 is not None:
         h = h * a3
-    ks = _keep_scale(keep, dropout_p, a1.dtype)
+    ks = keep_scale(keep, dropout_p, a1.dtype)
     if ks is not None:
         h = h * ks
     return h
@@ -107,7 +107,7 @@ def hidden_backward(
     da1 (P, m) and da3 (P, m) or None.
     """
     f = activation_fn(activation)(a1)
-    ks = _keep_scale(keep, dropout_p, a1.dtype)
+    ks = keep_scale(keep, dropout_p, a1.dtype)
     h = f if a3 is None else f * a3
     if ks is not None:
         h = h * ks

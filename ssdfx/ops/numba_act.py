@@ -1,8 +1,11 @@
-"""The FFN activations in numba, for the fused inference kernel (`numba_kernels.fwd_infer`).
+"""The FFN activations and their derivatives in numba, for the fused kernels.
 
-Each function applies one activation in place to the rows of an expert's (n, m) block, so the
-up-projection, the activation and the down-projection of an expert run back to back while its
-block is in cache, in one numba call.
+`activate` applies one activation in place to an expert's (n, m) block (flattened), so that in
+the forward kernels (`numba_kernels.fwd`) the up-projection, the activation and the
+down-projection of an expert run back to back while its block is in cache. `activate_grad`
+gives the activation and its derivative at once, for the backward kernel (`numba_kernels.bwd`),
+which recomputes them from the saved pre-activations per expert instead of in two more passes
+over (P, m) in torch.
 
 float32 rows use formulas LLVM can vectorise: numba calls libm's scalar `erff`, `expf` and
 `tanhf` one element at a time (without Intel's SVML, which pip's llvmlite does not use), and
@@ -19,9 +22,14 @@ that ran GELU over a (256, 64) block in 66 us where torch took 20. Here:
                   error <= 1.5e-7), and 1 + erf(x / sqrt 2) is 2 - erfc(y) for x >= 0, erfc(y)
                   otherwise (no cancellation in the negative tail)
 
-These differ from torch's float32 activations by a few units in the last place (tests bound
-it), so an inference call of a GELU or SiLU FFN is not bitwise the training forward; ReLU,
-squared ReLU and identity are exact. float64 rows use the math module's functions.
+The derivatives reuse the same pieces: gelu'(x) = Phi(x) + x phi(x) with phi from the exp
+already computed for erfc; for s = sigmoid(z), 1 - s = exp(-z) s, so silu'(x) = s + x s (1 - s)
+and the tanh-GELU's is s + x s (1 - s) dz/dx, with no cancellation in either tail.
+
+These differ from torch's float32 activations and derivatives by a few units in the last place
+(tests bound it), so a GELU or SiLU FFN's sparse gradients are not bitwise those of the dense
+FFN's autograd; ReLU, squared ReLU and identity are exact. float64 rows use the math module's
+functions.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["CODES", "activate"]
+__all__ = ["CODES", "activate", "activate_grad"]
 
 CODES = {"identity": 0, "relu": 1, "relu2": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5,
          "quick_gelu": 6}
@@ -49,6 +57,7 @@ _LOG2E = 1.0 / _LN2
 _LN2_HI = 355.0 / 512.0
 _LN2_LO = _LN2 - _LN2_HI
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_C = 2.0 * math.sqrt(2.0 / math.pi)  # 2u = _GELU_TANH_C * (x + 0.044715 x^3)
 # Abramowitz and Stegun 7.1.26
 _AS_P = 0.3275911
@@ -112,6 +121,18 @@ def _gelu_tanh(h, tmp, bits):
             h[c] = 0.5 * v * (1.0 + math.tanh(0.5 * _GELU_TANH_C * (v + 0.044715 * v * v * v)))
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy", fastmath=_FMA)
+def _erfc32_(v, e):
+    """erfc(|v| / sqrt 2) for float32 v, given e = exp(-v^2 / 2) (A&S 7.1.26, as in `_gelu`)."""
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(_AS_P * _INV_SQRT2) * abs(v))
+    p = np.float32(_AS_A[4])
+    p = p * t + np.float32(_AS_A[3])
+    p = p * t + np.float32(_AS_A[2])
+    p = p * t + np.float32(_AS_A[1])
+    p = p * t + np.float32(_AS_A[0])
+    return p * t * e
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _gelu(h, tmp, bits):
     if h.itemsize == 4:
@@ -121,13 +142,7 @@ def _gelu(h, tmp, bits):
         _exp32_(tmp, bits)
         for c in range(h.shape[0]):
             v = h[c]
-            t = np.float32(1.0) / (np.float32(1.0) + np.float32(_AS_P * _INV_SQRT2) * abs(v))
-            p = np.float32(_AS_A[4])
-            p = p * t + np.float32(_AS_A[3])
-            p = p * t + np.float32(_AS_A[2])
-            p = p * t + np.float32(_AS_A[1])
-            p = p * t + np.float32(_AS_A[0])
-            erfc = p * t * tmp[c]
+            erfc = _erfc32_(v, tmp[c])
             phi2 = np.float32(2.0) - erfc if v >= np.float32(0.0) else erfc
             h[c] = np.float32(0.5) * v * phi2
     else:
@@ -156,3 +171,78 @@ def activate(h, code, tmp, bits):
         _sigmoid_times(h, 1.0, tmp, bits)
     elif code == 6:
         _sigmoid_times(h, 1.702, tmp, bits)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
+def _sigmoid_grad(a, h, g, scale, cubic, tmp, bits):
+    """h = a * s and g = dh/da for s = sigmoid(z), z = scale * (a + cubic * a^3): silu (1, 0),
+    quick_gelu (1.702, 0), the tanh-GELU (_GELU_TANH_C, 0.044715)."""
+    if a.itemsize == 4:
+        sf, cf = np.float32(scale), np.float32(cubic)
+        for c in range(a.shape[0]):
+            v = a[c]
+            tmp[c] = -sf * (v + cf * v * v * v)
+        _exp32_(tmp, bits)  # tmp = exp(-z)
+        for c in range(a.shape[0]):
+            v = a[c]
+            s = np.float32(1.0) / (np.float32(1.0) + tmp[c])
+            dz = sf * (np.float32(1.0) + np.float32(3.0) * cf * v * v)
+            h[c] = v * s
+            g[c] = s + v * s * (tmp[c] * s) * dz
+    else:
+        for c in range(a.shape[0]):
+            v = a[c]
+            s = 1.0 / (1.0 + math.exp(-scale * (v + cubic * v * v * v)))
+            h[c] = v * s
+            g[c] = s + v * s * (1.0 - s) * scale * (1.0 + 3.0 * cubic * v * v)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
+def _gelu_grad(a, h, g, tmp, bits):
+    if a.itemsize == 4:
+        for c in range(a.shape[0]):
+            y = abs(a[c]) * np.float32(_INV_SQRT2)
+            tmp[c] = -y * y
+        _exp32_(tmp, bits)  # tmp = exp(-a^2 / 2)
+        for c in range(a.shape[0]):
+            v = a[c]
+            erfc = _erfc32_(v, tmp[c])
+            cdf = np.float32(1.0) - np.float32(0.5) * erfc if v >= np.float32(0.0) else (
+                np.float32(0.5) * erfc)
+            h[c] = v * cdf
+            g[c] = cdf + v * tmp[c] * np.float32(_INV_SQRT_2PI)
+    else:
+        for c in range(a.shape[0]):
+            v = a[c]
+            cdf = 0.5 * math.erfc(-v * _INV_SQRT2)
+            h[c] = v * cdf
+            g[c] = cdf + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
+def activate_grad(a, h, g, code, tmp, bits):
+    """h = act(a) and g = act'(a) for 1-D arrays (a unchanged), act by its CODES value; tmp
+    (a's dtype) and bits (int32) scratch arrays of a's length. At a kink (ReLU's 0) the
+    derivative is torch's: 0."""
+    if code == 0:
+        for c in range(a.shape[0]):
+            h[c] = a[c]
+            g[c] = 1.0
+    elif code == 1:
+        for c in range(a.shape[0]):
+            v = a[c]
+            h[c] = 0.0 if v < 0.0 else v  # NaN stays NaN, as in torch.relu
+            g[c] = 0.0 if v <= 0.0 else 1.0  # as torch's threshold_backward
+    elif code == 2:
+        for c in range(a.shape[0]):
+            v = a[c]
+            h[c] = 0.0 if v < 0.0 else v * v
+            g[c] = 0.0 if v < 0.0 else 2.0 * v
+    elif code == 3:
+        _gelu_grad(a, h, g, tmp, bits)
+    elif code == 4:
+        _sigmoid_grad(a, h, g, _GELU_TANH_C, 0.044715, tmp, bits)
+    elif code == 5:
+        _sigmoid_grad(a, h, g, 1.0, 0.0, tmp, bits)
+    elif code == 6:
+        _sigmoid_grad(a, h, g, 1.702, 0.0, tmp, bits)

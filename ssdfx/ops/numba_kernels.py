@@ -21,11 +21,13 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   pair's row to a (P, d) buffer in layout order and token blocks then sum their K rows in
   parallel; or token blocks (`token_sum`), where each worker runs every expert's GEMM on the
   pairs of its own tokens and adds the rows into them while in cache.
-- in the training forward and the backward the elementwise activation runs in torch between
-  the GEMM kernels (three phases), so that its values and derivatives are ATen's, as in the
-  dense FFN. Calls that save nothing for a backward (inference) run `fwd_infer` or
-  `fwd_infer_tokens`: one kernel, with the activation in numba (`numba_act`, formulas LLVM
-  vectorises).
+- the elementwise work runs in numba inside the same kernels (`numba_act`, formulas LLVM
+  vectorises), per expert while its block is in cache: the forward (`fwd`, `fwd_tokens`) is
+  one call after the sort, for training (saving the pre-activations) and inference alike, and
+  the backward (`bwd`) is one call that recomputes the activation and its derivative from the
+  saved pre-activations. Splitting them into GEMM kernels with torch's elementwise functions
+  between (three phases, each (P, m) array through memory once more, dy gathered twice) was
+  1.02-1.28x slower on the Intel Xeon's forward+backward (see `cpu_numba.backward`).
 
 Every kernel has explicit float32 and float64 signatures with weights typed as any-layout
 arrays: one compiled version per dtype instead of one per combination of weight layouts (C for
@@ -44,11 +46,11 @@ import numpy as np
 from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm
-from ssdfx.ops.numba_act import activate
+from ssdfx.ops.numba_act import activate, activate_grad
 
-__all__ = ["bwd_dh", "bwd_weights", "bwd_weights_tokens", "count_sort", "expert_grads", "fwd_down",
-           "fwd_down_tokens", "fwd_infer", "fwd_infer_tokens", "fwd_up", "padded_slots", "plan",
-           "route", "swap_threads", "top_k", "top_k_serial"]
+__all__ = ["bwd", "count_sort", "expert_delta", "expert_grads", "expert_hidden", "expert_up",
+           "fwd", "fwd_tokens", "padded_slots", "plan", "route", "swap_threads", "top_k",
+           "top_k_serial"]
 
 
 class _PerDtype:
@@ -359,7 +361,7 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys):
 def expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, a1, a3):
     """One expert's up-projection(s): its tokens' rows (pairs order[s:s+n]) gathered into
     xw[:n], then a1 = xw w1_e^T + b1_e and, with GLU (w3 has rows), a3 = xw w3_e^T + b3_e;
-    a1, a3 (n, m) outputs, lo = e * m. Shared by `fwd_up` and the inference kernels."""
+    a1, a3 (n, m) outputs, lo = e * m."""
     for r in range(n):
         xw[r, :] = x[order[s + r] // k]
     gemm(xw[:n], w1[lo:lo + m].T, a1, 0.0)
@@ -374,95 +376,31 @@ def expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, a1, a3):
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def expert_hidden(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, hb, gb, tmp, bits):
-    """One expert's hidden units for inference: `expert_up` into hb (and gb with GLU), then
-    hb = act(hb) (* gb) in place, with the activation in numba (`numba_act`, `act` its code).
-    hb, gb (n, m) (gb (0, m) without GLU); tmp, bits (n*m or 0,) the activation's scratch."""
-    expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, hb, gb)
+def expert_hidden(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, hb, gb, tmp, bits,
+                  a1s, a3s, ks):
+    """One expert's hidden units: `expert_up`, then hb = act(a1) (* a3) (* ks) with the
+    activation in numba (`numba_act`, `act` its code).
+
+    Inference (a1s (0, m)): the up-projections go into hb (and gb with GLU, else (0, m)) and
+    the activation runs in place. Training (a1s, a3s (P, m), a3s (0, m) without GLU): they go
+    into the saved a1s[s:s + n] (a3s[s:s + n]) and hb gets a copy. ks (P, m) the dropout's
+    keep / (1 - p) in pair order, or (0, m). tmp, bits (n*m or 0,) the activation's scratch."""
+    save = a1s.shape[0] > 0
+    up1 = a1s[s:s + n] if save else hb
+    up3 = a3s[s:s + n] if save else gb
+    expert_up(x, w1, b1, w3, b3, order, s, n, k, lo, m, xw, up1, up3)
+    if save:
+        hb[:, :] = up1
     hflat = hb.reshape(-1)
     activate(hflat, act, tmp, bits)
-    if gb.shape[0] > 0:
-        gflat = gb.reshape(-1)
+    if w3.shape[0] > 0:
+        gflat = up3.reshape(-1)
         for c in range(n * m):
             hflat[c] *= gflat[c]
-
-
-@_per_dtype(
-    lambda f: types.void(
-        _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),  # x, w1, b1, w3, b3
-        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
-        _c(f, 2), _c(f, 2), _c(f, 3),  # a1, a3, xs
-    ),
-    parallel=True, cache=True, nogil=True,
-)
-def fwd_up(x, w1, b1, w3, b3, order, offsets, k, ptr, experts, a1, a3, xs):
-    """Up-projections: a1 = x_e w1_e^T + b1_e (and a3 likewise) for every expert e.
-
-    x (T, d); w1, w3 (F, d) any layout, w3 (0, d) without GLU; b1, b3 (F,) or (0,);
-    a1, a3 (T*K, m) rows [0, P) written in pair order (a3 (0, m) without GLU);
-    xs (W, nmax, d) scratch.
-    """
-    ne = offsets.shape[0] - 1
-    m = w1.shape[0] // ne
-    for w in prange(ptr.shape[0] - 1):
-        for i in range(ptr[w], ptr[w + 1]):
-            e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            if n > 0:
-                expert_up(x, w1, b1, w3, b3, order, s, n, k, e * m, m, xs[w], a1[s:s + n],
-                          a3[s:s + n])
-
-
-@_per_dtype(
-    lambda f: types.void(
-        _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2, gate
-        _I1, _I1, _I1, _i64, _I1, _I1,  # order, inv, offsets, K, ptr, experts
-        _c(f, 2), _c(f, 2),  # y, ypair
-    ),
-    parallel=True, cache=True, nogil=True,
-)
-def fwd_down(h, w2, gate, order, inv, offsets, k, ptr, experts, y, ypair):
-    """Down-projection and combine by pair rows: y[t] = sum_j gate[t, j] * h_(t,j) w2_e^T.
-
-    Each expert's GEMM writes its pair rows in place in ypair (layout order); then token blocks
-    are summed in parallel. This beat scatter-adding into per-worker (T, d) accumulators by
-    8-19% (no zero-fill, no final reduction, no scratch copy).
-
-    h (P, m) in pair order; w2 (d, F) any layout; gate (T*K,); inv (T*K,) layout row of each
-    pair; y (T, d) output; ypair (P, d) scratch.
-    """
-    ne = offsets.shape[0] - 1
-    m = w2.shape[1] // ne
-    nw = ptr.shape[0] - 1
-    for w in prange(nw):
-        for i in range(ptr[w], ptr[w + 1]):
-            e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            if n == 0:
-                continue
-            lo = e * m
-            gemm(h[s:s + n], w2[:, lo:lo + m].T, ypair[s:s + n], 0.0)
-    _combine(ypair, gate, inv, offsets[ne], k, nw, y)
-
-
-@_per_dtype(
-    lambda f: types.void(
-        _c(f, 2), _a(f, 2), _c(f, 1),  # h, w2t (F, d), gate
-        _I1, _I1, _i64, _i64,  # order, offsets, K, W
-        _c(f, 2), _c(f, 3),  # y, ys
-    ),
-    parallel=True, cache=True, nogil=True,
-)
-def fwd_down_tokens(h, w2t, gate, order, offsets, k, nw, y, ys):
-    """`fwd_down` by token blocks (`token_sum`): the same y without the (P, d) pair rows.
-
-    h (P, m) in pair order; w2t (F, d) any layout (w2 transposed); gate (T*K,); y (T, d)
-    output; ys (W, nmax, d) scratch.
-    """
-    for w in prange(nw):
-        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, ys[w])
+    if ks.shape[0] > 0:
+        kflat = ks[s:s + n].reshape(-1)
+        for c in range(n * m):
+            hflat[c] *= kflat[c]
 
 
 @_per_dtype(
@@ -470,25 +408,30 @@ def fwd_down_tokens(h, w2t, gate, order, offsets, k, nw, y, ys):
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
         # x, w1, b1, w3, b3, w2, gate
         _I1, _I1, _I1, _i64, _I1, _I1, _i64,  # order, inv, offsets, K, ptr, experts, act
-        _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2),
-        # y, ypair, xs, hs, h3s, tmps, bits
+        _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2),  # a1s, a3s, ks, y
+        _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2),
+        # ypair, xs, hs, h3s, tmps, bits
     ),
     parallel=True, cache=True, nogil=True, error_model="numpy",
 )
-def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, y, ypair,
-              xs, hs, h3s, tmps, bits):
-    """The whole forward in one call, for calls that save nothing for a backward, by pair
-    rows: per expert, `expert_hidden` and the down-projection into the pair rows run back to
-    back while the expert's block is in cache; then token blocks are summed as in `fwd_down`.
+def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, a1s, a3s, ks, y,
+        ypair, xs, hs, h3s, tmps, bits):
+    """The whole forward in one call, by pair rows: per expert, `expert_hidden` and the
+    down-projection into the pair rows run back to back while the expert's block is in cache;
+    then token blocks sum each token's K rows (`_combine`).
 
-    Shapes as in `fwd_up` and `fwd_down`; hs, h3s (W, nmax*m) hidden-unit scratch (h3s (W, 0)
-    without GLU); tmps (W, nmax*m or 0) and bits (W, nmax*m or 0) int32 scratch of the float32
-    activations (0 where the activation needs none).
+    x (T, d); w1, w3 (F, d), w2 (d, F) any layout (w3 (0, d) without GLU); b1, b3 (F,) or
+    (0,); gate (T*K,); inv (T*K,) layout row of each pair; act the activation's code
+    (`numba_act.CODES`); a1s, a3s (P, m) outputs, the pre-activations saved for the backward
+    in pair order, or (0, m) where nothing is saved (inference; a3s (0, m) without GLU); ks as
+    in `expert_hidden`; y (T, d) output; ypair (P, d) scratch; xs (W, nmax, d), hs, h3s
+    (W, nmax*m) scratch (h3s (W, 0) without GLU or when saving); tmps (W, nmax*m or 0) and
+    bits (W, nmax*m or 0) int32 scratch of the float32 activations (0 where the activation
+    needs none).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
     nw = ptr.shape[0] - 1
-    glu = w3.shape[0] > 0
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
@@ -497,10 +440,11 @@ def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts,
             if n == 0:
                 continue
             hb = hs[w][:n * m].reshape((n, m))
-            gb = h3s[w][:n * m if glu else 0].reshape((n if glu else 0, m))
+            g3 = h3s.shape[1] > 0
+            gb = h3s[w][:n * m if g3 else 0].reshape((n if g3 else 0, m))
             ns = n * m if tmps.shape[1] > 0 else 0
             expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], hb, gb,
-                          tmps[w][:ns], bits[w][:ns])
+                          tmps[w][:ns], bits[w][:ns], a1s, a3s, ks)
             gemm(hb, w2[:, e * m:(e + 1) * m].T, ypair[s:s + n], 0.0)
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
@@ -510,24 +454,24 @@ def fwd_infer(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts,
         _c(f, 2), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1), _a(f, 2), _c(f, 1),
         # x, w1, b1, w3, b3, w2t, gate
         _I1, _I1, _i64, _I1, _I1, _i64,  # order, offsets, K, ptr, experts, act
-        _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(types.int32, 2),
-        # y, h, h3, xs, tmps, bits
+        _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2),  # a1s, a3s, ks, y
+        _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(types.int32, 2),  # h, h3, xs, tmps, bits
     ),
     parallel=True, cache=True, nogil=True, error_model="numpy",
 )
-def fwd_infer_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, y, h,
-                     h3, xs, tmps, bits):
-    """`fwd_infer` by token blocks: every expert's hidden units (`expert_hidden`, workers by
-    expert) into h, then the down-projection and sum by `token_sum` (workers by token block).
+def fwd_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, a1s, a3s, ks,
+               y, h, h3, xs, tmps, bits):
+    """`fwd` by token blocks: every expert's hidden units (`expert_hidden`, workers by expert)
+    into h, then the down-projection and sum by `token_sum` (workers by token block).
 
     w2t (F, d) any layout (w2 transposed); h, h3 (P, m) scratch in pair order (h3 (0, m)
-    without GLU); xs (W, nmax, d) scratch, first for the gathered rows, then for the
-    down-projection's; tmps, bits as in `fwd_infer`.
+    without GLU or when saving); xs (W, nmax, d) scratch, first for the gathered rows, then
+    for the down-projection's; the rest as in `fwd`.
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
     nw = ptr.shape[0] - 1
-    glu = w3.shape[0] > 0
+    g3 = h3.shape[0] > 0
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
@@ -537,66 +481,69 @@ def fwd_infer_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, exper
                 continue
             ns = n * m if tmps.shape[1] > 0 else 0
             expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], h[s:s + n],
-                          h3[s:s + n] if glu else h3[:0], tmps[w][:ns], bits[w][:ns])
+                          h3[s:s + n] if g3 else h3[:0], tmps[w][:ns], bits[w][:ns], a1s, a3s,
+                          ks)
     for w in prange(nw):
         token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, xs[w])
 
 
-@_per_dtype(
-    lambda f: types.void(
-        _c(f, 2), _a(f, 2), _c(f, 1),  # dy, w2, gate
-        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
-        _c(f, 2), _c(f, 2), _c(f, 1), _c(f, 3),  # h, dh, dgate, ds
-    ),
-    parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"},
-)
-def bwd_dh(dy, w2, gate, order, offsets, k, ptr, experts, h, dh, dgate, ds):
-    """The gradient reaching each pair's hidden units, with the gate's gradient on the way.
+@njit(cache=True, nogil=True, inline="always")
+def expert_delta(x, dy, w2, w3, a1, a3, gate, ks, order, s, n, k, lo, m, act, dgate, da1, da3,
+                 xw, dw, gh, dhb, fdb, tmp, bits):
+    """One expert's backward up to its weight gradients, from its selected pairs only (pairs
+    order[s:s + n], neurons [lo, lo + m)), in cache, row by row:
 
-    Per pair, with dh_raw = dy_t w2_e: dgate = <dh_raw, h>, then in place dh = gate * dh_raw
-    and h = gate * h (what the weight-gradient GEMMs need). Done row by row while the expert's
-    block is still in cache, instead of three more passes over (P, m) in torch.
+        dh_raw = dy_t w2_e                 (dy's rows gathered into dw, one GEMM)
+        f, f' = act(a1), act'(a1)          (`activate_grad`, from the saved pre-activations)
+        h = f (* a3) (* ks);  dgate = <dh_raw, h>;  dL/dh = gate * dh_raw (* ks)
+        da1 = dL/dh (* a3) * f';  da3 = dL/dh * f;  gh = gate * h
 
-    dy (T, d); w2 (d, F) any layout; gate (T*K,); h (P, m) in pair order, overwritten;
-    dh (P, m) output; dgate (P,) output in pair order; ds (W, nmax, d) scratch.
-    """
-    ne = offsets.shape[0] - 1
-    m = w2.shape[1] // ne
-    for w in prange(ptr.shape[0] - 1):
-        dw = ds[w]
-        for i in range(ptr[w], ptr[w + 1]):
-            e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            if n == 0:
-                continue
-            for r in range(n):
-                dw[r, :] = dy[order[s + r] // k]
-            lo = e * m
-            gemm(dw[:n], w2[:, lo:lo + m], dh[s:s + n], 0.0)
-            for r in range(n):
-                row, hrow = dh[s + r], h[s + r]
-                acc = 0.0
-                for c in range(m):
-                    acc += row[c] * hrow[c]
-                dgate[s + r] = acc
-                g = gate[order[s + r]]
-                row *= g
-                hrow *= g
-
-
-@njit(cache=True, nogil=True)
-def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
-                 dw1, dw2, dw3, db1, db3, xw, dw, dxrows):
-    """One expert's weight and bias gradients, and its pairs' input-gradient rows.
-
-    The expert owns neurons [lo, lo + m) and pairs order[s:s + n]; xw, dw (nmax, d) are the
-    worker's scratch; dxrows (n, d) receives da1 w1_e (+ da3 w3_e), or is (0, d) for none
-    (`bwd_weights_tokens` computes them by token block). Shapes as in `bwd_weights`.
+    x's rows are gathered into xw for `expert_grads`. gh (n*m,) output (f on the way); dhb,
+    fdb (n*m,) scratch for dh_raw and f'; tmp, bits the activation's scratch (n*m or 0).
     """
     glu = w3.shape[0] > 0
+    for r in range(n):
+        t = order[s + r] // k
+        xw[r, :] = x[t]
+        dw[r, :] = dy[t]
+    f, dh, fd = gh.reshape((n, m)), dhb.reshape((n, m)), fdb.reshape((n, m))
+    gemm(dw[:n], w2[:, lo:lo + m], dh, 0.0)
+    activate_grad(a1[s:s + n].reshape(-1), gh, fdb, act, tmp, bits)
+    drop = ks.shape[0] > 0
+    for r in range(n):
+        row, frow, drow, arow = dh[r], f[r], fd[r], da1[s + r]
+        g = gate[order[s + r]]
+        acc = 0.0
+        if glu or drop:
+            for c in range(m):
+                hv = frow[c]
+                dl = g * row[c]
+                if drop:
+                    hv *= ks[s + r, c]
+                    dl *= ks[s + r, c]
+                if glu:
+                    da3[s + r, c] = dl * frow[c]
+                    dl *= a3[s + r, c]
+                    hv *= a3[s + r, c]
+                acc += row[c] * hv
+                arow[c] = dl * drow[c]
+                frow[c] = g * hv
+        else:
+            for c in range(m):
+                acc += row[c] * frow[c]
+                arow[c] = g * row[c] * drow[c]
+                frow[c] *= g
+        dgate[s + r] = acc
+
+
+@njit(cache=True, nogil=True, inline="always")
+def expert_grads(w1, w3, gh, da1, da3, s, n, lo, m, xw, dw, dw1, dw2, dw3, db1, db3, dxrows):
+    """One expert's weight and bias gradients from `expert_delta`'s results (gh (n, m); xw, dw
+    its gathered rows of x and dy), and its pairs' input-gradient rows: dxrows (n, d) receives
+    da1 w1_e (+ da3 w3_e), or is (0, d) for none (summed by token blocks instead). An expert
+    nobody chose (n = 0) gets exactly zero gradients."""
+    glu = w3.shape[0] > 0
     if n == 0:
-        # an expert nobody chose gets exactly zero gradient
         dw1[lo:lo + m, :] = 0.0
         dw2[:, lo:lo + m] = 0.0
         db1[lo:lo + m] = 0.0
@@ -604,11 +551,7 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
             dw3[lo:lo + m, :] = 0.0
             db3[lo:lo + m] = 0.0
         return
-    for r in range(n):
-        t = order[s + r] // k
-        xw[r, :] = x[t]
-        dw[r, :] = dy[t]
-    gemm(dw[:n].T, gh[s:s + n], dw2[:, lo:lo + m], 0.0)  # (d, m)
+    gemm(dw[:n].T, gh, dw2[:, lo:lo + m], 0.0)  # (d, m)
     gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
     db1[lo:lo + m] = 0.0
     for r in range(n):
@@ -627,23 +570,35 @@ def expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, lo, m,
 
 @_per_dtype(
     lambda f: types.void(
-        _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
-        _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
-        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
+        _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w2, w3
+        _c(f, 2), _c(f, 2), _c(f, 1), _c(f, 2),  # a1, a3, gate, ks
+        _I1, _I1, _i64, _I1, _I1, _i64,  # order, offsets, K, ptr, experts, act
         _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
-        _I1, _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 3),  # inv, dx, dxpair, xs, ds
+        _c(f, 1), _c(f, 2), _c(f, 2),  # dgate, da1, da3
+        types.boolean, _I1, _c(f, 2), _c(f, 2),  # by_tokens, inv, dx, dxpair
+        _c(f, 3), _c(f, 3), _c(f, 2), _c(f, 2), _c(types.int32, 2),  # xs, ds, ghs, tmps, bits
     ),
-    parallel=True, cache=True, nogil=True,
+    parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"},
 )
-def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
-                dw1, dw2, dw3, db1, db3, inv, dx, dxpair, xs, ds):
-    """Weight, bias and input gradients of every expert, from its selected pairs only.
+def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, act,
+        dw1, dw2, dw3, db1, db3, dgate, da1, da3, by_tokens, inv, dx, dxpair,
+        xs, ds, ghs, tmps, bits):
+    """The whole backward in one call: per expert `expert_delta` and `expert_grads` while its
+    blocks are in cache (workers by expert), then
+    each token's K input-gradient rows summed by token blocks (`token_sum`, by_tokens) or from
+    pair rows (dxpair, summed as in `fwd`).
 
-    x, dy (T, d); w1, w3 (F, d) any layout (w3 (0, d) without GLU); gh = gate * h,
-    da1, da3 (P, m) in pair order (da3 (0, m) without GLU); dw1, dw3 (F, d), dw2 (d, F) any
-    layout; db1, db3 (F,) (db3 (0,) without GLU); inv (T*K,) layout row of each pair;
-    dx (T, d) output; dxpair (P, d) scratch (the pairs' input gradients, summed per token at
-    the end as in fwd_down); xs, ds (W, nmax, d) scratch.
+    x, dy (T, d); w1, w3 (F, d), w2 (d, F) any layout (w3 (0, d) without GLU); a1, a3 (P, m)
+    the saved pre-activations in pair order (a3 (0, m) without GLU); gate (T*K,); ks (P, m)
+    the dropout's keep / (1 - p) in pair order, or (0, m) without dropout; act the
+    activation's code (`numba_act.CODES`); dw1, dw3 (F, d), dw2 (d, F) any layout, db1, db3
+    (F,) (db3 (0,) without GLU), dgate (P,) in pair order, da1, da3 (P, m) (da3 (0, m) without
+    GLU), dx (T, d): outputs; inv (T*K,) layout row of each pair and dxpair (P, d) scratch for
+    pair rows ((0,) and (0, d) by token blocks); xs, ds (W, nmax, d), ghs (W, 3*nmax*m),
+    tmps, bits (W, nmax*m or 0) scratch (tmps and bits as in `fwd`).
+
+    The derivative loop's dot product is reassociated (vectorised); so is nothing else that
+    rounds differently: the activation is its own, non-inlined, function.
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -653,34 +608,18 @@ def bwd_weights(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
             e = experts[i]
             s = offsets[e]
             n = offsets[e + 1] - s
-            expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, n, k, e * m, m,
-                         dw1, dw2, dw3, db1, db3, xs[w], ds[w], dxpair[s:s + n])
-    _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)
-
-
-@_per_dtype(
-    lambda f: types.void(
-        _c(f, 2), _c(f, 2), _a(f, 2), _a(f, 2),  # x, dy, w1, w3
-        _c(f, 2), _c(f, 2), _c(f, 2),  # gh, da1, da3
-        _I1, _I1, _i64, _I1, _I1,  # order, offsets, K, ptr, experts
-        _a(f, 2), _a(f, 2), _a(f, 2), _c(f, 1), _c(f, 1),  # dw1, dw2, dw3, db1, db3
-        _c(f, 2), _c(f, 3), _c(f, 3),  # dx, xs, ds
-    ),
-    parallel=True, cache=True, nogil=True,
-)
-def bwd_weights_tokens(x, dy, w1, w3, gh, da1, da3, order, offsets, k, ptr, experts,
-                       dw1, dw2, dw3, db1, db3, dx, xs, ds):
-    """`bwd_weights` with the input gradient by token blocks: the weight and bias gradients
-    per expert (workers by expert), then dx[t] = sum_j da1_(t,j) w1_e (+ da3_(t,j) w3_e) by
-    `token_sum` (workers by token block), with no (P, d) pair rows. Shapes as there."""
-    ne = offsets.shape[0] - 1
-    m = w1.shape[0] // ne
-    nw = ptr.shape[0] - 1
-    for w in prange(nw):
-        for i in range(ptr[w], ptr[w + 1]):
-            e = experts[i]
-            s = offsets[e]
-            expert_grads(x, dy, w1, w3, gh, da1, da3, order, s, offsets[e + 1] - s, k, e * m,
-                         m, dw1, dw2, dw3, db1, db3, xs[w], ds[w], ds[w][:0])
-    for w in prange(nw):
-        token_sum(da1, w1, da3, w3, np.empty(0, dx.dtype), order, offsets, k, w, nw, dx, ds[w])
+            nm = n * m
+            ns = nm if tmps.shape[1] > 0 else 0
+            gh = ghs[w][:nm]
+            if n > 0:
+                expert_delta(x, dy, w2, w3, a1, a3, gate, ks, order, s, n, k, e * m, m, act,
+                             dgate, da1, da3, xs[w], ds[w], gh, ghs[w][nm:2 * nm],
+                             ghs[w][2 * nm:3 * nm], tmps[w][:ns], bits[w][:ns])
+            expert_grads(w1, w3, gh.reshape((n, m)), da1, da3, s, n, e * m, m, xs[w], ds[w],
+                         dw1, dw2, dw3, db1, db3, dxpair[:0] if by_tokens else dxpair[s:s + n])
+    if by_tokens:
+        for w in prange(nw):
+            token_sum(da1, w1, da3, w3, np.empty(0, dx.dtype), order, offsets, k, w, nw, dx,
+                      ds[w])
+    else:
+        _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)

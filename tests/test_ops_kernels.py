@@ -273,8 +273,10 @@ def test_numba_activations_match_float64_torch(name):
                    torch.tensor([0.0, -0.0, 87.5, -87.5, 100.0, -100.0, float("nan")])])
     exact = ACTIVATIONS[name](x.double())
     for dtype, bound in ((torch.float32, _ACT_BOUND32.get(name, 1.5e-7)), (torch.float64, 1e-15)):
-        h = x.to(dtype).numpy().copy()
-        activate(h, CODES[name], np.empty_like(h), np.empty(h.size, np.int32))
+        a = x.to(dtype).numpy().copy()
+        h = np.empty_like(a)
+        activate(a, h, CODES[name], np.empty_like(a), np.empty(a.size, np.int32))
+        assert np.array_equal(a[:-1], x.to(dtype).numpy()[:-1]), "the input must be unchanged"
         got = torch.from_numpy(h).double()
         assert torch.isnan(got[-1]), "NaN must stay NaN"
         err = ((got - exact).abs() / exact.abs().clamp_min(1.0))[:-1]

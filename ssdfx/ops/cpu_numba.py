@@ -330,7 +330,9 @@ def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, exper
     # float32 GELU/SiLU variants need two scratch rows for their exp
     sized = block if (code >= 3 and dt == np.float32) else 0
     tmps, bits = np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
-    g3 = glu and not save  # GLU's second up-projection needs scratch only in inference
+    # inference's up-projections go to scratch (training's to the saved a1, a3)
+    g3 = glu and not save
+    us = np.empty((workers, 0 if save else block), dt)
     with _numba_phase(workers):
         if by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers):
             # (P, m) hidden units: torch's buffers (at T=8192 numpy's fresh ones made the call
@@ -338,11 +340,11 @@ def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, exper
             h = torch.empty(pairs, m, dtype=x.dtype)
             h3 = torch.empty(pairs if g3 else 0, m, dtype=x.dtype)
             nk.fwd_tokens(*weights, _np(w2).T, g, order, offsets, k, ptr, experts, code, a1s,
-                          a3s, ks, y, _np(h), _np(h3), scratch, tmps, bits)
+                          a3s, ks, y, _np(h), _np(h3), scratch, us, tmps, bits)
         else:
             nk.fwd(*weights, _np(w2), g, order, _inverse(order) if inv is None else inv,
                    offsets, k, ptr, experts, code, a1s, a3s, ks, y, np.empty((pairs, d), dt),
-                   scratch, np.empty((workers, block), dt),
+                   scratch, us, np.empty((workers, block), dt),
                    np.empty((workers, block if g3 else 0), dt), tmps, bits)
 
 

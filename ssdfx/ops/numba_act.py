@@ -1,6 +1,6 @@
 """The FFN activations and their derivatives in numba, for the fused kernels.
 
-`activate` applies one activation in place to an expert's (n, m) block (flattened), so that in
+`activate` applies one activation to an expert's (n, m) block (flattened), so that in
 the forward kernels (`numba_kernels.fwd`) the up-projection, the activation and the
 down-projection of an expert run back to back while its block is in cache. `activate_grad`
 gives the activation and its derivative at once, for the backward kernel (`numba_kernels.bwd`),
@@ -87,37 +87,37 @@ def _exp32_(t, bits):
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy", fastmath=_FMA)
-def _times_sigmoid32(h, tmp, bits):
-    """h = h * sigmoid(z) for float32, given tmp = -z (overwritten)."""
+def _times_sigmoid32(a, h, tmp, bits):
+    """h = a * sigmoid(z) for float32, given tmp = -z (overwritten)."""
     _exp32_(tmp, bits)
-    for c in range(h.shape[0]):
-        h[c] = h[c] / (np.float32(1.0) + tmp[c])
+    for c in range(a.shape[0]):
+        h[c] = a[c] / (np.float32(1.0) + tmp[c])
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
-def _sigmoid_times(h, a, tmp, bits):
-    """h = h * sigmoid(a * h) (silu: a = 1, quick_gelu: a = 1.702)."""
-    if h.itemsize == 4:
-        af = np.float32(a)
-        for c in range(h.shape[0]):
-            tmp[c] = -af * h[c]
-        _times_sigmoid32(h, tmp, bits)
+def _sigmoid_times(a, h, scale, tmp, bits):
+    """h = a * sigmoid(scale * a) (silu: scale = 1, quick_gelu: scale = 1.702)."""
+    if a.itemsize == 4:
+        sf = np.float32(scale)
+        for c in range(a.shape[0]):
+            tmp[c] = -sf * a[c]
+        _times_sigmoid32(a, h, tmp, bits)
     else:
-        for c in range(h.shape[0]):
-            v = h[c]
-            h[c] = v / (1.0 + math.exp(-a * v))
+        for c in range(a.shape[0]):
+            v = a[c]
+            h[c] = v / (1.0 + math.exp(-scale * v))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
-def _gelu_tanh(h, tmp, bits):
-    if h.itemsize == 4:
-        for c in range(h.shape[0]):
-            v = h[c]
+def _gelu_tanh(a, h, tmp, bits):
+    if a.itemsize == 4:
+        for c in range(a.shape[0]):
+            v = a[c]
             tmp[c] = np.float32(-_GELU_TANH_C) * (v + np.float32(0.044715) * v * v * v)
-        _times_sigmoid32(h, tmp, bits)
+        _times_sigmoid32(a, h, tmp, bits)
     else:
-        for c in range(h.shape[0]):
-            v = h[c]
+        for c in range(a.shape[0]):
+            v = a[c]
             h[c] = 0.5 * v * (1.0 + math.tanh(0.5 * _GELU_TANH_C * (v + 0.044715 * v * v * v)))
 
 
@@ -134,43 +134,47 @@ def _erfc32_(v, e):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
-def _gelu(h, tmp, bits):
-    if h.itemsize == 4:
-        for c in range(h.shape[0]):
-            y = abs(h[c]) * np.float32(_INV_SQRT2)
+def _gelu(a, h, tmp, bits):
+    if a.itemsize == 4:
+        for c in range(a.shape[0]):
+            y = abs(a[c]) * np.float32(_INV_SQRT2)
             tmp[c] = -y * y
         _exp32_(tmp, bits)
-        for c in range(h.shape[0]):
-            v = h[c]
+        for c in range(a.shape[0]):
+            v = a[c]
             erfc = _erfc32_(v, tmp[c])
             phi2 = np.float32(2.0) - erfc if v >= np.float32(0.0) else erfc
             h[c] = np.float32(0.5) * v * phi2
     else:
-        for c in range(h.shape[0]):
-            v = h[c]
+        for c in range(a.shape[0]):
+            v = a[c]
             h[c] = 0.5 * v * math.erfc(-v * _INV_SQRT2)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
-def activate(h, code, tmp, bits):
-    """h = act(h) in place for a 1-D array, act by its CODES value; tmp (h's dtype) and bits
-    (int32) are scratch arrays of h's length."""
-    if code == 1:
-        for c in range(h.shape[0]):
-            if h[c] < 0.0:  # NaN stays NaN, as in torch.relu
-                h[c] = 0.0
+def activate(a, h, code, tmp, bits):
+    """h = act(a) for 1-D arrays, act by its CODES value; tmp (a's dtype) and bits (int32) are
+    scratch arrays of a's length. a and h should be different arrays: the same array twice is
+    computed correctly, but LLVM then cannot prove the loops free of overlap and runs them
+    unvectorised (GELU 3.2 against 1.6 ns per element, ReLU 0.27 against 0.14)."""
+    if code == 0:
+        h[:] = a
+    elif code == 1:
+        for c in range(a.shape[0]):
+            v = a[c]
+            h[c] = 0.0 if v < 0.0 else v  # NaN stays NaN, as in torch.relu
     elif code == 2:
-        for c in range(h.shape[0]):
-            v = h[c]
+        for c in range(a.shape[0]):
+            v = a[c]
             h[c] = 0.0 if v < 0.0 else v * v
     elif code == 3:
-        _gelu(h, tmp, bits)
+        _gelu(a, h, tmp, bits)
     elif code == 4:
-        _gelu_tanh(h, tmp, bits)
+        _gelu_tanh(a, h, tmp, bits)
     elif code == 5:
-        _sigmoid_times(h, 1.0, tmp, bits)
+        _sigmoid_times(a, h, 1.0, tmp, bits)
     elif code == 6:
-        _sigmoid_times(h, 1.702, tmp, bits)
+        _sigmoid_times(a, h, 1.702, tmp, bits)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)

@@ -419,9 +419,9 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     gradient, the activation's derivative (numba's, `numba_act.activate_grad`, recomputed from
     the saved a1), the gate's gradient and the weight gradients while the expert's blocks are
     in cache, then the input gradient. Against three phases (a GEMM kernel, torch's
-    elementwise backward over (P, m), a second GEMM kernel that gathered dy again) this took
-    the Intel Xeon's backward from 77.7-98.8 ms to 71.7-90.5 ms at T=2048, d=768, E=16, k=4
-    (1.05-1.09x), 1.21x at T=8192, d=256, E=32, k=16 and 1.26x at T=512, d=256, E=16, k=8."""
+    elementwise backward over (P, m), a second GEMM kernel that gathered dy again), in-process
+    on the Intel Xeon: 1.06x at T=2048, d=768, E=16, k=4 (GELU, and SwiGLU), 1.16x at T=512,
+    d=256, E=16, k=8, 1.20x at T=64, 1.31x at T=8192, d=256, E=32, k=16 (ReLU)."""
     from ssdfx.ops import numba_kernels as nk
     from ssdfx.ops.numba_act import CODES
 

@@ -26,8 +26,9 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   one call after the sort, for training (saving the pre-activations) and inference alike, and
   the backward (`bwd`) is one call that recomputes the activation and its derivative from the
   saved pre-activations. Splitting them into GEMM kernels with torch's elementwise functions
-  between (three phases, each (P, m) array through memory once more, dy gathered twice) was
-  1.02-1.28x slower on the Intel Xeon's forward+backward (see `cpu_numba.backward`).
+  between (three phases, each (P, m) array through memory once more, dy gathered twice) made
+  the Intel Xeon's forward+backward 1.02-1.28x slower at 13 of 14 shapes measured (0.985x at
+  the 14th; see `cpu_numba.backward` and bench/README.md).
 
 Every kernel has explicit float32 and float64 signatures with weights typed as any-layout
 arrays: one compiled version per dtype instead of one per combination of weight layouts (C for

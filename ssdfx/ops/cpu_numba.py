@@ -303,6 +303,13 @@ def _top_k(probs, k):
     return idx, bad if n_bad else None
 
 
+def _act_scratch(code: int, dt: np.dtype, workers: int, block: int) -> tuple:
+    """tmps, bits (W, block or 0): the per-worker scratch of the float32 GELU/SiLU variants'
+    exp (`numba_act`); empty where the activation needs none."""
+    sized = block if (code >= 3 and dt == np.float32) else 0
+    return np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
+
+
 def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
                     k, activation, a1s, a3s, ks, y):
     """Run `numba_kernels.fwd` (pair rows) or `fwd_tokens` (token blocks, see
@@ -327,9 +334,7 @@ def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, exper
     weights = (xn, _np(w1), _np(b1) if b1 is not None else empty1,
                _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1)
     block = nmax * m
-    # float32 GELU/SiLU variants need two scratch rows for their exp
-    sized = block if (code >= 3 and dt == np.float32) else 0
-    tmps, bits = np.empty((workers, sized), dt), np.empty((workers, sized), np.int32)
+    tmps, bits = _act_scratch(code, dt, workers, block)
     # inference's up-projections go to scratch (training's to the saved a1, a3)
     g3 = glu and not save
     us = np.empty((workers, 0 if save else block), dt)
@@ -445,7 +450,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     # backward at T=64, d=768, E=8, k=4 took 9.8 ms instead of 4.6 (glibc then returned the
     # freed weight-gradient pages to the OS, and the next call faulted them in again)
     block = nmax * m
-    sized = block if (code >= 3 and dt == np.float32) else 0  # as in `infer`
+    tmps, bits = _act_scratch(code, dt, workers, block)
     dg = np.empty(pairs, dt)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     db1t = x.new_empty(f_all)
@@ -464,8 +469,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             tokens, np.empty(0, np.int64) if tokens else _inverse(on), _np(dxt),
             np.empty((0 if tokens else pairs, d), dt),
             np.empty((workers, nmax, d), dt), np.empty((workers, nmax, d), dt),
-            np.empty((workers, 3 * block), dt), np.empty((workers, sized), dt),
-            np.empty((workers, sized), np.int32),
+            np.empty((workers, 3 * block), dt), tmps, bits,
         )
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = torch.from_numpy(dg)

@@ -427,9 +427,8 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
     in pair order, or (0, m) where nothing is saved (inference; a3s (0, m) without GLU); ks as
     in `expert_hidden`; y (T, d) output; ypair (P, d) scratch; xs (W, nmax, d), us, hs, h3s
     (W, nmax*m) scratch (us and h3s (W, 0) when saving, h3s also without GLU); tmps (W,
-    nmax*m or 0) and
-    bits (W, nmax*m or 0) int32 scratch of the float32 activations (0 where the activation
-    needs none).
+    nmax*m or 0) and bits (W, nmax*m or 0) int32 scratch of the float32 activations (0 where
+    the activation needs none).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne

@@ -139,13 +139,19 @@ def _erfc32_(v, e):
     return p * t * e
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy", fastmath=_FMA)
+def _gauss32_(a, tmp, bits):
+    """tmp = exp(-a^2 / 2) for float32 a (GELU's erfc and its derivative's density)."""
+    for c in range(a.shape[0]):
+        y = abs(a[c]) * np.float32(_INV_SQRT2)
+        tmp[c] = -y * y
+    _exp32_(tmp, bits)
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _gelu(a, h, tmp, bits):
     if a.itemsize == 4:
-        for c in range(a.shape[0]):
-            y = abs(a[c]) * np.float32(_INV_SQRT2)
-            tmp[c] = -y * y
-        _exp32_(tmp, bits)
+        _gauss32_(a, tmp, bits)
         for c in range(a.shape[0]):
             v = a[c]
             erfc = _erfc32_(v, tmp[c])
@@ -214,10 +220,7 @@ def _sigmoid_grad(a, h, g, scale, cubic, tmp, bits):
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
 def _gelu_grad(a, h, g, tmp, bits):
     if a.itemsize == 4:
-        for c in range(a.shape[0]):
-            y = abs(a[c]) * np.float32(_INV_SQRT2)
-            tmp[c] = -y * y
-        _exp32_(tmp, bits)  # tmp = exp(-a^2 / 2)
+        _gauss32_(a, tmp, bits)
         for c in range(a.shape[0]):
             v = a[c]
             erfc = _erfc32_(v, tmp[c])

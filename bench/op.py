@@ -8,7 +8,9 @@ The dense model is Linear(d, 4d) -> GELU -> Linear(4d, d). The sparse model is t
 after `ssdfx.convert(ffn, num_experts=E, top_k=k)` (router included: centroid scores, top-k,
 straight-through gate).
 Dense and sparse runs are interleaved and each figure is a median, so the ratio is measured
-under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal.
+under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal;
+`speedup_q1`, `speedup_q3` the quartiles of the speedup measured within each repeat, and the
+last lines judge the k = E/2 shapes by them (not slower than dense, undecided, slower).
 Prints a markdown table and writes CSV (default bench/results/op.csv for the fp32 sweep;
 op_bf16.csv, op_quick.csv, ... for the others).
 """
@@ -187,10 +189,15 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
     for phase in ("fwd", "fwd+bwd"):
         dense_ms, sparse_ms = med[("dense", phase)], med[("sparse", phase)]
         speedup = dense_ms / sparse_ms
+        q1, q3 = paired_quartiles(times[("dense", phase)], times[("sparse", phase)])
         rows.append(dict(
             dtype=str(dtype).split(".")[-1], T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
             dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
             speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
+            # spread of the speedup: quartiles of dense / sparse within each repeat (the two
+            # ran in the same round, a few ms apart, so the machine's drift between rounds
+            # cancels); the median speedup above is a ratio of medians
+            speedup_q1=round(q1, 2), speedup_q3=round(q3, 2),
             quiet_repeats=f"{quiet}/{repeats}" if idle_wait > 0 else "",
             # share of the timed repeats' CPU time the hypervisor gave to other guests: an
             # idle check cannot see it (nothing is stolen from an idle VM), and it slows the
@@ -199,6 +206,39 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
             machine=machine(),
         ))
     return rows
+
+
+def paired_quartiles(dense: list[float], sparse: list[float]) -> tuple[float, float]:
+    """First and third quartiles of the per-repeat speedups dense[i] / sparse[i]."""
+    ratios = [a / b for a, b in zip(dense, sparse)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
+
+
+def verdicts(rows) -> list[str]:
+    """Per phase, how the k = E/2 shapes compare with dense (the issue's "not slower than
+    dense"), judged by the per-repeat speedups' quartiles: slower where even the third
+    quartile is below 1, not slower where the first quartile is at least 1, else undecided."""
+    out = []
+    for phase in ("fwd", "fwd+bwd"):
+        half = [r for r in rows if r["phase"] == phase and 2 * r["k"] == r["E"]]
+        if not half:
+            continue
+        slower = [r for r in half if r["speedup_q3"] < 1]
+        unsure = [r for r in half if r["speedup_q1"] < 1 <= r["speedup_q3"]]
+        name = lambda r: f"{r['dtype']} {r['T']}x{r['d']}x{r['E']}x{r['k']}"  # noqa: E731
+        line = (f"k = E/2, {phase}: {len(half) - len(slower) - len(unsure)} of {len(half)} "
+                f"not slower than dense (first quartile >= 1), {len(unsure)} undecided, "
+                f"{len(slower)} slower (third quartile < 1)")
+        for label, group in (("undecided", unsure), ("slower", slower)):
+            if group:
+                line += f"; {label}: " + ", ".join(
+                    f"{name(r)} {r['speedup']} [{r['speedup_q1']}, {r['speedup_q3']}]"
+                    for r in group)
+        out.append(line)
+    return out
 
 
 def router_share(t, d, e, k, repeats=20) -> str:
@@ -239,8 +279,8 @@ def configs(quick: bool):
 
 
 def markdown(rows):
-    cols = ["dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup", "ideal",
-            "of_ideal"]
+    cols = ["dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup",
+            "speedup_q1", "speedup_q3", "ideal", "of_ideal"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -306,6 +346,8 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(markdown(rows))
+    for line in verdicts(rows):
+        print(line)
     print(f"wrote {args.out}")
     return 0
 

@@ -54,3 +54,31 @@ def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch, tmp_path, scrip
     assert e.value.code == 2 and message in err, err
     assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
     assert not (tmp_path / "out").exists()
+
+
+def test_op_speedup_quartiles_and_k_half_verdicts():
+    # the quartiles are those of the per-repeat ratios (numpy's linear percentile is the
+    # reference), not ratios of quartiles; the verdicts sort k = E/2 shapes by them
+    import numpy as np
+
+    op = _script("op")
+    dense, sparse = [10.0, 12.0, 9.0, 30.0, 11.0], [10.0, 10.0, 12.0, 10.0, 8.0]
+    ratios = np.array(dense) / np.array(sparse)
+    q1, q3 = op.paired_quartiles(dense, sparse)
+    assert (q1, q3) == pytest.approx(tuple(np.percentile(ratios, [25, 75])))
+    assert op.paired_quartiles([3.0], [2.0]) == (1.5, 1.5)
+
+    def row(e, k, phase, q1, q3):
+        return dict(dtype="float32", T=512, d=256, E=e, k=k, phase=phase, speedup=(q1 + q3) / 2,
+                    speedup_q1=q1, speedup_q3=q3)
+
+    rows = [row(32, 16, "fwd", 0.9, 0.98), row(16, 8, "fwd", 0.97, 1.03),
+            row(8, 4, "fwd", 1.0, 1.2), row(16, 4, "fwd", 0.5, 0.6),  # k = E/4: not judged
+            row(32, 16, "fwd+bwd", 1.1, 1.2)]
+    fwd, both = op.verdicts(rows)
+    assert fwd.startswith("k = E/2, fwd: 1 of 3 not slower than dense")
+    assert "1 undecided, 1 slower" in fwd and "512x256x16x4" not in fwd
+    assert "undecided: float32 512x256x16x8 1.0 [0.97, 1.03]" in fwd
+    assert "slower: float32 512x256x32x16 0.94 [0.9, 0.98]" in fwd
+    assert both == ("k = E/2, fwd+bwd: 1 of 1 not slower than dense (first quartile >= 1), "
+                    "0 undecided, 0 slower (third quartile < 1)")

@@ -213,6 +213,43 @@ def test_numba_both_token_sums_match_reference(spec, sum_by):
         check_against_reference("numba", spec, torch.float32, 1e-4)
 
 
+@SETTINGS
+@given(problems(), st.sampled_from(["pairs", "tokens"]), st.sampled_from([1, 2, 3]))
+@example(dict(e=3, m=2, d=3, t=9, k=2, glu=True, bias=True, unused=0.3, skew=True, seed=3,
+              activation="gelu_tanh", dropout_p=0.3), "tokens", 2)
+@example(dict(e=2, m=3, d=4, t=7, k=2, glu=False, bias=True, unused=0.0, skew=False, seed=4,
+              activation="gelu", dropout_p=0.0), "pairs", 3)
+def test_numba_experts_in_chunks_match_reference(spec, sum_by, chunk):
+    # the kernels take an expert's rows `chunk` at a time (cpu_numba.chunk_rows: 512 KiB of
+    # gathered rows, so no tiny problem is ever split unless forced): training forward, every
+    # gradient and the inference call, with chunks that do not divide the experts' row counts
+    from ssdfx.ops import cpu_numba
+
+    with _sum_by(sum_by), _patched(cpu_numba, chunk_rows=lambda *shape: chunk):
+        check_against_reference("numba", spec, torch.float32, 1e-4)
+        p = make(spec, torch.float32)
+        ref_p = _upcast(p)
+        e, act = spec["e"], spec["activation"]
+        want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"],
+                                 ref_p["w3"], ref_p["b3"], p["expert_idx"], ref_p["gate"], None,
+                                 e, act, 0.0)
+        y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
+                            p["expert_idx"], p["gate"], e, act)
+    scale = _term_scales(ref_p, spec, want[1].float(), want[2].float(), want[3], want[4])
+    _close(y, want[0], 1e-4, scale["y"])
+
+
+def test_chunk_rows_bounds_the_gathered_block():
+    # 512 KiB of gathered rows, but never fewer than 8 m rows (the weight block is repacked
+    # by BLAS for every chunk)
+    from ssdfx.ops.cpu_numba import CHUNK_BYTES, chunk_rows
+
+    assert chunk_rows(256, 32, 4) * 256 * 4 == CHUNK_BYTES  # 512 rows
+    assert chunk_rows(768, 192, 4) == 8 * 192  # 170 rows of 3 KB would repack too often
+    assert chunk_rows(256, 32, 8) == 256
+    assert chunk_rows(10**7, 0, 4) == 1
+
+
 @pytest.mark.parametrize("sum_by", ["pairs", "tokens"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_numba_token_sums_with_one_and_two_workers(sum_by, threads):

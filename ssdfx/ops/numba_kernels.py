@@ -322,7 +322,7 @@ def first_at_least(order, a, b, v):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys):
+def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys, chunk):
     """Worker w's token block of out[t] = sum_j gate[t, j] * (a1_(t,j) w1_e (+ a3_(t,j) w3_e)).
 
     The worker owns tokens [w T / W, (w+1) T / W): no other worker writes their rows, so each
@@ -331,7 +331,8 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys):
     by token and the worker's pairs of expert e are one sub-range, found by bisection.
 
     a1, a3 (P, m) in pair order (a3 (0, m): none); w1, w3 (F, d) any layout, expert e's block
-    rows [e*m, (e+1)*m); gate (T*K,) or (0,) for all ones; out (T, d); ys (nmax, d) scratch.
+    rows [e*m, (e+1)*m); gate (T*K,) or (0,) for all ones; out (T, d); ys (min(nmax, chunk),
+    d) scratch: each GEMM takes at most `chunk` rows (see `cpu_numba.chunk_rows`).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -343,19 +344,18 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys):
         e = (i + w * ne // nw) % ne  # workers start on different experts
         a = first_at_least(order, offsets[e], offsets[e + 1], tlo * k)
         b = first_at_least(order, a, offsets[e + 1], thi * k)
-        n = b - a
-        if n == 0:
-            continue
         lo = e * m
-        gemm(a1[a:b], w1[lo:lo + m], ys[:n], 0.0)
-        if a3.shape[0] > 0:
-            gemm(a3[a:b], w3[lo:lo + m], ys[:n], 1.0)
-        for r in range(n):
-            p = order[a + r]
-            if gate.shape[0] > 0:
-                add_scaled(out[p // k], gate[p], ys[r])
-            else:
-                add_to(out[p // k], ys[r])
+        for q in range(a, b, chunk):
+            n = min(chunk, b - q)
+            gemm(a1[q:q + n], w1[lo:lo + m], ys[:n], 0.0)
+            if a3.shape[0] > 0:
+                gemm(a3[q:q + n], w3[lo:lo + m], ys[:n], 1.0)
+            for r in range(n):
+                p = order[q + r]
+                if gate.shape[0] > 0:
+                    add_scaled(out[p // k], gate[p], ys[r])
+                else:
+                    add_to(out[p // k], ys[r])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -410,13 +410,13 @@ def expert_hidden(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, ub, hb, gb,
         # x, w1, b1, w3, b3, w2, gate
         _I1, _I1, _I1, _i64, _I1, _I1, _i64,  # order, inv, offsets, K, ptr, experts, act
         _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2),  # a1s, a3s, ks, y
-        _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2),
-        # ypair, xs, us, hs, h3s, tmps, bits
+        _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2), _c(types.int32, 2), _i64,
+        # ypair, xs, us, hs, h3s, tmps, bits, chunk
     ),
     parallel=True, cache=True, nogil=True, error_model="numpy",
 )
 def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, a1s, a3s, ks, y,
-        ypair, xs, us, hs, h3s, tmps, bits):
+        ypair, xs, us, hs, h3s, tmps, bits, chunk):
     """The whole forward in one call, by pair rows: per expert, `expert_hidden` and the
     down-projection into the pair rows run back to back while the expert's block is in cache;
     then token blocks sum each token's K rows (`_combine`).
@@ -425,10 +425,11 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
     (0,); gate (T*K,); inv (T*K,) layout row of each pair; act the activation's code
     (`numba_act.CODES`); a1s, a3s (P, m) outputs, the pre-activations saved for the backward
     in pair order, or (0, m) where nothing is saved (inference; a3s (0, m) without GLU); ks as
-    in `expert_hidden`; y (T, d) output; ypair (P, d) scratch; xs (W, nmax, d), us, hs, h3s
-    (W, nmax*m) scratch (us and h3s (W, 0) when saving, h3s also without GLU); tmps (W,
-    nmax*m or 0) and bits (W, nmax*m or 0) int32 scratch of the float32 activations (0 where
-    the activation needs none).
+    in `expert_hidden`; y (T, d) output; ypair (P, d) scratch; chunk the most rows of one
+    GEMM (an expert's rows are taken `chunk` at a time, see `cpu_numba.chunk_rows`); with
+    rows = min(nmax, chunk): xs (W, rows, d), us, hs, h3s (W, rows*m) scratch (us and h3s
+    (W, 0) when saving, h3s also without GLU); tmps (W, rows*m or 0) and bits (W, rows*m or
+    0) int32 scratch of the float32 activations (0 where the activation needs none).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -436,19 +437,17 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            if n == 0:
-                continue
-            hb = hs[w][:n * m].reshape((n, m))
-            nu = n if us.shape[1] > 0 else 0
-            ub = us[w][:nu * m].reshape((nu, m))
-            n3 = n if h3s.shape[1] > 0 else 0
-            gb = h3s[w][:n3 * m].reshape((n3, m))
-            ns = n * m if tmps.shape[1] > 0 else 0
-            expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], ub, hb, gb,
-                          tmps[w][:ns], bits[w][:ns], a1s, a3s, ks)
-            gemm(hb, w2[:, e * m:(e + 1) * m].T, ypair[s:s + n], 0.0)
+            for s in range(offsets[e], offsets[e + 1], chunk):
+                n = min(chunk, offsets[e + 1] - s)
+                hb = hs[w][:n * m].reshape((n, m))
+                nu = n if us.shape[1] > 0 else 0
+                ub = us[w][:nu * m].reshape((nu, m))
+                n3 = n if h3s.shape[1] > 0 else 0
+                gb = h3s[w][:n3 * m].reshape((n3, m))
+                ns = n * m if tmps.shape[1] > 0 else 0
+                expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w], ub, hb,
+                              gb, tmps[w][:ns], bits[w][:ns], a1s, a3s, ks)
+                gemm(hb, w2[:, e * m:(e + 1) * m].T, ypair[s:s + n], 0.0)
     _combine(ypair, gate, inv, offsets[ne], k, nw, y)
 
 
@@ -458,19 +457,19 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
         # x, w1, b1, w3, b3, w2t, gate
         _I1, _I1, _i64, _I1, _I1, _i64,  # order, offsets, K, ptr, experts, act
         _c(f, 2), _c(f, 2), _c(f, 2), _c(f, 2),  # a1s, a3s, ks, y
-        _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(types.int32, 2),
-        # h, h3, xs, us, tmps, bits
+        _c(f, 2), _c(f, 2), _c(f, 3), _c(f, 2), _c(f, 2), _c(types.int32, 2), _i64,
+        # h, h3, xs, us, tmps, bits, chunk
     ),
     parallel=True, cache=True, nogil=True, error_model="numpy",
 )
 def fwd_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, a1s, a3s, ks,
-               y, h, h3, xs, us, tmps, bits):
+               y, h, h3, xs, us, tmps, bits, chunk):
     """`fwd` by token blocks: every expert's hidden units (`expert_hidden`, workers by expert)
     into h, then the down-projection and sum by `token_sum` (workers by token block).
 
     w2t (F, d) any layout (w2 transposed); h, h3 (P, m) scratch in pair order (h3 (0, m)
-    without GLU or when saving); xs (W, nmax, d) scratch, first for the gathered rows, then
-    for the down-projection's; us as in `fwd`; the rest as in `fwd`.
+    without GLU or when saving); xs (W, rows, d) scratch, first for the gathered rows, then
+    for the down-projection's; us, chunk and the rest as in `fwd`.
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -479,18 +478,16 @@ def fwd_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, ac
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            if n == 0:
-                continue
-            ns = n * m if tmps.shape[1] > 0 else 0
-            nu = n if us.shape[1] > 0 else 0
-            expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w],
-                          us[w][:nu * m].reshape((nu, m)), h[s:s + n],
-                          h3[s:s + n] if g3 else h3[:0], tmps[w][:ns], bits[w][:ns], a1s, a3s,
-                          ks)
+            for s in range(offsets[e], offsets[e + 1], chunk):
+                n = min(chunk, offsets[e + 1] - s)
+                ns = n * m if tmps.shape[1] > 0 else 0
+                nu = n if us.shape[1] > 0 else 0
+                expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w],
+                              us[w][:nu * m].reshape((nu, m)), h[s:s + n],
+                              h3[s:s + n] if g3 else h3[:0], tmps[w][:ns], bits[w][:ns], a1s,
+                              a3s, ks)
     for w in prange(nw):
-        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, xs[w])
+        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, y, xs[w], chunk)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -583,12 +580,13 @@ def expert_grads(w1, w3, gh, da1, da3, s, n, lo, m, xw, dw, dw1, dw2, dw3, db1, 
         _c(f, 1), _c(f, 2), _c(f, 2),  # dgate, da1, da3
         types.boolean, _I1, _c(f, 2), _c(f, 2),  # by_tokens, inv, dx, dxpair
         _c(f, 3), _c(f, 3), _c(f, 2), _c(f, 2), _c(types.int32, 2),  # xs, ds, ghs, tmps, bits
+        _i64,  # chunk
     ),
     parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"},
 )
 def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, act,
         dw1, dw2, dw3, db1, db3, dgate, da1, da3, by_tokens, inv, dx, dxpair,
-        xs, ds, ghs, tmps, bits):
+        xs, ds, ghs, tmps, bits, chunk):
     """The whole backward in one call: per expert `expert_delta` and `expert_grads` while its
     blocks are in cache (workers by expert), then
     each token's K input-gradient rows summed by token blocks (`token_sum`, by_tokens) or from
@@ -601,7 +599,8 @@ def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, ac
     (F,) (db3 (0,) without GLU), dgate (P,) in pair order, da1, da3 (P, m) (da3 (0, m) without
     GLU), dx (T, d): outputs; inv (T*K,) layout row of each pair and dxpair (P, d) scratch for
     pair rows ((0,) and (0, d) by token blocks); xs, ds (W, nmax, d), ghs (W, 3*nmax*m),
-    tmps, bits (W, nmax*m or 0) scratch (tmps and bits as in `fwd`).
+    tmps, bits (W, nmax*m or 0) scratch (tmps and bits as in `fwd`); chunk the most rows of
+    one of `token_sum`'s GEMMs.
 
     The derivative loop's dot product is reassociated (vectorised); so is nothing else that
     rounds differently: the activation is its own, non-inlined, function.
@@ -626,6 +625,6 @@ def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, ac
     if by_tokens:
         for w in prange(nw):
             token_sum(da1, w1, da3, w3, np.empty(0, dx.dtype), order, offsets, k, w, nw, dx,
-                      ds[w])
+                      ds[w], chunk)
     else:
         _combine(dxpair, np.empty(0, dx.dtype), inv, offsets[ne], k, nw, dx)

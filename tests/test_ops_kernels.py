@@ -250,6 +250,19 @@ def test_chunk_rows_bounds_the_gathered_block():
     assert chunk_rows(10**7, 0, 4) == 1
 
 
+def test_even_step_splits_rows_into_the_fewest_equal_pieces():
+    from ssdfx.ops.numba_kernels import even_step
+
+    for n in range(0, 60):
+        for chunk in range(1, 20):
+            step = even_step(n, chunk)
+            sizes = [min(step, n - q) for q in range(0, n, step)]
+            assert sum(sizes) == n and max(sizes, default=0) <= chunk
+            assert len(sizes) == -(-n // chunk)  # as few GEMMs as whole chunks would take
+            assert not sizes or sizes[0] - sizes[-1] < len(sizes)
+    assert even_step(4096, 3072) == 2048
+
+
 @pytest.mark.parametrize("sum_by", ["pairs", "tokens"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_numba_token_sums_with_one_and_two_workers(sum_by, threads):

@@ -304,16 +304,19 @@ def _top_k(probs, k):
     return idx, bad if n_bad else None
 
 
-# The forward takes an expert's rows CHUNK_BYTES of gathered input at a time (and the
-# token-block sums, forward and backward, their down-projections as many rows at a time), so
-# that the gathered rows, the GEMM's output and the hidden block stay in the Intel Xeon's
+# The kernels take an expert's rows in chunks of CHUNK_BYTES of gathered input (forward and
+# backward, and the token-block sums' down-projections likewise; equal pieces, `even_step`),
+# so that the gathered rows, the GEMMs' outputs and the hidden block stay in the Intel Xeon's
 # 2 MiB L2 while they are used; but at least 8 m rows, so that BLAS's packing of the expert's
-# (m, d) weight block, repeated for every chunk, stays small against the chunk's GEMM.
+# (m, d) weight block, repeated for every chunk, stays small against the chunk's GEMM. The
+# backward's weight gradients add up the chunks (GEMMs with beta = 1 after the first).
 # In-process A/B on the Xeon against whole experts (GELU, fp32; inference / training forward
-# / forward+backward): T=8192, d=256, E=32, k=16 1.17x / 1.23x / 1.03x; E=16, k=8 1.27x /
-# 1.16x / 1.09x; T=2048, d=256, E=32, k=16 1.06x / 1.03x / 1.02x; shapes whose experts have
-# fewer rows than a chunk (T=512, d=256; T=2048, d=768, E=16, k=4) run as before. Fixed
-# chunks of 256 KiB cost up to 10% at d=768 (85 rows against a 590 KB weight block).
+# / forward+backward): T=8192, d=256, E=32, k=16 1.17x / 1.23x / 1.03x with the forward
+# chunked, and forward+backward 1.10-1.11x more with the backward too (ReLU 1.12x); E=16,
+# k=8 1.27x / 1.16x / 1.09x, then 1.09-1.14x more; T=2048, d=256, E=32, k=16 1.06x / 1.03x
+# / 1.02x, then 1.06-1.08x; T=8192, d=768, E=32, k=16 forward+backward 1.05x; shapes whose
+# experts have fewer rows than a chunk (T=512, d=256; T=2048, d=768, E=16, k=4) run as
+# before. Fixed chunks of 256 KiB cost up to 10% at d=768 (85 rows against a 590 KB block).
 CHUNK_BYTES = 512 * 2**10
 
 
@@ -470,7 +473,9 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     # internal buffers (freed on return, in this thread) are numpy's: with a torch buffer the
     # backward at T=64, d=768, E=8, k=4 took 9.8 ms instead of 4.6 (glibc then returned the
     # freed weight-gradient pages to the OS, and the next call faulted them in again)
-    block = nmax * m
+    chunk = chunk_rows(d, m, dt.itemsize)
+    rows = min(nmax, chunk)  # the most rows of one expert at a time
+    block = rows * m
     tmps, bits = _act_scratch(code, dt, workers, block)
     dg = np.empty(pairs, dt)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -489,8 +494,8 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             np.empty((pairs, m), dt), np.empty((pairs if glu else 0, m), dt),
             tokens, np.empty(0, np.int64) if tokens else _inverse(on), _np(dxt),
             np.empty((0 if tokens else pairs, d), dt),
-            np.empty((workers, nmax, d), dt), np.empty((workers, nmax, d), dt),
-            np.empty((workers, 3 * block), dt), tmps, bits, chunk_rows(d, m, dt.itemsize),
+            np.empty((workers, rows, d), dt), np.empty((workers, rows, d), dt),
+            np.empty((workers, 3 * block), dt), tmps, bits, chunk,
         )
     dgate = x.new_zeros(t_all * k)
     dgate[sel] = torch.from_numpy(dg)

@@ -49,9 +49,9 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm
 from ssdfx.ops.numba_act import activate, activate_grad
 
-__all__ = ["bwd", "count_sort", "expert_delta", "expert_grads", "expert_hidden", "expert_up",
-           "fwd", "fwd_tokens", "padded_slots", "plan", "route", "swap_threads", "top_k",
-           "top_k_serial"]
+__all__ = ["bwd", "count_sort", "even_step", "expert_delta", "expert_grads", "expert_hidden",
+           "expert_up", "fwd", "fwd_tokens", "padded_slots", "plan", "route", "swap_threads",
+           "top_k", "top_k_serial"]
 
 
 class _PerDtype:
@@ -309,6 +309,15 @@ def _combine(rows, gate, inv, n_rows, k, nw, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def even_step(n, chunk):
+    """Rows per piece when n rows are taken at most `chunk` at a time in equal pieces (the
+    last one may be shorter by less than the number of pieces): n = 4096, chunk = 3072 gives
+    two GEMMs of 2048 rows rather than 3072 and 1024. At least 1."""
+    pieces = max(1, (n + chunk - 1) // chunk)
+    return max(1, (n + pieces - 1) // pieces)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def first_at_least(order, a, b, v):
     """The first r in [a, b) with order[r] >= v (b if none), by bisection; order[a:b]
     ascending."""
@@ -345,8 +354,9 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys, chunk):
         a = first_at_least(order, offsets[e], offsets[e + 1], tlo * k)
         b = first_at_least(order, a, offsets[e + 1], thi * k)
         lo = e * m
-        for q in range(a, b, chunk):
-            n = min(chunk, b - q)
+        step = even_step(b - a, chunk)
+        for q in range(a, b, step):
+            n = min(step, b - q)
             gemm(a1[q:q + n], w1[lo:lo + m], ys[:n], 0.0)
             if a3.shape[0] > 0:
                 gemm(a3[q:q + n], w3[lo:lo + m], ys[:n], 1.0)
@@ -437,8 +447,9 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
-            for s in range(offsets[e], offsets[e + 1], chunk):
-                n = min(chunk, offsets[e + 1] - s)
+            step = even_step(offsets[e + 1] - offsets[e], chunk)
+            for s in range(offsets[e], offsets[e + 1], step):
+                n = min(step, offsets[e + 1] - s)
                 hb = hs[w][:n * m].reshape((n, m))
                 nu = n if us.shape[1] > 0 else 0
                 ub = us[w][:nu * m].reshape((nu, m))
@@ -478,8 +489,9 @@ def fwd_tokens(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, ac
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
-            for s in range(offsets[e], offsets[e + 1], chunk):
-                n = min(chunk, offsets[e + 1] - s)
+            step = even_step(offsets[e + 1] - offsets[e], chunk)
+            for s in range(offsets[e], offsets[e + 1], step):
+                n = min(step, offsets[e + 1] - s)
                 ns = n * m if tmps.shape[1] > 0 else 0
                 nu = n if us.shape[1] > 0 else 0
                 expert_hidden(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w],
@@ -540,11 +552,13 @@ def expert_delta(x, dy, w2, w3, a1, a3, gate, ks, order, s, n, k, lo, m, act, dg
 
 
 @njit(cache=True, nogil=True, inline="always")
-def expert_grads(w1, w3, gh, da1, da3, s, n, lo, m, xw, dw, dw1, dw2, dw3, db1, db3, dxrows):
+def expert_grads(w1, w3, gh, da1, da3, s, n, lo, m, xw, dw, dw1, dw2, dw3, db1, db3, dxrows,
+                 first):
     """One expert's weight and bias gradients from `expert_delta`'s results (gh (n, m); xw, dw
     its gathered rows of x and dy), and its pairs' input-gradient rows: dxrows (n, d) receives
-    da1 w1_e (+ da3 w3_e), or is (0, d) for none (summed by token blocks instead). An expert
-    nobody chose (n = 0) gets exactly zero gradients."""
+    da1 w1_e (+ da3 w3_e), or is (0, d) for none (summed by token blocks instead). The
+    gradients are written by an expert's first chunk of rows (`first`) and added to by the
+    others. An expert nobody chose (n = 0) gets exactly zero gradients."""
     glu = w3.shape[0] > 0
     if n == 0:
         dw1[lo:lo + m, :] = 0.0
@@ -554,17 +568,20 @@ def expert_grads(w1, w3, gh, da1, da3, s, n, lo, m, xw, dw, dw1, dw2, dw3, db1, 
             dw3[lo:lo + m, :] = 0.0
             db3[lo:lo + m] = 0.0
         return
-    gemm(dw[:n].T, gh, dw2[:, lo:lo + m], 0.0)  # (d, m)
-    gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], 0.0)  # (m, d)
-    db1[lo:lo + m] = 0.0
+    beta = 0.0 if first else 1.0
+    gemm(dw[:n].T, gh, dw2[:, lo:lo + m], beta)  # (d, m)
+    gemm(da1[s:s + n].T, xw[:n], dw1[lo:lo + m], beta)  # (m, d)
+    if first:
+        db1[lo:lo + m] = 0.0
     for r in range(n):
         add_to(db1[lo:lo + m], da1[s + r])
     with_rows = dxrows.shape[0] > 0
     if with_rows:
         gemm(da1[s:s + n], w1[lo:lo + m], dxrows, 0.0)  # (n, d)
     if glu:
-        gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], 0.0)
-        db3[lo:lo + m] = 0.0
+        gemm(da3[s:s + n].T, xw[:n], dw3[lo:lo + m], beta)
+        if first:
+            db3[lo:lo + m] = 0.0
         for r in range(n):
             add_to(db3[lo:lo + m], da3[s + r])
         if with_rows:
@@ -598,9 +615,9 @@ def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, ac
     activation's code (`numba_act.CODES`); dw1, dw3 (F, d), dw2 (d, F) any layout, db1, db3
     (F,) (db3 (0,) without GLU), dgate (P,) in pair order, da1, da3 (P, m) (da3 (0, m) without
     GLU), dx (T, d): outputs; inv (T*K,) layout row of each pair and dxpair (P, d) scratch for
-    pair rows ((0,) and (0, d) by token blocks); xs, ds (W, nmax, d), ghs (W, 3*nmax*m),
-    tmps, bits (W, nmax*m or 0) scratch (tmps and bits as in `fwd`); chunk the most rows of
-    one of `token_sum`'s GEMMs.
+    pair rows ((0,) and (0, d) by token blocks); chunk the most rows of one expert taken at a
+    time (as in `fwd`); with rows = min(nmax, chunk): xs, ds (W, rows, d), ghs (W,
+    3*rows*m), tmps, bits (W, rows*m or 0) scratch (tmps and bits as in `fwd`).
 
     The derivative loop's dot product is reassociated (vectorised); so is nothing else that
     rounds differently: the activation is its own, non-inlined, function.
@@ -611,17 +628,21 @@ def bwd(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, ac
     for w in prange(nw):
         for i in range(ptr[w], ptr[w + 1]):
             e = experts[i]
-            s = offsets[e]
-            n = offsets[e + 1] - s
-            nm = n * m
-            ns = nm if tmps.shape[1] > 0 else 0
-            gh = ghs[w][:nm]
-            if n > 0:
+            if offsets[e + 1] == offsets[e]:  # zero gradients
+                expert_grads(w1, w3, ghs[w][:0].reshape((0, m)), da1, da3, offsets[e], 0,
+                             e * m, m, xs[w], ds[w], dw1, dw2, dw3, db1, db3, dxpair[:0], True)
+            step = even_step(offsets[e + 1] - offsets[e], chunk)
+            for s in range(offsets[e], offsets[e + 1], step):
+                n = min(step, offsets[e + 1] - s)
+                nm = n * m
+                ns = nm if tmps.shape[1] > 0 else 0
+                gh = ghs[w][:nm]
                 expert_delta(x, dy, w2, w3, a1, a3, gate, ks, order, s, n, k, e * m, m, act,
                              dgate, da1, da3, xs[w], ds[w], gh, ghs[w][nm:2 * nm],
                              ghs[w][2 * nm:3 * nm], tmps[w][:ns], bits[w][:ns])
-            expert_grads(w1, w3, gh.reshape((n, m)), da1, da3, s, n, e * m, m, xs[w], ds[w],
-                         dw1, dw2, dw3, db1, db3, dxpair[:0] if by_tokens else dxpair[s:s + n])
+                expert_grads(w1, w3, gh.reshape((n, m)), da1, da3, s, n, e * m, m, xs[w],
+                             ds[w], dw1, dw2, dw3, db1, db3,
+                             dxpair[:0] if by_tokens else dxpair[s:s + n], s == offsets[e])
     if by_tokens:
         for w in prange(nw):
             token_sum(da1, w1, da3, w3, np.empty(0, dx.dtype), order, offsets, k, w, nw, dx,

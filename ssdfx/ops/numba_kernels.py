@@ -15,6 +15,9 @@ Why this shape of kernel (measured on the 2-core Zen 4 box, SPEC section 6):
   (largest first onto the least-loaded worker).
 - each worker gathers its expert's token rows into its own scratch so the GEMMs read
   contiguous rows; the weights are read in place, whatever their strides (see `blas.gemm`).
+  A large expert's rows are taken in chunks (`even_step`; `cpu_numba.chunk_rows`: 512 KiB of
+  gathered rows, at least 8 m) so that each chunk's blocks stay in L2 from the gather to the
+  last step that reads them; the backward adds the chunks' weight gradients up.
 - each token's K output rows (and, in the backward, its K input-gradient rows) are summed
   in one of two ways that never race and give results independent of thread timing (the
   launcher picks, see `cpu_numba.by_token_blocks`): pair rows, where the GEMMs write every

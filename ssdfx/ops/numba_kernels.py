@@ -344,7 +344,7 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys, chunk):
 
     a1, a3 (P, m) in pair order (a3 (0, m): none); w1, w3 (F, d) any layout, expert e's block
     rows [e*m, (e+1)*m); gate (T*K,) or (0,) for all ones; out (T, d); ys (min(nmax, chunk),
-    d) scratch: each GEMM takes at most `chunk` rows (see `cpu_numba.chunk_rows`).
+    d) scratch: each GEMM takes at most `chunk` rows (`even_step`, `cpu_numba.chunk_rows`).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -439,7 +439,8 @@ def fwd(x, w1, b1, w3, b3, w2, gate, order, inv, offsets, k, ptr, experts, act, 
     (`numba_act.CODES`); a1s, a3s (P, m) outputs, the pre-activations saved for the backward
     in pair order, or (0, m) where nothing is saved (inference; a3s (0, m) without GLU); ks as
     in `expert_hidden`; y (T, d) output; ypair (P, d) scratch; chunk the most rows of one
-    GEMM (an expert's rows are taken `chunk` at a time, see `cpu_numba.chunk_rows`); with
+    GEMM (an expert's rows are taken in equal pieces of at most `chunk`, `even_step`; see
+    `cpu_numba.chunk_rows`); with
     rows = min(nmax, chunk): xs (W, rows, d), us, hs, h3s (W, rows*m) scratch (us and h3s
     (W, 0) when saving, h3s also without GLU); tmps (W, rows*m or 0) and bits (W, rows*m or
     0) int32 scratch of the float32 activations (0 where the activation needs none).

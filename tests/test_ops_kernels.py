@@ -227,16 +227,7 @@ def test_numba_experts_in_chunks_match_reference(spec, sum_by, chunk):
 
     with _sum_by(sum_by), _patched(cpu_numba, chunk_rows=lambda *shape: chunk):
         check_against_reference("numba", spec, torch.float32, 1e-4)
-        p = make(spec, torch.float32)
-        ref_p = _upcast(p)
-        e, act = spec["e"], spec["activation"]
-        want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"],
-                                 ref_p["w3"], ref_p["b3"], p["expert_idx"], ref_p["gate"], None,
-                                 e, act, 0.0)
-        y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
-                            p["expert_idx"], p["gate"], e, act)
-    scale = _term_scales(ref_p, spec, want[1].float(), want[2].float(), want[3], want[4])
-    _close(y, want[0], 1e-4, scale["y"])
+        check_inference_against_reference(spec, torch.float32)
 
 
 def test_chunk_rows_bounds_the_gathered_block():
@@ -292,6 +283,12 @@ def test_numba_token_sums_with_one_and_two_workers(sum_by, threads):
 def test_numba_inference_call_matches_reference(spec, dtype, sum_by):
     # cpu_numba.infer: the forward of calls with nothing to differentiate (one numba call
     # after the routing, with numba's activations; both ways of summing per token)
+    with _sum_by(sum_by):
+        check_inference_against_reference(spec, dtype)
+
+
+def check_inference_against_reference(spec, dtype):
+    """`cpu_numba.infer`'s y against the reference forward (float64 for a float32 problem)."""
     from ssdfx.ops import cpu_numba
 
     p = make(spec, dtype)
@@ -299,9 +296,8 @@ def test_numba_inference_call_matches_reference(spec, dtype, sum_by):
     e, act = spec["e"], spec["activation"]
     want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"], ref_p["w3"],
                              ref_p["b3"], p["expert_idx"], ref_p["gate"], None, e, act, 0.0)
-    with _sum_by(sum_by):
-        y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
-                            p["expert_idx"], p["gate"], e, act)
+    y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
+                        p["expert_idx"], p["gate"], e, act)
     assert y.dtype == dtype and y.shape == p["x"].shape
     scale = _term_scales(_upcast(p), spec, want[1].float(), want[2].float(), want[3], want[4])
     _close(y, want[0], 1e-4 if dtype == torch.float32 else 1e-10, scale["y"])

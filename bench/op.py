@@ -228,14 +228,14 @@ def verdicts(rows) -> list[str]:
             continue
         slower = [r for r in half if r["speedup_q3"] < 1]
         unsure = [r for r in half if r["speedup_q1"] < 1 <= r["speedup_q3"]]
-        name = lambda r: f"{r['dtype']} {r['T']}x{r['d']}x{r['E']}x{r['k']}"  # noqa: E731
         line = (f"k = E/2, {phase}: {len(half) - len(slower) - len(unsure)} of {len(half)} "
                 f"not slower than dense (first quartile >= 1), {len(unsure)} undecided, "
                 f"{len(slower)} slower (third quartile < 1)")
         for label, group in (("undecided", unsure), ("slower", slower)):
             if group:
                 line += f"; {label}: " + ", ".join(
-                    f"{name(r)} {r['speedup']} [{r['speedup_q1']}, {r['speedup_q3']}]"
+                    f"{r['dtype']} {r['T']}x{r['d']}x{r['E']}x{r['k']} {r['speedup']} "
+                    f"[{r['speedup_q1']}, {r['speedup_q3']}]"
                     for r in group)
         out.append(line)
     return out

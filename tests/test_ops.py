@@ -346,6 +346,48 @@ def test_out_of_range_expert_raises(backend):
         _call(p, backend)
 
 
+def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
+    # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
+    # (cpu_numba.infer_bf16) on a CPU with AMX up to cpu_numba.BF16_MAX_WORK, the torch path
+    # beyond it and without AMX; backend="torch" and calls that record gradients always run the
+    # torch path
+    from ssdfx.ops import blas, cpu_numba, dispatch
+
+    if not blas.HAS_BF16_GEMM:
+        pytest.skip("this torch build exports no MKL cblas_gemm_bf16bf16f32")
+    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=torch.bfloat16)
+    p["expert_idx"][3, 1] = -1
+    calls = []
+    real = cpu_numba.infer_bf16
+    monkeypatch.setattr(cpu_numba, "infer_bf16", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(dispatch, "_amx_bf16", lambda: True)
+    by_torch = _call(p, "torch")
+    assert not calls
+    y = _call(p, "auto")
+    assert len(calls) == 1 and y.dtype == torch.bfloat16
+    up = {n: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for n, v in p.items()}
+    want = _call(up, "reference")
+    assert (y.float() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
+    assert not torch.equal(y, by_torch)  # a different kernel (fewer roundings) ran
+    monkeypatch.setattr(cpu_numba, "BF16_MAX_WORK", 40 * 2 * 16 * 8 - 1)  # T K d m - 1
+    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 1
+    monkeypatch.setattr(cpu_numba, "BF16_MAX_WORK", 40 * 2 * 16 * 8)
+    p["x"] = p["x"].requires_grad_()
+    assert torch.equal(_call(p, "auto").detach(), by_torch) and len(calls) == 1
+    p["x"] = p["x"].detach()
+    monkeypatch.setattr(dispatch, "_amx_bf16", lambda: False)
+    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 1
+    with torch.no_grad():
+        monkeypatch.setattr(dispatch, "_amx_bf16", lambda: True)
+        assert _call(p, "auto").shape == y.shape and len(calls) == 2
+        empty = {**p, "x": p["x"][:0], "expert_idx": p["expert_idx"][:0], "gate": p["gate"][:0]}
+        assert _call(empty, "auto").shape == (0, 16) and len(calls) == 3
+        p["expert_idx"][1, 1] = 4
+        with pytest.raises(ValueError, match="expert_idx"):
+            _call(p, "auto")
+
+
 def test_backend_dtype_mismatch_raises():
     p = _problem(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="numba"):

@@ -287,20 +287,90 @@ def test_numba_inference_call_matches_reference(spec, dtype, sum_by):
         check_inference_against_reference(spec, dtype)
 
 
+# bfloat16 inference kernel (`cpu_numba.infer_bf16`) against the float32 reference on the same
+# bf16 inputs: it rounds the hidden units and y once each (2^-9 relative each), so a tighter
+# bound than the torch path's 3e-2, which rounds four times
+_BF16_INFER_REL = 1e-2
+
+
 def check_inference_against_reference(spec, dtype):
-    """`cpu_numba.infer`'s y against the reference forward (float64 for a float32 problem)."""
+    """The inference call's y against the reference forward: `cpu_numba.infer` for float32
+    (reference in float32) and float64, `cpu_numba.infer_bf16` for bfloat16 (reference in
+    float32 on the same bf16 inputs)."""
     from ssdfx.ops import cpu_numba
 
     p = make(spec, dtype)
-    ref_p = _upcast(p) if dtype == torch.float32 else p
+    ref_p = _upcast(p) if dtype != torch.float64 else p
     e, act = spec["e"], spec["activation"]
     want = reference.forward(ref_p["x"], ref_p["w1"], ref_p["b1"], ref_p["w2"], ref_p["w3"],
                              ref_p["b3"], p["expert_idx"], ref_p["gate"], None, e, act, 0.0)
-    y = cpu_numba.infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
-                        p["expert_idx"], p["gate"], e, act)
+    infer = cpu_numba.infer_bf16 if dtype == torch.bfloat16 else cpu_numba.infer
+    y = infer(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"], p["gate"],
+              e, act)
     assert y.dtype == dtype and y.shape == p["x"].shape
     scale = _term_scales(_upcast(p), spec, want[1].float(), want[2].float(), want[3], want[4])
-    _close(y, want[0], 1e-4 if dtype == torch.float32 else 1e-10, scale["y"])
+    rel = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: _BF16_INFER_REL}[dtype]
+    _close(y, want[0], rel, scale["y"])
+
+
+def _bf16_gemm():
+    from ssdfx.ops.blas import HAS_BF16_GEMM
+
+    if not HAS_BF16_GEMM:
+        pytest.skip("this torch build exports no MKL cblas_gemm_bf16bf16f32")
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([None, 1, 2, 3]))
+@example(dict(e=1, m=3, d=5, t=1, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
+              activation="gelu", dropout_p=0.0), None)
+@example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
+              activation="silu", dropout_p=0.0), 2)
+@example(dict(e=8, m=2, d=3, t=5, k=1, glu=False, bias=False, unused=0.0, skew=True, seed=2,
+              activation="relu", dropout_p=0.0), None)
+@example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
+              activation="gelu_tanh", dropout_p=0.0), 1)
+def test_numba_bf16_inference_matches_reference(spec, chunk):
+    # cpu_numba.infer_bf16 (MKL's bf16 GEMM, float32 in between): E=1, k=E, T=1, odd d,
+    # experts nobody chose, unused slots, GLU, every activation; chunk forces an expert's rows
+    # to be taken 1-3 at a time in both phases (None: the real chunk size)
+    from ssdfx.ops import cpu_numba
+
+    _bf16_gemm()
+    patch = (_patched(cpu_numba, chunk_rows=lambda *shape: chunk) if chunk
+             else contextlib.nullcontext())
+    with patch:
+        check_inference_against_reference(spec, torch.bfloat16)
+
+
+def test_round_bf16_equals_torch_conversion():
+    # every float32 class: ties to even in both directions, subnormals, the largest finite
+    # values (which round to infinity past bf16's range), infinities and NaNs
+    import numpy as np
+
+    from ssdfx.ops.numba_bf16 import round_bf16
+
+    from numba import njit
+
+    @njit
+    def run(src, dst):
+        round_bf16(src, dst)
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200000,), generator=g, dtype=torch.int64)
+    ties = torch.arange(0, 1 << 16, dtype=torch.int64) << 16 | 0x8000  # exactly halfway
+    edges = torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001, 0x007FFFFF,
+                          0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
+                          0x80000000, 0], dtype=torch.int64)
+    for b in (bits, ties, edges, -ties):
+        x = b.to(torch.int32).view(torch.float32)
+        out = np.empty(x.numel(), np.uint16)
+        run(x.numpy(), out)
+        want = x.to(torch.bfloat16)
+        got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 # largest |numba - exact| / max(1, |exact|) allowed for the float32 activations of the fused

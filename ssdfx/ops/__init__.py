@@ -7,7 +7,8 @@ computes the dense FFN and masks it. Modules:
     dispatch      which backend runs (explicit strings, see BACKENDS)
     layout        the pair layout shared by every kernel, and the elementwise middle
     reference     pure-torch oracle kernels
-    cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas): fp32/fp64 on CPU
+    cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas): fp32/fp64 on CPU,
+                  and bf16 inference on CPUs with AMX (numba_bf16, MKL's bf16 GEMM)
     torch_path    sort-by-expert torch kernels, one mm per expert: bf16/fp16 on CPU
     padded        torch_path's variant for small CPU problems: one bmm over padded blocks
     grouped       torch._grouped_mm kernels without host syncs: the CUDA path

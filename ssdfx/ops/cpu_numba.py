@@ -44,8 +44,9 @@ import torch
 from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks",
-           "chunk_rows", "forward", "infer", "num_workers", "padded_slots", "sort_pairs",
+__all__ = ["BF16_MAX_WORK", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks",
+           "chunk_rows", "forward", "infer", "infer_bf16", "infer_bf16_or_torch",
+           "num_workers", "padded_slots", "sort_pairs",
            "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -190,10 +191,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _check(x, w1, w2, w3, num_experts, **optional):
+def _check(x, w1, w2, w3, num_experts, dtypes=SUPPORTED_DTYPES, **optional):
     if x.device.type != "cpu":
         raise ValueError(f"the numba backend runs on CPU tensors only, got device {x.device}")
-    if x.dtype not in SUPPORTED_DTYPES:
+    if x.dtype not in dtypes:
+        if dtypes != SUPPORTED_DTYPES:
+            raise ValueError(f"this kernel takes {dtypes[0]} tensors, got {x.dtype}")
         raise ValueError(
             f"the numba backend supports float32 and float64, got {x.dtype}; "
             "use backend='torch' (or 'auto') for bfloat16/float16"
@@ -438,6 +441,85 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     none = np.empty((0, m), _np(x).dtype)
     _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
                     expert_idx.shape[1], activation, none, none, none, _np(yt))
+    return yt
+
+
+# bfloat16 inference on a CPU with AMX (`blas.BF16`): `infer_bf16` against the torch path
+# (one oneDNN `mm` per expert on torch's threads), each call right after a dense bf16 forward,
+# alternated in one process on the Intel Xeon (2 cores; sparse ms, torch path / numba):
+# T=64, d=256, E=16, k=4 1.38 / 0.92; T=512, d=256, E=8, k=1 1.64 / 1.26, E=32, k=16 5.63 /
+# 2.82; T=512, d=768, E=16, k=4 8.80 / 5.97, E=8, k=4 10.68 / 8.78; T=2048, d=256, E=16,
+# k=4 5.35 / 4.08, E=32, k=16 18.08 / 10.22; T=8192, d=256, E=16, k=4 21.09 / 20.04; but
+# T=2048, d=768, E=16, k=4 17.12 / 18.75, k=8 31.95 / 37.67 and T=8192, d=768, E=8, k=1
+# 30.08 / 35.49. On one core MKL's bf16 GEMM outruns oneDNN's, but two threads on one large
+# GEMM beat two workers each on its own GEMM, whose AMX products are bound by memory (weights
+# repacked per call, float32 outputs). So numba takes the calls up to BF16_MAX_WORK
+# multiply-adds per projection (T K d m: 2^29 at T=8192, d=256, E=16, k=4, the crossover).
+BF16_MAX_WORK = 2**29
+
+
+def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
+    """bfloat16 inference of the "auto" backend on a CPU with AMX: `infer_bf16` for calls up
+    to BF16_MAX_WORK, the torch path's forward beyond."""
+    t_all, d = x.shape
+    m = w1.shape[0] // num_experts
+    if t_all * expert_idx.shape[1] * d * m <= BF16_MAX_WORK:
+        return infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
+    from ssdfx.ops import torch_path
+
+    return torch_path.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, None, num_experts,
+                              activation, 0.0)[0]
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bits as a uint16 numpy view (same strides, no copy)."""
+    return t.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+@_keeps_torch_threads
+def infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
+    """`infer` for bfloat16: one numba call after the routing (`numba_bf16.fwd_tokens_bf16`),
+    every product in MKL's bf16 GEMM (`blas.gemm_bf16`), only where `blas.HAS_BF16_GEMM`.
+    The hidden units and y are rounded to bf16 once each (see `numba_bf16`)."""
+    from ssdfx.ops import numba_bf16, numba_kernels as nk
+    from ssdfx.ops.blas import HAS_BF16_GEMM
+    from ssdfx.ops.numba_act import CODES
+
+    if not HAS_BF16_GEMM:
+        raise RuntimeError("the numba bfloat16 kernel needs MKL's cblas_gemm_bf16bf16f32, which "
+                           "this torch build does not export; use backend='torch'")
+    _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), b1=b1, b3=b3, gate=gate)
+    workers = num_workers()
+    t_all, d = x.shape
+    k = expert_idx.shape[1]
+    f_all = w1.shape[0]
+    m = f_all // num_experts
+    glu = w3 is not None
+    order, offsets, _, ptr, experts, nmax, pairs = nk.route(
+        _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
+    if pairs < 0:
+        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    code = CODES[activation]
+    f32 = np.float32
+    chunk = chunk_rows(d, m, 2)
+    rows = min(nmax, chunk)
+    block = rows * m
+    tmps, bits = _act_scratch(code, np.dtype(f32), workers, block)
+    none16 = np.empty((0, d), np.uint16)
+    empty = np.empty(0, f32)
+    yt = torch.empty(t_all, d, dtype=torch.bfloat16)
+    g = _np(gate.float().contiguous()).reshape(-1)
+    if bool((g == 1.0).all()):  # the router's gates at inference: skip the multiplications
+        g = empty
+    with _numba_phase(workers):
+        numba_bf16.fwd_tokens_bf16(
+            _bits(x.contiguous()), _bits(w1), _np(b1.float()) if b1 is not None else empty,
+            _bits(w3) if glu else none16, _np(b3.float()) if b3 is not None else empty,
+            _bits(w2).T, g, order, offsets, k, ptr, experts, code, _bits(yt),
+            np.empty((pairs, m), np.uint16), np.empty((t_all, d), f32),
+            np.empty((workers, rows, d), np.uint16), np.empty((workers, rows, d), f32),
+            np.empty((workers, block), f32), np.empty((workers, block if glu else 0), f32),
+            np.empty((workers, block), f32), tmps, bits, chunk)
     return yt
 
 

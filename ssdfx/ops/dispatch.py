@@ -2,7 +2,9 @@
 
 Backends (explicit strings; there is no global switch):
 
-    "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch";
+    "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch", except
+                  bfloat16 inference on a CPU with AMX, which runs numba's bf16 kernel up to
+                  a size (`cpu_numba.infer_bf16_or_torch`);
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
@@ -48,6 +50,11 @@ def _make(name: str) -> Kernels:
         from ssdfx.ops import cpu_numba as mod
 
         return Kernels(name, mod.forward, mod.backward, mod.infer)
+    if name == "torch+numba_bf16":  # "auto" for bf16 on a CPU with AMX
+        from ssdfx.ops import cpu_numba, torch_path
+
+        return Kernels("torch", torch_path.forward, torch_path.backward,
+                       cpu_numba.infer_bf16_or_torch)
     if name == "grouped_mm":
         from ssdfx.ops import grouped as mod
 
@@ -67,6 +74,8 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
     if backend == "auto":
         if dev == "cpu":
             backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
+            if x.dtype == torch.bfloat16 and _amx_bf16():
+                return _make("torch+numba_bf16")
         elif dev == "cuda":
             backend = "grouped_mm" if grouped_mm_ok(x, w1, num_experts) else "torch"
         else:
@@ -82,6 +91,13 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
             "d, F and F/num_experts multiples of 16 bytes; use 'torch' instead"
         )
     return _make(backend)
+
+
+@functools.cache
+def _amx_bf16() -> bool:
+    from ssdfx.ops.blas import BF16  # loads numba: only once a bf16 CPU call runs
+
+    return BF16
 
 
 def plain_eager(*tensors: torch.Tensor | None) -> bool:

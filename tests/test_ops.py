@@ -348,8 +348,8 @@ def test_out_of_range_expert_raises(backend):
 
 def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
     # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
-    # (cpu_numba.infer_bf16) on a CPU with AMX up to cpu_numba.BF16_MAX_WORK, the torch path
-    # beyond it and without AMX; backend="torch" and calls that record gradients always run the
+    # (cpu_numba.infer_bf16) on a CPU with AMX up to cpu_numba.BF16_MAX_EXPERT_BYTES, the torch
+    # path beyond it and without AMX; backend="torch" and calls that record gradients always run the
     # torch path
     from ssdfx.ops import blas, cpu_numba, dispatch
 
@@ -370,9 +370,10 @@ def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
     want = _call(up, "reference")
     assert (y.float() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
     assert not torch.equal(y, by_torch)  # a different kernel (fewer roundings) ran
-    monkeypatch.setattr(cpu_numba, "BF16_MAX_WORK", 40 * 2 * 16 * 8 - 1)  # T K d m - 1
+    # an average expert's rows: T K / E = 20 of d = 16 bf16 values, 640 bytes
+    monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 639)
     assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 1
-    monkeypatch.setattr(cpu_numba, "BF16_MAX_WORK", 40 * 2 * 16 * 8)
+    monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 640)
     p["x"] = p["x"].requires_grad_()
     assert torch.equal(_call(p, "auto").detach(), by_torch) and len(calls) == 1
     p["x"] = p["x"].detach()

@@ -44,7 +44,7 @@ import torch
 from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["BF16_MAX_WORK", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks",
+__all__ = ["BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks",
            "chunk_rows", "forward", "infer", "infer_bf16", "infer_bf16_or_torch",
            "num_workers", "padded_slots", "sort_pairs",
            "top_k_indices"]
@@ -445,25 +445,33 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
 
 
 # bfloat16 inference on a CPU with AMX (`blas.BF16`): `infer_bf16` against the torch path
-# (one oneDNN `mm` per expert on torch's threads), each call right after a dense bf16 forward,
-# alternated in one process on the Intel Xeon (2 cores; sparse ms, torch path / numba):
-# T=64, d=256, E=16, k=4 1.38 / 0.92; T=512, d=256, E=8, k=1 1.64 / 1.26, E=32, k=16 5.63 /
-# 2.82; T=512, d=768, E=16, k=4 8.80 / 5.97, E=8, k=4 10.68 / 8.78; T=2048, d=256, E=16,
-# k=4 5.35 / 4.08, E=32, k=16 18.08 / 10.22; T=8192, d=256, E=16, k=4 21.09 / 20.04; but
-# T=2048, d=768, E=16, k=4 17.12 / 18.75, k=8 31.95 / 37.67 and T=8192, d=768, E=8, k=1
-# 30.08 / 35.49. On one core MKL's bf16 GEMM outruns oneDNN's, but two threads on one large
-# GEMM beat two workers each on its own GEMM, whose AMX products are bound by memory (weights
-# repacked per call, float32 outputs). So numba takes the calls up to BF16_MAX_WORK
-# multiply-adds per projection (T K d m: 2^29 at T=8192, d=256, E=16, k=4, the crossover).
-BF16_MAX_WORK = 2**29
+# (one oneDNN `mm` per expert on torch's threads), in one process on the Intel Xeon (2 cores),
+# each call right after a dense bf16 forward, alternated, medians of 21; torch path / numba
+# (speedup of numba), sparse ms:
+#   T=64, d=256, E=16, k=4 0.93 / 0.67 (1.39x); T=512, d=256: E=8, k=1 1.53 / 1.13 (1.36x),
+#   E=8, k=4 1.90 / 1.62 (1.18x), E=16, k=4 2.04 / 1.34 (1.52x), E=16, k=8 3.93 / 1.85
+#   (2.12x), E=32, k=16 5.22 / 2.72 (1.92x); T=512, d=768: E=8, k=1 4.88 / 3.80 (1.28x),
+#   E=16, k=4 9.06 / 5.70 (1.59x), E=16, k=8 10.71 / 7.82 (1.37x), E=32, k=16 15.80 / 9.49
+#   (1.66x); T=2048, d=256: E=8, k=2 4.66 / 4.19 (1.11x), E=16, k=4 5.11 / 3.64 (1.40x),
+#   E=16, k=8 11.14 / 7.81 (1.43x), E=32, k=16 14.56 / 7.73 (1.88x); T=2048, d=768: E=8, k=1
+#   13.10 / 10.61 (1.23x), E=32, k=4 21.94 / 12.98 (1.69x);
+# but T=8192, d=256: E=8, k=1 8.54 / 8.80 (0.97x), E=16, k=4 0.96-1.05x over three runs;
+# T=2048, d=768: E=16, k=4 0.91-0.94x, E=16, k=8 0.85x; T=8192, d=768, E=8, k=1 0.85x. The
+# losses are the shapes whose average expert has the most rows: there two threads on one large
+# GEMM (the torch path) beat two workers each on its own GEMM, whose AMX products are bound by
+# memory (weights repacked for every call, float32 outputs written and read back). So numba
+# takes the calls whose average expert's gathered bf16 rows (T k / E rows of d) take at most
+# BF16_MAX_EXPERT_BYTES; every win above is under it, every loss over it (T=8192, d=256, E=8,
+# k=1, exactly at it, a draw).
+BF16_MAX_EXPERT_BYTES = 512 * 2**10
 
 
 def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
-    """bfloat16 inference of the "auto" backend on a CPU with AMX: `infer_bf16` for calls up
-    to BF16_MAX_WORK, the torch path's forward beyond."""
+    """bfloat16 inference of the "auto" backend on a CPU with AMX: `infer_bf16` where an
+    average expert's rows take at most BF16_MAX_EXPERT_BYTES, the torch path's forward
+    beyond."""
     t_all, d = x.shape
-    m = w1.shape[0] // num_experts
-    if t_all * expert_idx.shape[1] * d * m <= BF16_MAX_WORK:
+    if t_all * expert_idx.shape[1] * d * 2 <= BF16_MAX_EXPERT_BYTES * num_experts:
         return infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     from ssdfx.ops import torch_path
 

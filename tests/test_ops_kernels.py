@@ -347,10 +347,9 @@ def test_round_bf16_equals_torch_conversion():
     # every float32 class: ties to even in both directions, subnormals, the largest finite
     # values (which round to infinity past bf16's range), infinities and NaNs
     import numpy as np
+    from numba import njit
 
     from ssdfx.ops.numba_bf16 import round_bf16
-
-    from numba import njit
 
     @njit
     def run(src, dst):

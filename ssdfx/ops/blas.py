@@ -73,22 +73,12 @@ def _mkl_addresses() -> dict[str, int] | None:
     return None
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -127,7 +117,7 @@ def _no_gemm_bf16(layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 _mkl = _mkl_addresses()
-LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), _mkl is not None, _cpu_vendor())
+LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), _mkl is not None, _cpuinfo("vendor_id"))
 for _name in ("sgemm", "dgemm"):
     llvm.add_symbol("ssdfx_" + _name, _mkl[_name] if LIBRARY == "mkl" else
                     get_cython_function_address("scipy.linalg.cython_blas", _name))
@@ -136,7 +126,7 @@ llvm.add_symbol("ssdfx_blas_local_threads",
 # whether MKL's bf16 GEMM can be called at all (the tests run it wherever it can), and whether
 # the kernels should (see the module's docstring)
 HAS_BF16_GEMM = bool(_mkl and _mkl["bf16"])
-BF16 = HAS_BF16_GEMM and "amx_bf16" in _cpu_flags()
+BF16 = HAS_BF16_GEMM and "amx_bf16" in _cpuinfo("flags").split()
 llvm.add_symbol("ssdfx_gemm_bf16", _mkl["bf16"] if HAS_BF16_GEMM else _no_gemm_bf16.address)
 llvm.add_symbol("ssdfx_mkl_local_threads",
                 _mkl["local"] if _mkl else _no_local_threads.address)
@@ -176,6 +166,21 @@ def _layout(a):
     return -1, 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _empty_product(m_, n_, k_, c, beta):
+    """For c = a @ b + beta * c with an empty dimension: c's part of it done here (c = beta c
+    when K = 0, nothing when M or N is 0), True; False when BLAS has the product to do."""
+    if m_ == 0 or n_ == 0:
+        return True
+    if k_ == 0:
+        if beta == 0.0:
+            c[:, :] = 0.0
+        else:
+            c[:, :] *= beta
+        return True
+    return False
+
+
 @njit(cache=True, nogil=True)
 def gemm(a, b, c, beta):
     """c = a @ b + beta * c for 2-D float32/float64 arrays with any unit-stride layouts.
@@ -185,13 +190,7 @@ def gemm(a, b, c, beta):
     """
     m_, k_ = a.shape
     n_ = b.shape[1]
-    if m_ == 0 or n_ == 0:
-        return
-    if k_ == 0:
-        if beta == 0.0:
-            c[:, :] = 0.0
-        else:
-            c[:, :] *= beta
+    if _empty_product(m_, n_, k_, c, beta):
         return
     ra, lda = _layout(a)
     if ra < 0:
@@ -247,13 +246,7 @@ def gemm_bf16(a, b, c, beta):
     cblas_gemm_bf16bf16f32, single-threaded in the calling thread (only where HAS_BF16_GEMM)."""
     m_, k_ = a.shape
     n_ = b.shape[1]
-    if m_ == 0 or n_ == 0:
-        return
-    if k_ == 0:
-        if beta == 0.0:
-            c[:, :] = 0.0
-        else:
-            c[:, :] *= beta
+    if _empty_product(m_, n_, k_, c, beta):
         return
     ra, lda = _layout(a)
     rb, ldb = _layout(b)

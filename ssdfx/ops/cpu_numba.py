@@ -416,6 +416,18 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     return yt, a1t, a3t, order_t, offsets_t
 
 
+def _route(expert_idx, num_experts, workers):
+    """`numba_kernels.route` of expert_idx (T, K) for the inference launchers: order, offsets,
+    inv, ptr, experts, nmax; ValueError for an index outside [-1, E)."""
+    from ssdfx.ops import numba_kernels as nk
+
+    *layout, pairs = nk.route(_np(expert_idx.to(torch.int64).contiguous()).reshape(-1),
+                              num_experts, workers)
+    if pairs < 0:
+        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    return layout
+
+
 @_keeps_torch_threads
 def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     """`forward`'s y alone, for calls with nothing to differentiate and no dropout.
@@ -427,16 +439,11 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     buffers and torch's activation between two numba phases were 90 us of a 440 us forward.
     The same kernels as `forward`'s, so the same y.
     """
-    from ssdfx.ops import numba_kernels as nk
-
     _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
     workers = num_workers()
     t_all, d = x.shape
     m = w1.shape[0] // num_experts
-    order, offsets, inv, ptr, experts, nmax, pairs = nk.route(
-        _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
-    if pairs < 0:
-        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    order, offsets, inv, ptr, experts, nmax = _route(expert_idx, num_experts, workers)
     yt = torch.empty(t_all, d, dtype=x.dtype)
     none = np.empty((0, m), _np(x).dtype)
     _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
@@ -489,7 +496,7 @@ def infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     """`infer` for bfloat16: one numba call after the routing (`numba_bf16.fwd_tokens_bf16`),
     every product in MKL's bf16 GEMM (`blas.gemm_bf16`), only where `blas.HAS_BF16_GEMM`.
     The hidden units and y are rounded to bf16 once each (see `numba_bf16`)."""
-    from ssdfx.ops import numba_bf16, numba_kernels as nk
+    from ssdfx.ops import numba_bf16
     from ssdfx.ops.blas import HAS_BF16_GEMM
     from ssdfx.ops.numba_act import CODES
 
@@ -503,10 +510,8 @@ def infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     f_all = w1.shape[0]
     m = f_all // num_experts
     glu = w3 is not None
-    order, offsets, _, ptr, experts, nmax, pairs = nk.route(
-        _np(expert_idx.to(torch.int64).contiguous()).reshape(-1), num_experts, workers)
-    if pairs < 0:
-        check_expert_idx(expert_idx, num_experts)  # raises with the offending range
+    order, offsets, _, ptr, experts, nmax = _route(expert_idx, num_experts, workers)
+    pairs = int(offsets[-1])
     code = CODES[activation]
     f32 = np.float32
     chunk = chunk_rows(d, m, 2)

@@ -22,7 +22,7 @@ bf16), so the results are at least as close to the exact value as the torch path
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm_bf16
 from ssdfx.ops.numba_act import activate
@@ -68,7 +68,25 @@ def _hidden_bf16(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, ub, gb, hb, 
     round_bf16(hflat, h[s:s + n].reshape(-1))
 
 
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _c(dt, nd):
+    return types.Array(dt, nd, "C")
+
+
+_U16, _F32, _I64 = types.uint16, types.float32, types.int64
+_W = types.Array(_U16, 2, "A")  # a weight: any layout (nn.Linear's C, Conv1D's .t(), w2.T)
+
+
+# one explicit signature, weights of any layout: one compiled version (~50 s on two cores, then
+# loaded from numba's cache) instead of one per combination of weight layouts
+@njit(types.void(_c(_U16, 2), _W, _c(_F32, 1), _W, _c(_F32, 1), _W, _c(_F32, 1),
+                 # x, w1, b1, w3, b3, w2t, gate
+                 _c(_I64, 1), _c(_I64, 1), _I64, _c(_I64, 1), _c(_I64, 1), _I64,
+                 # order, offsets, k, ptr, experts, act
+                 _c(_U16, 2), _c(_U16, 2), _c(_F32, 2), _c(_U16, 3), _c(_F32, 3),
+                 # y, h, acc, xs, ys
+                 _c(_F32, 2), _c(_F32, 2), _c(_F32, 2), _c(_F32, 2), _c(types.int32, 2), _I64),
+      # us, gs, hs, tmps, bits, chunk
+      parallel=True, cache=True, nogil=True, error_model="numpy")
 def fwd_tokens_bf16(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, y, h,
                     acc, xs, ys, us, gs, hs, tmps, bits, chunk):
     """y = the routed FFN of x, by token blocks (see the module's docstring).

@@ -10,7 +10,8 @@ straight-through gate).
 Dense and sparse runs are interleaved and each figure is a median, so the ratio is measured
 under the same machine load. `ideal` is E/k (the FLOP ratio); `of_ideal` = speedup / ideal;
 `speedup_q1`, `speedup_q3` the quartiles of the speedup measured within each repeat, and the
-last lines judge the k = E/2 shapes by them (not slower than dense, undecided, slower).
+last lines judge the k = E/2 shapes by them (not slower than dense, undecided, slower), then
+SPEC section 6's CPU targets by the median speedups.
 Prints a markdown table and writes CSV (default bench/results/op.csv for the fp32 sweep;
 op_bf16.csv, op_quick.csv, ... for the others).
 """
@@ -241,6 +242,48 @@ def verdicts(rows) -> list[str]:
     return out
 
 
+# SPEC section 6's CPU targets: the headline shape and its forward / forward+backward speedups
+# (fp32), and the share of E/k the smaller shapes' forward must reach (per dtype)
+HEADLINE = (2048, 768, 16, 4)
+HEADLINE_TARGETS = {"fwd": 3.4, "fwd+bwd": 3.0}
+SMALL_OF_IDEAL = 0.65  # T=512 or d=256, forward
+BF16_D768_OF_IDEAL = 0.5  # bf16 at d=768, forward
+
+
+def targets(rows) -> list[str]:
+    """SPEC section 6's CPU targets judged on these rows (median speedups; the headline shape
+    also shows its per-repeat quartiles), one line per target and dtype; targets whose shapes
+    were not measured are left out."""
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        head = {r["phase"]: r for r in mine if (r["T"], r["d"], r["E"], r["k"]) == HEADLINE}
+        if dtype == "float32" and head:
+            out.append(f"{dtype} {'x'.join(map(str, HEADLINE))}: " + "; ".join(
+                f"{phase} {r['speedup']}x [{r['speedup_q1']}, {r['speedup_q3']}], target "
+                f">= {HEADLINE_TARGETS[phase]}x: {'met' if r['speedup'] >= HEADLINE_TARGETS[phase] else 'NOT met'}"
+                for phase, r in head.items()))
+        fwd = [r for r in mine if r["phase"] == "fwd"]
+        groups = [(f"T=512 or d=256, fwd >= {SMALL_OF_IDEAL} of E/k", SMALL_OF_IDEAL,
+                   [r for r in fwd if r["T"] == 512 or r["d"] == 256])]
+        if dtype == "bfloat16":
+            groups.append((f"d=768, fwd >= {BF16_D768_OF_IDEAL} of E/k", BF16_D768_OF_IDEAL,
+                           [r for r in fwd if r["d"] == 768]))
+        for label, bar, group in groups:
+            if group:
+                hit = sum(r["of_ideal"] >= bar for r in group)
+                out.append(f"{dtype} {label}: {hit} of {len(group)} shapes")
+        shapes = {}
+        for r in mine:
+            if r["T"] >= 64:
+                shapes.setdefault((r["T"], r["d"], r["E"], r["k"]), []).append(r["speedup"])
+        if shapes:
+            slower = ["x".join(map(str, key)) for key in sorted(shapes) if min(shapes[key]) < 1]
+            out.append(f"{dtype} T >= 64, never slower than dense: {len(slower)} of {len(shapes)} "
+                       f"shapes have a phase below 1x" + (f" ({', '.join(slower)})" if slower else ""))
+    return out
+
+
 def router_share(t, d, e, k, repeats=20) -> str:
     """The routing work (router scores, top-k, the op's sort by expert) as a share of the
     whole sparse forward (fp32, no grad, medians of back-to-back calls)."""
@@ -346,7 +389,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(markdown(rows))
-    for line in verdicts(rows):
+    for line in verdicts(rows) + targets(rows):
         print(line)
     print(f"wrote {args.out}")
     return 0

@@ -193,3 +193,28 @@ def test_mlp_router_can_be_built_under_no_grad():
     with torch.no_grad():
         ssdfx.convert(model, num_experts=4, top_k=2, router="mlp", stats=stats)
         assert torch.isfinite(models.output_of(model, kwargs)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["centroid", "mlp"])
+def test_router_takes_the_dtype_of_the_ffn_weights(dtype, kind):
+    # a bf16 model's router reads bf16 x as it is (no float32 copy of the input per call):
+    # its parameters are in the weights' dtype, its scores come out in it, and the centroid
+    # router's scores are those of the centroids of the dense weights (float32, then rounded
+    # to the dtype), within that dtype's rounding of a d=32 dot product
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(),
+                              torch.nn.Linear(128, 32)).to(dtype)
+    x = torch.randn(64, 32).to(dtype)
+    stats = observe(ffn, [(x,)]) if kind == "mlp" else None
+    w1 = ffn[0].weight.detach().float().clone()
+    ssdfx.convert(ffn, num_experts=8, top_k=2, router=kind, stats=stats)
+    router = ffn[0].ssdfx_router
+    assert {p.dtype for p in router.parameters()} == {dtype}
+    with torch.no_grad():
+        scores = router(x)
+        assert scores.dtype == dtype and ffn(x).dtype == dtype
+    if kind == "centroid":
+        want = x.double() @ centroids(w1, 8).to(dtype).double().t()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(scores.double(), want, rtol=tol, atol=tol)

@@ -108,7 +108,8 @@ def moefy_head(gm: fx.GraphModule, config: HeadConfig) -> PassResult:
     router = config.router
     if router is None:
         w_act = gm.get_parameter(_rel(s.w_in.weight, p))
-        router = CentroidRouter(centroids(w_act.t() if s.w_in.transposed else w_act, config.num_experts))
+        router = CentroidRouter(centroids(w_act.t() if s.w_in.transposed else w_act,
+                                          config.num_experts)).to(w_act.dtype)  # as build_router
     experts = RoutedExperts(config.num_experts, s.activation, s.dropout_p, config.backend)
     rname, ename = _install(gm, "", router, experts, perm)
     t = _Targets(

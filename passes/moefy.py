@@ -229,7 +229,7 @@ def _rewrite(gm: fx.GraphModule, m, config: MoefyConfig, suffix: str) -> SiteRep
     router = config.routers.get(site)
     if router is None:
         w_act = gm.get_parameter(_rel(m.w_in.weight, p))
-        router = CentroidRouter(centroids(w_act.t() if m.w_in.transposed else w_act, e))
+        router = CentroidRouter(centroids(w_act.t() if m.w_in.transposed else w_act, e)).to(w_act.dtype)
     experts = RoutedExperts(e, m.activation, m.dropout_p, config.backend)
     rname, ename = _install(gm, suffix, router, experts, perm)
     t = _Targets(

@@ -108,3 +108,13 @@ def test_node_meta_records_roles():
     # the meta survives a graph copy, unlike attributes set on nodes
     g2 = copy.deepcopy(gm)
     assert sum("ssdfx" in n.meta for n in g2.graph.nodes) == sum("ssdfx" in n.meta for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moefy_without_a_router_builds_one_in_the_weights_dtype(dtype):
+    # the pass run on its own (no routers in the config) builds the centroid router as
+    # convert does: in the dtype of the FFN's weights
+    gm = fx.symbolic_trace(models.MLP(16, 64).to(dtype))
+    run_pass(moefy, gm, MoefyConfig(4, 2))
+    assert {p.dtype for p in gm.ssdfx_router.parameters()} == {dtype}
+    assert gm(torch.randn(5, 16).to(dtype)).dtype == dtype

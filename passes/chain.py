@@ -25,7 +25,7 @@ from torch import nn
 from ssdfx.errors import UnsupportedSiteError
 from ssdfx.match import GraphView, dead_closure, linear_matches, walk_back
 from ssdfx.modules import RoutedExperts
-from ssdfx.routing import CentroidRouter, centroids
+from ssdfx.routing import centroid_router
 from ssdfx.site import FFNSite
 
 from .infra import PassResult, SiteReport, permute_
@@ -108,8 +108,7 @@ def moefy_head(gm: fx.GraphModule, config: HeadConfig) -> PassResult:
     router = config.router
     if router is None:
         w_act = gm.get_parameter(_rel(s.w_in.weight, p))
-        router = CentroidRouter(centroids(w_act.t() if s.w_in.transposed else w_act,
-                                          config.num_experts)).to(w_act.dtype)  # as build_router
+        router = centroid_router(w_act.t() if s.w_in.transposed else w_act, config.num_experts)
     experts = RoutedExperts(config.num_experts, s.activation, s.dropout_p, config.backend)
     rname, ename = _install(gm, "", router, experts, perm)
     t = _Targets(

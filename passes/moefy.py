@@ -38,7 +38,7 @@ from torch import nn
 from ssdfx.errors import UnsupportedSiteError
 from ssdfx.match import GraphView, find_sites
 from ssdfx.modules import RoutedExperts
-from ssdfx.routing import CentroidRouter, centroids, select_dynamic_k, select_top_k
+from ssdfx.routing import centroid_router, select_dynamic_k, select_top_k
 from ssdfx.site import META_KEY, NodeInfo
 
 from .infra import PassResult, SiteReport, permute_
@@ -229,7 +229,7 @@ def _rewrite(gm: fx.GraphModule, m, config: MoefyConfig, suffix: str) -> SiteRep
     router = config.routers.get(site)
     if router is None:
         w_act = gm.get_parameter(_rel(m.w_in.weight, p))
-        router = CentroidRouter(centroids(w_act.t() if m.w_in.transposed else w_act, e)).to(w_act.dtype)
+        router = centroid_router(w_act.t() if m.w_in.transposed else w_act, e)
     experts = RoutedExperts(e, m.activation, m.dropout_p, config.backend)
     rname, ename = _install(gm, suffix, router, experts, perm)
     t = _Targets(

@@ -17,7 +17,7 @@ from ssdfx.fx_leaf import graph_leaf
 
 __all__ = [
     "CentroidRouter", "MLPRouter", "centroids", "select_top_k", "select_dynamic_k",
-    "straight_through", "fit_temperature", "train_mlp_router", "build_router",
+    "straight_through", "fit_temperature", "train_mlp_router", "build_router", "centroid_router",
 ]
 
 
@@ -162,6 +162,22 @@ def select_dynamic_k(scores: torch.Tensor, coverage: float, max_k: int) -> tuple
     return idx.masked_fill(~keep, -1), straight_through(top) * keep
 
 
+def _weights_dtype(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def centroid_router(w_act: torch.Tensor, num_experts: int, x: torch.Tensor | None = None,
+                    mass: torch.Tensor | None = None) -> CentroidRouter:
+    """A CentroidRouter for neuron rows w_act (F, d), experts contiguous, in w_act's dtype
+    (`build_router` says why). Given observed inputs x (N, d) and their per-expert activation
+    mass (N, E), its temperature is fitted first, in float32 (for dynamic-k)."""
+    router = CentroidRouter(centroids(w_act, num_experts))
+    if x is not None:
+        with torch.no_grad():
+            router.temperature.fill_(fit_temperature(router(x), mass))
+    return router.to(_weights_dtype(w_act))
+
+
 def build_router(kind: str, site, model: nn.Module, perm: torch.Tensor | None, num_experts: int,
                  stats=None, calibrate: bool = False) -> nn.Module:
     """A router for `site` split by `perm` (None: contiguous): "centroid" or "mlp", in the
@@ -190,12 +206,8 @@ def build_router(kind: str, site, model: nn.Module, perm: torch.Tensor | None, n
     if kind not in ("centroid", "mlp"):
         raise ValueError(f"unknown router {kind!r}; choose 'centroid' or 'mlp'")
     w1 = site_weights(model, site)["w1"]
-    dtype = w1.dtype if w1.is_floating_point() else torch.float32
     if kind == "mlp":
-        return train_mlp_router(stats.x, mass).to(dtype)
-    router = CentroidRouter(centroids(w1[perm], num_experts))
+        return train_mlp_router(stats.x, mass).to(_weights_dtype(w1))
     if calibrate:
-        with torch.no_grad():
-            t = fit_temperature(router(stats.x), mass)
-        router.temperature.fill_(t)
-    return router.to(dtype)
+        return centroid_router(w1[perm], num_experts, stats.x, mass)
+    return centroid_router(w1[perm], num_experts)

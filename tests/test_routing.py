@@ -200,8 +200,9 @@ def test_mlp_router_can_be_built_under_no_grad():
 def test_router_takes_the_dtype_of_the_ffn_weights(dtype, kind):
     # a bf16 model's router reads bf16 x as it is (no float32 copy of the input per call):
     # its parameters are in the weights' dtype, its scores come out in it, and the centroid
-    # router's scores are those of the centroids of the dense weights (float32, then rounded
-    # to the dtype), within that dtype's rounding of a d=32 dot product
+    # router's scores are those of the centroids of the dense weights (each expert's 16
+    # normalised rows averaged and normalised, by hand, then rounded to the dtype), within that
+    # dtype's rounding of a d=32 dot product
     torch.manual_seed(0)
     ffn = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(),
                               torch.nn.Linear(128, 32)).to(dtype)
@@ -215,6 +216,7 @@ def test_router_takes_the_dtype_of_the_ffn_weights(dtype, kind):
         scores = router(x)
         assert scores.dtype == dtype and ffn(x).dtype == dtype
     if kind == "centroid":
-        want = x.double() @ centroids(w1, 8).to(dtype).double().t()
+        c = F.normalize(F.normalize(w1.double(), dim=1).view(8, 16, 32).mean(1), dim=1)
+        want = x.double() @ c.to(dtype).double().t()
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(scores.double(), want, rtol=tol, atol=tol)

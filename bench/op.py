@@ -40,7 +40,7 @@ from ssdfx.cli import positive_int  # noqa: E402
 
 FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
-INPUTS = 4  # distinct input batches per shape, cycled (see measure)
+INPUTS = 4  # distinct input batches cycled by router_share (measure writes fresh ones)
 
 
 def dense_ffn(d: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
@@ -119,38 +119,39 @@ def machine() -> str:
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
     dense = dense_ffn(d, dtype)
     sparse = sparse_model(dense, e, k)
-    # fresh data at every call, written just before it as a previous layer would write it:
-    # the batches are cycled through one input buffer, copied in untimed. One batch repeated
-    # let the branch predictor learn the routing's top-k and sort (torch.topk of a (512, 16)
-    # tensor took 17 us repeated, 93 us on fresh data); batches used straight from a list of
-    # four were cold in cache (the sparse forward at T=2048, d=768, E=16, k=4 took 30-32 ms
-    # instead of 25.5-26.2, dense unchanged: the sparse path reads x K + 1 times)
-    xs = [torch.randn(t, d, dtype=dtype) for _ in range(INPUTS)]
-    dys = [torch.randn(t, d, dtype=dtype) for _ in range(INPUTS)]
+    # fresh data at every call, written just before it as a previous layer would write it
+    # (untimed, into the one input buffer). One batch repeated let the branch predictor learn
+    # the routing's top-k and sort (torch.topk of a (512, 16) tensor took 17 us repeated, 93 us
+    # on fresh data); batches used straight from a list of four were cold in cache (the sparse
+    # forward at T=2048, d=768, E=16, k=4 took 30-32 ms instead of 25.5-26.2, dense unchanged:
+    # the sparse path reads x K + 1 times); four batches cycled through the buffer hid what
+    # new routing costs after the first rounds: bf16 GEMMs compiled by oneDNN for every new
+    # expert row count (ssdfx.ops.layout.ROW_STEPS) showed up in the first repeats only
+    gen = torch.Generator().manual_seed(0)
+
+    def fresh(buf):
+        return buf.normal_(generator=gen)
 
     def fwd(model):
-        batches = itertools.cycle(xs)
-        x = xs[0].clone()
+        x = torch.empty(t, d, dtype=dtype)
 
         def run():
             with torch.no_grad():
                 model(x)
         def clear():
-            x.copy_(next(batches))
+            fresh(x)
         return run, clear
 
     def fwd_bwd(model):
         params = list(model.parameters())
-        batches = itertools.cycle(range(INPUTS))
-        xg, dy = xs[0].clone().requires_grad_(), dys[0].clone()
+        xg, dy = torch.empty(t, d, dtype=dtype).requires_grad_(), torch.empty(t, d, dtype=dtype)
 
         def run():
             model(xg).backward(dy)
         def clear():
-            i = next(batches)
             with torch.no_grad():
-                xg.copy_(xs[i])
-            dy.copy_(dys[i])
+                fresh(xg)
+            fresh(dy)
             xg.grad = None
             for p in params:
                 p.grad = None

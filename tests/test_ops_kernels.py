@@ -518,6 +518,92 @@ def test_torch_loop_forward_then_padded_backward_matches_reference(spec, dtype):
         check_against_reference("torch", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
 
 
+@SETTINGS
+@given(problems(), st.sampled_from(["padded", "loop", "blocked"]))
+@example(dict(e=3, m=2, d=5, t=19, k=2, glu=True, bias=True, unused=0.2, skew=False, seed=5,
+              activation="gelu", dropout_p=0.3), "blocked")
+@example(dict(e=2, m=3, d=4, t=11, k=2, glu=False, bias=True, unused=0.0, skew=False, seed=6,
+              activation="relu", dropout_p=0.0), "loop")
+def test_torch_bf16_rounded_row_counts_match_reference(spec, variant):
+    # bf16 GEMMs take rounded row counts (layout.gemm_rows: extra rows of the next expert,
+    # past P, or zero rows in the backward); ROW_STEPS = 1 rounds every count up to a power of
+    # two, so these small problems have padding rows in every variant
+    from ssdfx.ops import layout, padded, torch_path
+
+    forced = dict(
+        padded=[_patched(padded, use=lambda x, w1, bounds, backward=False: bounds[-1] > 0)],
+        loop=[_patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0)],
+        blocked=[_patched(torch_path, BLOCKS_FROM_BYTES=0),
+                 _patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0)],
+    )[variant]
+    with contextlib.ExitStack() as stack:
+        for patch in forced + [_patched(layout, ROW_STEPS=1)]:
+            stack.enter_context(patch)
+        check_against_reference("torch", spec, torch.bfloat16, 3e-2)
+
+
+def test_gemm_rows_takes_few_values_and_adds_little():
+    from ssdfx.ops.layout import ROW_STEPS, gemm_rows
+
+    values = [gemm_rows(n) for n in range(1, 5000)]
+    assert all(n <= r <= n + n // ROW_STEPS for n, r in zip(range(1, 5000), values))
+    assert all(gemm_rows(r) == r for r in values)  # rounded counts stay put
+    assert values[:2 * ROW_STEPS - 1] == list(range(1, 2 * ROW_STEPS))  # exact below 2 steps
+    for lo in (64, 512, 2048):  # ROW_STEPS values per octave
+        assert len({gemm_rows(n) for n in range(lo + 1, 2 * lo + 1)}) == ROW_STEPS
+
+
+@pytest.mark.parametrize("variant", ["padded", "loop", "blocked"])
+def test_torch_bf16_gemms_see_only_rounded_row_counts(variant):
+    # oneDNN compiles a kernel for every new GEMM shape (layout.ROW_STEPS): each bf16 GEMM's
+    # rows (forward) and contraction length (weight gradients) must be a gemm_rows value, the
+    # experts' 37, 45, 53 and 61 pairs are not
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ssdfx.ops import padded, torch_path
+    from ssdfx.ops.layout import gemm_rows
+
+    counts = [37, 45, 53, 61]
+    e, m, d, k = len(counts), 8, 24, 1
+    t = sum(counts)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.full((n, 1), i) for i, n in enumerate(counts)])
+    idx = idx[torch.randperm(t, generator=g)]
+    x, dy = (torch.randn(t, d, generator=g).bfloat16() for _ in range(2))
+    w1, w2 = torch.randn(e * m, d, generator=g).bfloat16(), torch.randn(d, e * m, generator=g).bfloat16()
+    b1 = torch.randn(e * m, generator=g).bfloat16()
+    gate = torch.ones(t, k, dtype=torch.bfloat16)
+    seen = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "bmm", "addmm", "baddbmm"):  # the last two: bias first
+                a, b = args[1:3] if name.startswith(("addmm", "baddbmm")) else args[:2]
+                seen.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return func(*args, **(kwargs or {}))
+
+    forced = dict(
+        padded=dict(use=lambda x, w1, bounds, backward=False: True),
+        loop=dict(MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0),
+        blocked=dict(MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0),
+    )[variant]
+    blocks = 0 if variant == "blocked" else torch_path.BLOCKS_FROM_BYTES
+    with (_patched(padded, **forced), _patched(torch_path, BLOCKS_FROM_BYTES=blocks), Shapes()):
+        y, a1, a3, order, offsets = torch_path.forward(x, w1, b1, w2, None, None, idx, gate,
+                                                       None, e, "gelu", 0.0)
+        torch_path.backward(dy, x, w1, w2, None, gate, None, a1, a3, order, offsets, e, "gelu",
+                            0.0)
+    assert len(seen) >= 4 * (1 if variant == "padded" else e)
+    fixed = {m, d, e * m}  # the weights' dimensions
+    varying = [n for shape in seen for n in shape if n not in fixed]
+    assert varying and all(gemm_rows(n) == n for n in varying), sorted(set(varying))
+    # and the results are the reference's on the same inputs
+    ref = reference.forward(x.float(), w1.float(), b1.float(), w2.float(), None, None, idx,
+                            gate.float(), None, e, "gelu", 0.0)[0]
+    assert torch.allclose(y.float(), ref, atol=0.05 * (1 + ref.abs().max().item()))
+
+
 @contextlib.contextmanager
 def _patched(module, **values):
     saved = {name: getattr(module, name) for name in values}

@@ -23,8 +23,19 @@ import torch
 
 from ssdfx.activations import activation_backward, activation_fn
 
-__all__ = ["cols_grad", "expert_views", "hidden", "hidden_backward", "keep_scale", "rows_grad",
-           "sort_pairs", "sum_slots", "unit_gates"]
+__all__ = ["ROW_STEPS", "cols_grad", "expert_views", "gemm_rows", "hidden", "hidden_backward",
+           "keep_scale", "rounds_rows", "rows_grad", "sort_pairs", "sum_slots", "unit_gates"]
+
+# Row counts of the per-expert GEMMs on CPU in bf16/fp16 are rounded up to one of ROW_STEPS
+# values per octave (`gemm_rows`). torch runs those GEMMs in oneDNN, which compiles a kernel
+# for every new shape and caches it: on the Zen 5 VM a bf16 (M, 768) @ (768, 192) took 6.5-8.7
+# ms the first time an M was seen and 0.08-0.27 ms after (mm, bmm and matmul alike, and a new
+# contraction length K the same). Routing gives every call new per-expert row counts, so with
+# fresh data each call kept meeting new shapes: 100 calls of T=2048, d=768, E=16, k=4 still
+# took 22-38 ms against 12 at a third of the calls after 50. With 16 steps per octave at most
+# 1/16 of an expert's rows is padding (rows that belong to no pair, never read back), and a
+# layer sees a few dozen shapes per GEMM. float32 goes to MKL's sgemm, which compiles nothing.
+ROW_STEPS = 16
 
 
 def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +48,20 @@ def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     bounds = torch.arange(num_experts + 1, dtype=key.dtype, device=key.device)
     offsets = torch.searchsorted(key.index_select(0, order), bounds)  # (E+1,)
     return order, offsets
+
+
+def rounds_rows(x: torch.Tensor) -> bool:
+    """Whether this call's per-expert GEMMs take `gemm_rows` row counts (CPU bf16/fp16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def gemm_rows(n: int) -> int:
+    """n rounded up to a multiple of 2^(floor(log2 n)) / ROW_STEPS (exact below 2 ROW_STEPS):
+    ROW_STEPS values per octave, at most n / ROW_STEPS rows added."""
+    if n <= 0:
+        return n
+    step = max(1, (1 << (n.bit_length() - 1)) // ROW_STEPS)
+    return -(-n // step) * step
 
 
 def expert_views(w1, w2, w3, num_experts):

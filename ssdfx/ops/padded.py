@@ -55,8 +55,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import cpu_numba
-from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
-                              sum_slots, unit_gates)
+from ssdfx.ops.layout import (cols_grad, expert_views, gemm_rows, hidden, hidden_backward,
+                              rounds_rows, rows_grad, sum_slots, unit_gates)
 
 __all__ = ["backward", "forward", "use"]
 
@@ -78,7 +78,7 @@ def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = F
     if x.device.type != "cpu" or pairs == 0:
         return False
     num_experts = len(bounds) - 1
-    cap = _capacity(bounds)
+    cap = _capacity(bounds, rounds_rows(x))
     rows = num_experts * cap
     limit = MAX_BACKWARD_BUFFER_BYTES if backward else MAX_BUFFER_BYTES
     small_w2 = w1.numel() * w1.element_size() <= SMALL_W2_BYTES
@@ -88,8 +88,11 @@ def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = F
             and rows * x.shape[1] * x.element_size() < limit)
 
 
-def _capacity(bounds: list[int]) -> int:
-    return max(t - s for s, t in zip(bounds[:-1], bounds[1:]))
+def _capacity(bounds: list[int], rounded: bool) -> int:
+    """C: the largest expert's row count, rounded by `gemm_rows` where `rounds_rows` (bf16 and
+    fp16 bmm run in oneDNN, which compiles a kernel for every new C)."""
+    cap = max(t - s for s, t in zip(bounds[:-1], bounds[1:]))
+    return gemm_rows(cap) if rounded else cap
 
 
 def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -97,11 +100,11 @@ def _scatter(rows: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
     return rows.new_zeros(n, rows.shape[1]).index_copy_(0, pos, rows)
 
 
-def _slots(order, offsets, bounds, k, t_all):
+def _slots(order, offsets, bounds, k, t_all, rounded):
     """pos (P,): the padded row of each layout row (expert e's i-th row -> e*C + i), C, the
     pairs sel (P,) in layout order, and the token of each padded row tok (E*C,) (T for a
     padding row)."""
-    cap = _capacity(bounds)
+    cap = _capacity(bounds, rounded)
     pairs = bounds[-1]
     pos, tok = cpu_numba.padded_slots(order, offsets, pairs, cap, k, t_all)
     return pos, cap, order[:pairs], tok
@@ -170,7 +173,7 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     t_all, d = x.shape
     k = gate.shape[1]
     m = w1.shape[0] // num_experts
-    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all)
+    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all, rounds_rows(x))
     n = num_experts * cap
     xs = x.index_select(0, tok.clamp(max=t_all - 1)).view(num_experts, cap, d)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
@@ -196,7 +199,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
     m = w1.shape[0] // num_experts
     glu = w3 is not None
     pairs = bounds[-1]
-    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all)
+    pos, cap, sel, tok = _slots(order, offsets, bounds, k, t_all, rounds_rows(x))
     n = num_experts * cap
     xs = _rows(x, tok).view(num_experts, cap, d)  # zero padding rows (module docstring)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)

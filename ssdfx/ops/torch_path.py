@@ -20,6 +20,14 @@ the per-expert blocks are small enough to be reused from the heap).
 Small CPU problems take `ssdfx.ops.padded` instead (one bmm per projection over padded
 expert blocks), where per-call overhead, not GEMM work, dominated.
 
+On CPU in bf16/fp16 every GEMM whose size follows an expert's row count takes a rounded count
+(`layout.gemm_rows`): oneDNN compiles a kernel for each new shape (6.5-8.7 ms here), and with
+exact counts fresh routing kept meeting new ones. The forward's GEMMs run on rows [s, u) of the
+layout buffers, u - s = gemm_rows(t - s) >= t - s: the extra rows are the next expert's (it
+overwrites them afterwards) or rows past P, and nothing reads their outputs. The backward's
+weight gradients contract over the rows, so there each expert's rows are copied into
+zero-padded blocks (`_backward_blocks`, which the bf16 backward always takes).
+
 On CUDA the default is `ssdfx.ops.grouped` (one grouped GEMM per projection, no host sync);
 this backend reads the expert offsets back to the host to loop over experts.
 """
@@ -29,8 +37,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import cpu_numba, padded
-from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
-                              sort_pairs, sum_slots, unit_gates)
+from ssdfx.ops.layout import (cols_grad, expert_views, gemm_rows, hidden, hidden_backward,
+                              rounds_rows, rows_grad, sort_pairs, sum_slots, unit_gates)
 
 __all__ = ["backward", "forward"]
 
@@ -96,9 +104,19 @@ def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([a, a.new_zeros(rows - a.shape[0], a.shape[1])])
 
 
-def _spans(bounds):
-    """(e, s, t) for every expert with rows: its block is layout rows [s, t)."""
-    return [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if s < t]
+def _spans(bounds, rounded=False):
+    """(e, s, t, u) for every expert with rows: its block is layout rows [s, t), and its GEMMs
+    with a row count that varies take rows [s, u): u = t, or with `rounded` (`rounds_rows`)
+    s + gemm_rows(t - s), rows of the next experts or past P that the GEMM computes and
+    nothing reads (forward), or zero rows (the blocked backward's per-expert copies)."""
+    return [(e, s, t, s + gemm_rows(t - s) if rounded else t)
+            for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if s < t]
+
+
+def _extent(spans, pairs):
+    """Rows a buffer in layout order needs for these spans' GEMMs: P, or more where the last
+    expert's rounded block runs past it."""
+    return max([pairs] + [u for *_, u in spans])
 
 
 def _mm_into(out, a, b, bias, e):
@@ -110,11 +128,30 @@ def _mm_into(out, a, b, bias, e):
         torch.addmm(bias[e * n:(e + 1) * n], a, b, out=out)
 
 
-def _mm(a, b_e, bounds, bias=None):
-    """(P, N): each expert block a[s:t] (rows of the layout) times b_e[e] (E, K, N) [+ bias]."""
+def _mm(a, b_e, spans, bias=None):
+    """(R, N): each expert block a[s:u] (rows of the layout) times b_e[e] (E, K, N) [+ bias].
+
+    The experts run in layout order, so where a rounded block [s, u) overlaps the next
+    expert's rows, that expert overwrites them afterwards."""
     out = a.new_empty(a.shape[0], b_e.shape[2])
-    for e, s, t in _spans(bounds):
-        _mm_into(out[s:t], a[s:t], b_e[e], bias, e)
+    for e, s, _, u in spans:
+        _mm_into(out[s:u], a[s:u], b_e[e], bias, e)
+    return out
+
+
+def _padded_index(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """idx with zeros appended up to `rows` entries (rows gathered for rounded GEMM blocks)."""
+    if idx.shape[0] >= rows:
+        return idx
+    return torch.cat([idx, idx.new_zeros(rows - idx.shape[0])])
+
+
+def _zero_tail(a: torch.Tensor, rows: int) -> torch.Tensor:
+    """a (n, c) with zero rows appended up to `rows`: a itself when it has them already."""
+    if a.shape[0] == rows:
+        return a
+    out = a.new_zeros((rows, *a.shape[1:]))
+    out[:a.shape[0]] = a
     return out
 
 
@@ -143,37 +180,41 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
                                    num_experts, activation, dropout_p)
         return _outputs(y, a1, a3, order, offsets, t_all * k)
     w1t, w3t, w2t, _ = _expert_views(w1, w2, w3, num_experts)
-    sel = order[:pairs]
+    spans = _spans(bounds, rounds_rows(x))
+    rows = _extent(spans, pairs)  # R >= P rows in the buffers below (rounded GEMM blocks)
+    sel = _padded_index(order[:pairs], rows)  # rows past P gather pair 0's (never read back)
     tok = sel // k
     blocks = _blocked(x, pairs)
     if blocks:  # per-expert row blocks: no (P, d) buffer (see the module docstring)
-        a1 = x.new_empty(pairs, m)
-        a3 = x.new_empty(pairs, m) if w3 is not None else None
-        for e, s, t in _spans(bounds):
-            xe = x.index_select(0, tok[s:t])  # (n, d)
-            _mm_into(a1[s:t], xe, w1t[e], b1, e)
+        a1 = x.new_empty(rows, m)
+        a3 = x.new_empty(rows, m) if w3 is not None else None
+        for e, s, _, u in spans:
+            xe = x.index_select(0, tok[s:u])  # (u - s, d)
+            _mm_into(a1[s:u], xe, w1t[e], b1, e)
             if a3 is not None:
-                _mm_into(a3[s:t], xe, w3t[e], b3, e)
+                _mm_into(a3[s:u], xe, w3t[e], b3, e)
     else:
-        xs = x.index_select(0, tok)  # (P, d)
-        a1 = _mm(xs, w1t, bounds, b1)  # (P, m)
-        a3 = _mm(xs, w3t, bounds, b3) if w3 is not None else None
+        xs = x.index_select(0, tok)  # (R, d)
+        a1 = _mm(xs, w1t, spans, b1)  # (R, m)
+        a3 = _mm(xs, w3t, spans, b3) if w3 is not None else None
     kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
-    gh = _gated(hidden(a1, a3, kp, dropout_p, activation), gate, sel)  # (P, m)
+    gh = _gated(hidden(a1, a3, kp, dropout_p, activation), gate, sel)  # (R, m)
     if blocks:
         # index_add_ one expert at a time (no (P, d) buffer); with one row per token, each
         # row is written once instead
         once = k == 1 and pairs == t_all
         y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
-        for e, s, t in _spans(bounds):
+        for e, s, t, u in spans:
+            ye = torch.mm(gh[s:u], w2t[e])[:t - s]
             if once:
-                y.index_copy_(0, tok[s:t], torch.mm(gh[s:t], w2t[e]))
+                y.index_copy_(0, tok[s:t], ye)
             else:
-                y.index_add_(0, tok[s:t], torch.mm(gh[s:t], w2t[e]))
+                y.index_add_(0, tok[s:t], ye)
     else:
-        ys = _mm(gh, w2t, bounds)  # (P, d)
+        ys = _mm(gh, w2t, spans)[:pairs]  # (P, d)
         y = _combine(ys, order, _inverse(order, pairs), t_all, k)
-    return _outputs(y, a1, a3, order, offsets, t_all * k)
+    a3 = a3[:pairs] if a3 is not None else None
+    return _outputs(y, a1[:pairs], a3, order, offsets, t_all * k)
 
 
 def _outputs(y, a1, a3, order, offsets, rows):
@@ -187,7 +228,7 @@ def _grad_weights(a_t, b, bounds):
     """(E, M, N): per expert a_t[:, s:t] @ b[s:t] (the contraction runs over layout rows);
     an expert with no rows gets exactly zero."""
     out = a_t.new_zeros(len(bounds) - 1, a_t.shape[0], b.shape[1])
-    for e, s, t in _spans(bounds):
+    for e, s, t, _ in _spans(bounds):
         torch.mm(a_t[:, s:t], b[s:t], out=out[e])
     return out
 
@@ -195,7 +236,7 @@ def _grad_weights(a_t, b, bounds):
 def _segment_sum(a, bounds):
     """(E*m,): each expert's column sums of a (P, m), zero for empty experts."""
     out = a.new_zeros(len(bounds) - 1, a.shape[1])
-    for e, s, t in _spans(bounds):
+    for e, s, t, _ in _spans(bounds):
         torch.sum(a[s:t], 0, out=out[e])
     return out.reshape(-1)
 
@@ -208,7 +249,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         *grads, dg = padded.backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets,
                                      bounds, num_experts, activation, dropout_p)
         return (*grads, _dgate(dg, _inverse(order, pairs), x.shape[0], gate.shape[1]))
-    if _blocked(x, pairs):
+    if _blocked(x, pairs) or rounds_rows(x):  # rounded row counts: only the blocks have them
         return _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_experts,
                                 activation, dropout_p)
     t_all, d = x.shape
@@ -220,7 +261,8 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     sel = order[:pairs]
     tok = sel // k
     xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (P, d)
-    dh = _mm(dys, w2_edm, bounds)  # (P, m)
+    spans = _spans(bounds)
+    dh = _mm(dys, w2_edm, spans)  # (P, m)
     kp = keep.reshape(t_all * k, m)[sel] if keep is not None else None
     dg, gh, da1, da3 = hidden_backward(
         dh, gate.reshape(-1)[sel], a1[:pairs], a3[:pairs] if glu else None, kp,
@@ -232,11 +274,11 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     dw2 = cols_grad(w2, _grad_weights(dys.t(), gh, bounds))
     dw1 = rows_grad(w1, _grad_weights(da1.t(), xs, bounds))
     db1 = _segment_sum(da1, bounds)
-    dxs = _mm(da1, w1t.transpose(1, 2), bounds)  # (P, d)
+    dxs = _mm(da1, w1t.transpose(1, 2), spans)  # (P, d)
     if glu:
         dw3 = rows_grad(w3, _grad_weights(da3.t(), xs, bounds))
         db3 = _segment_sum(da3, bounds)
-        dxs += _mm(da3, w3t.transpose(1, 2), bounds)
+        dxs += _mm(da3, w3t.transpose(1, 2), spans)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
     dx = _combine(dxs, order, inv, t_all, k)
@@ -247,7 +289,12 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
                      activation, dropout_p):
     """The CPU backward, one expert's row block at a time: gather its tokens' x and dy rows,
     then every product of that expert while they are in cache. Same results as `backward`
-    (same GEMM blocks, the same index_add_ order for dx) without its (P, d) buffers."""
+    (same GEMM blocks, the same index_add_ order for dx) without its (P, d) buffers.
+
+    With rounded row counts (`rounds_rows`) each expert's n rows are copied into blocks of
+    gemm_rows(n) rows whose extra rows are zero: x, dy, a1, a3, the gates and the dropout mask
+    alike. There dh = 0, the gate-weighted h = 0 * act(0) = 0 and da1 = da3 = 0, so those
+    rows add nothing to any weight or bias gradient, and their dx rows are dropped."""
     t_all, d = x.shape
     k = gate.shape[1]
     m = w1.shape[0] // num_experts
@@ -264,13 +311,16 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
     dw3e = x.new_zeros(num_experts, m, d) if glu else None
     db3 = x.new_zeros(num_experts, m) if glu else x.new_empty(0)
     dx = x.new_zeros(t_all, d)
-    for e, s, t in _spans(bounds):
-        xe, dye = x.index_select(0, tok[s:t]), dy.index_select(0, tok[s:t])  # (n, d)
+    for e, s, t, u in _spans(bounds, rounds_rows(x)):
+        r = u - s  # rows of this expert's GEMMs: its t - s pairs, then zero rows
+        xe = _zero_tail(x.index_select(0, tok[s:t]), r)  # (r, d)
+        dye = _zero_tail(dy.index_select(0, tok[s:t]), r)
         dge, ghe, da1, da3 = hidden_backward(
-            torch.mm(dye, w2_edm[e]), g[s:t], a1[s:t], a3[s:t] if glu else None,
-            kp[s:t] if kp is not None else None, dropout_p, activation,
+            torch.mm(dye, w2_edm[e]), _zero_tail(g[s:t], r), _zero_tail(a1[s:t], r),
+            _zero_tail(a3[s:t], r) if glu else None,
+            _zero_tail(kp[s:t], r) if kp is not None else None, dropout_p, activation,
         )
-        dg[s:t] = dge
+        dg[s:t] = dge[:t - s]
         torch.mm(dye.t(), ghe, out=dw2e[e])
         torch.mm(da1.t(), xe, out=dw1e[e])
         torch.sum(da1, 0, out=db1[e])
@@ -279,7 +329,7 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.mm(da3.t(), xe, out=dw3e[e])
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
-        dx.index_add_(0, tok[s:t], dxe)
+        dx.index_add_(0, tok[s:t], dxe[:t - s])
     dgate = _dgate(dg, _inverse(order, pairs), t_all, k)
     dw2 = cols_grad(w2, dw2e)
     dw1 = rows_grad(w1, dw1e)

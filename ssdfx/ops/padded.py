@@ -5,7 +5,8 @@ d=256, E=16, K=4 in bf16 each expert's GEMM is 128 x 256 x 64, and the 16 calls 
 projection took 337 us, as long as the whole dense up-projection (339 us), while one
 `torch.bmm` over the 16 blocks took 97 us (this 2-core CPU, oneDNN). So here every expert's
 rows are laid out in a block of C = (largest expert's row count) rows, padding rows are zero,
-and each projection is one `bmm` against per-expert weight views.
+and each projection is one `bmm` against per-expert weight views. In bf16/fp16 C is rounded up
+by `layout.gemm_rows` (oneDNN compiles a kernel for every new C; see `layout.ROW_STEPS`).
 
 The padding is computed (E*C - P rows of GEMM work, none of it dense-and-masked: rows belong
 to no pair and are never read back), and the down-projection needs one transposed copy, of w2

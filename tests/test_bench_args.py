@@ -114,3 +114,22 @@ def test_op_targets_judge_spec_section_6_by_median_speedups():
         "(8192x768x32x16)",
     ]
     assert op.targets([]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_measures_on_fresh_data_at_every_call(dtype, monkeypatch):
+    # every timed call, and every call at all, must see new inputs: repeated routing hides what
+    # depends on it (bf16 GEMMs compiled per shape by oneDNN, ssdfx.ops.layout.ROW_STEPS)
+    op = _script("op")
+    seen = []
+    build = op.sparse_model
+
+    def recording(dense, num_experts, k):
+        model = build(dense, num_experts, k)
+        model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].float().sum().item()))
+        return model
+
+    monkeypatch.setattr(op, "sparse_model", recording)
+    rows = op.measure(64, 32, 4, 2, dtype, repeats=3)
+    assert [r["phase"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert len(seen) == 2 * (2 + 3) and len(set(seen)) == len(seen)  # warm-up + repeats, all new

@@ -116,7 +116,7 @@ def machine() -> str:
     return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}"
 
 
-def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
+def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
     dense = dense_ffn(d, dtype)
     sparse = sparse_model(dense, e, k)
     # fresh data at every call, written just before it as a previous layer would write it
@@ -162,7 +162,7 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0):
         cases[(name, "fwd")] = fwd(model)
         cases[(name, "fwd+bwd")] = fwd_bwd(model)
     for run, clear in cases.values():  # warm-up (and numba's first-call load)
-        for _ in range(2):
+        for _ in range(warmup):
             clear()
             run()
     times = {key: [] for key in cases}
@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
                     help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
                          "default CSV bench/results/op_shapes[_bf16|_both].csv")
+    ap.add_argument("--warmup", type=positive_int, default=2, metavar="N",
+                    help="untimed calls per case before the repeats (default 2)")
     ap.add_argument("--router-share", action="store_true",
                     help="only print the routing share of the sparse forward at d=768 (fp32)")
     args = ap.parse_args(argv)
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
     rows = []
     for dtype in dtypes:
         for t, d, e, k in shapes:
-            new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle)
+            new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle, args.warmup)
             for r in new:
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
             rows += new

@@ -33,6 +33,7 @@ def test_op_checks_every_shape_before_measuring_any():
 @pytest.mark.parametrize("script, argv, message", [
     ("op", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
     ("op", ["--shapes", "64x64x4x5"], "k <= E"),
+    ("op", ["--warmup", "0"], "--warmup: expected a whole number >= 1"),
     ("flops_per_pass", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
     ("flops_per_pass", ["--seq-len", "0"], "--seq-len: expected a whole number >= 1"),
     ("flops_per_pass", ["--seq-len", "5000"], "exceeds gpt2's 1024 positions"),

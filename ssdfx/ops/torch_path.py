@@ -98,10 +98,11 @@ def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: 
 
 
 def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
-    """(P, m) -> (rows, m) with zero rows appended (the saved layout keeps T*K rows)."""
+    """a (n, ...) with zero rows appended up to `rows` (a itself when it has them): the saved
+    layout's T*K rows, an index of R >= P layout rows, an expert's rounded GEMM block."""
     if a.shape[0] == rows:
         return a
-    return torch.cat([a, a.new_zeros(rows - a.shape[0], a.shape[1])])
+    return torch.cat([a, a.new_zeros((rows - a.shape[0], *a.shape[1:]))])
 
 
 def _spans(bounds, rounded=False):
@@ -139,22 +140,6 @@ def _mm(a, b_e, spans, bias=None):
     return out
 
 
-def _padded_index(idx: torch.Tensor, rows: int) -> torch.Tensor:
-    """idx with zeros appended up to `rows` entries (rows gathered for rounded GEMM blocks)."""
-    if idx.shape[0] >= rows:
-        return idx
-    return torch.cat([idx, idx.new_zeros(rows - idx.shape[0])])
-
-
-def _zero_tail(a: torch.Tensor, rows: int) -> torch.Tensor:
-    """a (n, c) with zero rows appended up to `rows`: a itself when it has them already."""
-    if a.shape[0] == rows:
-        return a
-    out = a.new_zeros((rows, *a.shape[1:]))
-    out[:a.shape[0]] = a
-    return out
-
-
 def _gated(h: torch.Tensor, gate: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     """h (P, m) times each pair's gate; h itself where `unit_gates`. Never in place: h may be
     a1."""
@@ -182,7 +167,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     w1t, w3t, w2t, _ = _expert_views(w1, w2, w3, num_experts)
     spans = _spans(bounds, rounds_rows(x))
     rows = _extent(spans, pairs)  # R >= P rows in the buffers below (rounded GEMM blocks)
-    sel = _padded_index(order[:pairs], rows)  # rows past P gather pair 0's (never read back)
+    sel = _pad_rows(order[:pairs], rows)  # rows past P gather pair 0's (never read back)
     tok = sel // k
     blocks = _blocked(x, pairs)
     if blocks:  # per-expert row blocks: no (P, d) buffer (see the module docstring)
@@ -224,19 +209,19 @@ def _outputs(y, a1, a3, order, offsets, rows):
     return y, _pad_rows(a1, rows), a3, order, offsets
 
 
-def _grad_weights(a_t, b, bounds):
+def _grad_weights(a_t, b, spans, num_experts):
     """(E, M, N): per expert a_t[:, s:t] @ b[s:t] (the contraction runs over layout rows);
     an expert with no rows gets exactly zero."""
-    out = a_t.new_zeros(len(bounds) - 1, a_t.shape[0], b.shape[1])
-    for e, s, t, _ in _spans(bounds):
+    out = a_t.new_zeros(num_experts, a_t.shape[0], b.shape[1])
+    for e, s, t, _ in spans:
         torch.mm(a_t[:, s:t], b[s:t], out=out[e])
     return out
 
 
-def _segment_sum(a, bounds):
+def _segment_sum(a, spans, num_experts):
     """(E*m,): each expert's column sums of a (P, m), zero for empty experts."""
-    out = a.new_zeros(len(bounds) - 1, a.shape[1])
-    for e, s, t, _ in _spans(bounds):
+    out = a.new_zeros(num_experts, a.shape[1])
+    for e, s, t, _ in spans:
         torch.sum(a[s:t], 0, out=out[e])
     return out.reshape(-1)
 
@@ -271,13 +256,13 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     inv = _inverse(order, pairs)
     dgate = _dgate(dg, inv, t_all, k)
     # weight gradients come out per expert, (E, d, m) for w2 and (E, m, d) for w1 and w3
-    dw2 = cols_grad(w2, _grad_weights(dys.t(), gh, bounds))
-    dw1 = rows_grad(w1, _grad_weights(da1.t(), xs, bounds))
-    db1 = _segment_sum(da1, bounds)
+    dw2 = cols_grad(w2, _grad_weights(dys.t(), gh, spans, num_experts))
+    dw1 = rows_grad(w1, _grad_weights(da1.t(), xs, spans, num_experts))
+    db1 = _segment_sum(da1, spans, num_experts)
     dxs = _mm(da1, w1t.transpose(1, 2), spans)  # (P, d)
     if glu:
-        dw3 = rows_grad(w3, _grad_weights(da3.t(), xs, bounds))
-        db3 = _segment_sum(da3, bounds)
+        dw3 = rows_grad(w3, _grad_weights(da3.t(), xs, spans, num_experts))
+        db3 = _segment_sum(da3, spans, num_experts)
         dxs += _mm(da3, w3t.transpose(1, 2), spans)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)
@@ -313,12 +298,12 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
     dx = x.new_zeros(t_all, d)
     for e, s, t, u in _spans(bounds, rounds_rows(x)):
         r = u - s  # rows of this expert's GEMMs: its t - s pairs, then zero rows
-        xe = _zero_tail(x.index_select(0, tok[s:t]), r)  # (r, d)
-        dye = _zero_tail(dy.index_select(0, tok[s:t]), r)
+        xe = _pad_rows(x.index_select(0, tok[s:t]), r)  # (r, d)
+        dye = _pad_rows(dy.index_select(0, tok[s:t]), r)
         dge, ghe, da1, da3 = hidden_backward(
-            torch.mm(dye, w2_edm[e]), _zero_tail(g[s:t], r), _zero_tail(a1[s:t], r),
-            _zero_tail(a3[s:t], r) if glu else None,
-            _zero_tail(kp[s:t], r) if kp is not None else None, dropout_p, activation,
+            torch.mm(dye, w2_edm[e]), _pad_rows(g[s:t], r), _pad_rows(a1[s:t], r),
+            _pad_rows(a3[s:t], r) if glu else None,
+            _pad_rows(kp[s:t], r) if kp is not None else None, dropout_p, activation,
         )
         dg[s:t] = dge[:t - s]
         torch.mm(dye.t(), ghe, out=dw2e[e])

@@ -33,6 +33,21 @@ def centroids(w_act: torch.Tensor, num_experts: int, w_up: torch.Tensor | None =
     return F.normalize(c, dim=1)
 
 
+@graph_leaf  # one node when fx traces a router: its dtype check would be a traced branch
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in w's dtype. A bf16/fp16 router on a CPU where torch has no native GEMM in
+    that dtype (`ssdfx.ops.dispatch.native_gemm`; AVX2-only CPUs, where torch's generic loop
+    ran at 1-3 GFLOP/s) computes in float32 and rounds the scores to w's dtype, as the experts
+    do there (`ssdfx.ops.widened`)."""
+    x = x.to(w.dtype)
+    if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
+        from ssdfx.ops.dispatch import native_gemm
+
+        if not native_gemm(w.dtype):
+            return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(w.dtype)
+    return F.linear(x, w, b)
+
+
 class CentroidRouter(nn.Module):
     """score_e(x) = (x . c_e) / temperature, one row of `weight` per expert.
 
@@ -51,7 +66,7 @@ class CentroidRouter(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.detach().to(self.weight.dtype), self.weight) / self.temperature  # (..., E)
+        return _linear(x.detach(), self.weight) / self.temperature  # (..., E)
 
     def extra_repr(self) -> str:
         e, d = self.weight.shape
@@ -70,7 +85,9 @@ class MLPRouter(nn.Module):
         return self.net[-1].out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.detach().to(self.net[0].weight.dtype))  # (..., E)
+        first, act, last = self.net
+        return _linear(act(_linear(x.detach(), first.weight, first.bias)), last.weight,
+                       last.bias)  # (..., E)
 
 
 def _soft_ce(scores: torch.Tensor, share: torch.Tensor) -> torch.Tensor:

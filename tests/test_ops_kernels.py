@@ -117,6 +117,7 @@ def check_against_reference(backend, spec, dtype, rel):
                                  ref_p["gate"], p["keep"], fwd[1].float(), fwd[2].float(),
                                  fwd[3], fwd[4], e, act, pdrop)
     names = ["dx", "dw1", "db1", "dw2", "dw3", "db3", "dgate"]
+    assert all(t.dtype == dtype for t in (*fwd[:3], *bwd))  # in the inputs' dtype
     for name, got, want in zip(names, bwd, ref_bwd):
         assert got.shape == want.shape, name
         if name in ("dw1", "dw2", "dw3") and got.numel():
@@ -463,6 +464,19 @@ def test_torch_fp32_matches_reference(spec):
               activation="gelu", dropout_p=0.0))
 def test_torch_bf16_matches_reference(spec):
     check_against_reference("torch", spec, torch.bfloat16, 3e-2)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([torch.bfloat16, torch.float16]))
+@example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
+              activation="gelu", dropout_p=0.3), torch.bfloat16)
+@example(dict(e=1, m=3, d=5, t=1, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
+              activation="silu", dropout_p=0.0), torch.float16)
+def test_numba_widened_bf16_fp16_match_reference(spec, dtype):
+    # backend "numba" for bfloat16/float16 (what "auto" runs where torch has no native GEMM in
+    # that dtype, ssdfx.ops.widened): the float32 kernels on widened inputs, every output
+    # rounded back to the inputs' dtype
+    check_against_reference("numba", spec, dtype, 3e-2)
 
 
 @SETTINGS

@@ -195,14 +195,27 @@ def test_mlp_router_can_be_built_under_no_grad():
         assert torch.isfinite(models.output_of(model, kwargs)).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, native", [(torch.float32, True), (torch.bfloat16, True),
+                                           (torch.bfloat16, False)])
 @pytest.mark.parametrize("kind", ["centroid", "mlp"])
-def test_router_takes_the_dtype_of_the_ffn_weights(dtype, kind):
+def test_router_takes_the_dtype_of_the_ffn_weights(dtype, native, kind, monkeypatch):
     # a bf16 model's router reads bf16 x as it is (no float32 copy of the input per call):
     # its parameters are in the weights' dtype, its scores come out in it, and the centroid
     # router's scores are those of the centroids of the dense weights (each expert's 16
     # normalised rows averaged and normalised, by hand, then rounded to the dtype), within that
-    # dtype's rounding of a d=32 dot product
+    # dtype's rounding of a d=32 dot product. Where torch has no native bf16 GEMM (`native`
+    # False, ssdfx.ops.dispatch.native_gemm) its matrix products run in float32 instead.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ssdfx.ops import dispatch
+
+    class GemmDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(dispatch, "native_gemm", lambda dt: native)
     torch.manual_seed(0)
     ffn = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(),
                               torch.nn.Linear(128, 32)).to(dtype)
@@ -212,9 +225,14 @@ def test_router_takes_the_dtype_of_the_ffn_weights(dtype, kind):
     ssdfx.convert(ffn, num_experts=8, top_k=2, router=kind, stats=stats)
     router = ffn[0].ssdfx_router
     assert {p.dtype for p in router.parameters()} == {dtype}
-    with torch.no_grad():
+    seen = set()
+    with torch.no_grad(), GemmDtypes():
         scores = router(x)
+    assert seen == {dtype if native else torch.float32}
+    with torch.no_grad():
         assert scores.dtype == dtype and ffn(x).dtype == dtype
+        # fx keeps the dtype check inside one node (a traced branch would fail)
+        assert torch.equal(torch.fx.symbolic_trace(router)(x), scores)
     if kind == "centroid":
         c = F.normalize(F.normalize(w1.double(), dim=1).view(8, 16, 32).mean(1), dim=1)
         want = x.double() @ c.to(dtype).double().t()

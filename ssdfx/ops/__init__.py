@@ -9,6 +9,8 @@ computes the dense FFN and masks it. Modules:
     reference     pure-torch oracle kernels
     cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas): fp32/fp64 on CPU,
                   and bf16 inference on CPUs with AMX (numba_bf16, MKL's bf16 GEMM)
+    widened       bf16/fp16 through the float32 numba kernels, where torch has no native
+                  GEMM in that dtype (AVX2-only CPUs)
     torch_path    sort-by-expert torch kernels, one mm per expert: bf16/fp16 on CPU
     padded        torch_path's variant for small CPU problems: one bmm over padded blocks
     grouped       torch._grouped_mm kernels without host syncs: the CUDA path

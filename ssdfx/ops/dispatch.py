@@ -2,9 +2,10 @@
 
 Backends (explicit strings; there is no global switch):
 
-    "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch", except
-                  bfloat16 inference on a CPU with AMX, which runs numba's bf16 kernel up to
-                  a size (`cpu_numba.infer_bf16_or_torch`);
+    "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch" where torch
+                  has a native GEMM in that dtype (`native_gemm`), except bfloat16 inference
+                  on a CPU with AMX, which runs numba's bf16 kernel up to a size
+                  (`cpu_numba.infer_bf16_or_torch`); "numba" (widened) where it has none;
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
@@ -12,7 +13,8 @@ Backends (explicit strings; there is no global switch):
                   CPU problems: one torch.bmm over padded expert blocks, `ssdfx.ops.padded`)
     "grouped_mm"  one torch._grouped_mm per projection and no host sync (`ssdfx.ops.grouped`;
                   CUDA bf16 on sm90+, and CPU in recent torch)
-    "numba"       numba CPU kernels with BLAS per expert (`ssdfx.ops.cpu_numba`), fp32/fp64
+    "numba"       numba CPU kernels with BLAS per expert (`ssdfx.ops.cpu_numba`), fp32/fp64;
+                  bfloat16/float16 computed in float32 (`ssdfx.ops.widened`)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "Kernels", "plain_eager", "select"]
+__all__ = ["BACKENDS", "Kernels", "native_gemm", "plain_eager", "select"]
 
 BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
 
@@ -50,6 +52,10 @@ def _make(name: str) -> Kernels:
         from ssdfx.ops import cpu_numba as mod
 
         return Kernels(name, mod.forward, mod.backward, mod.infer)
+    if name == "numba_widened":  # "numba" for bfloat16/float16: float32 kernels
+        from ssdfx.ops import widened as mod
+
+        return Kernels("numba", mod.forward, mod.backward, mod.infer)
     if name == "torch+numba_bf16":  # "auto" for bf16 on a CPU with AMX
         from ssdfx.ops import cpu_numba, torch_path
 
@@ -73,24 +79,57 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
     dev = x.device.type
     if backend == "auto":
         if dev == "cpu":
-            backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
-            if x.dtype == torch.bfloat16 and _amx_bf16():
+            if x.dtype in _WIDENED and not native_gemm(x.dtype):
+                backend = "numba"
+            elif x.dtype == torch.bfloat16 and _amx_bf16():
                 return _make("torch+numba_bf16")
+            else:
+                backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
         elif dev == "cuda":
             backend = "grouped_mm" if grouped_mm_ok(x, w1, num_experts) else "torch"
         else:
             backend = "reference"
-    if backend == "numba" and (dev != "cpu" or x.dtype not in (torch.float32, torch.float64)):
+    if backend == "numba" and (dev != "cpu" or x.dtype not in (torch.float32, torch.float64,
+                                                               *_WIDENED)):
         raise ValueError(
-            f"backend 'numba' runs float32/float64 on CPU; got {x.dtype} on {dev} "
-            "(use 'auto', 'torch' or 'reference')"
+            f"backend 'numba' runs float32/float64 (and bfloat16/float16 widened to float32) on "
+            f"CPU; got {x.dtype} on {dev} (use 'auto', 'torch' or 'reference')"
         )
+    if backend == "numba" and x.dtype in _WIDENED:
+        return _make("numba_widened")
     if backend == "grouped_mm" and not grouped_mm_ok(x, w1, num_experts):
         raise ValueError(
             "backend 'grouped_mm' needs torch._grouped_mm, bfloat16 on CUDA sm90+ (or CPU), and "
             "d, F and F/num_experts multiples of 16 bytes; use 'torch' instead"
         )
     return _make(backend)
+
+
+_WIDENED = (torch.bfloat16, torch.float16)
+
+
+_NATIVE: dict[torch.dtype, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, no guard
+def native_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies CPU matrices of this reduced-precision dtype natively (oneDNN
+    with AVX-512 or AMX for bf16, AVX-512-FP16 or AMX-FP16 for fp16) rather than in its
+    generic loop, which ran at 1-3 GFLOP/s on an AVX2-only CPU (`ssdfx.ops.widened`)."""
+    if dtype not in _NATIVE:
+        _NATIVE[dtype] = _query_native(dtype)
+    return _NATIVE[dtype]
+
+
+def _query_native(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+              torch.float16: "_is_mkldnn_fp16_supported"}
+    try:
+        return bool(getattr(torch.ops.mkldnn, checks[dtype])())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume native
+        return True
 
 
 @functools.cache

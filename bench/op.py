@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 
 import ssdfx  # noqa: E402
 from ssdfx.cli import positive_int  # noqa: E402
+from ssdfx.ops.dispatch import native_gemm  # noqa: E402
 
 FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
@@ -116,9 +117,12 @@ def machine() -> str:
     return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}"
 
 
-def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
-    dense = dense_ffn(d, dtype)
-    sparse = sparse_model(dense, e, k)
+def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=None):
+    """Rows of the two phases for one shape; dense_dtype: the dense baseline's dtype (default
+    dtype; the sparse model is always converted from the same seeded FFN in dtype)."""
+    dense_dtype = dense_dtype or dtype
+    sparse = sparse_model(dense_ffn(d, dtype), e, k)
+    dense = dense_ffn(d, dense_dtype)
     # fresh data at every call, written just before it as a previous layer would write it
     # (untimed, into the one input buffer). One batch repeated let the branch predictor learn
     # the routing's top-k and sort (torch.topk of a (512, 16) tensor took 17 us repeated, 93 us
@@ -133,7 +137,7 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
         return buf.normal_(generator=gen)
 
     def fwd(model):
-        x = torch.empty(t, d, dtype=dtype)
+        x = torch.empty(t, d, dtype=_dtype_of(model))
 
         def run():
             with torch.no_grad():
@@ -144,7 +148,8 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
 
     def fwd_bwd(model):
         params = list(model.parameters())
-        xg, dy = torch.empty(t, d, dtype=dtype).requires_grad_(), torch.empty(t, d, dtype=dtype)
+        dt = _dtype_of(model)
+        xg, dy = torch.empty(t, d, dtype=dt).requires_grad_(), torch.empty(t, d, dtype=dt)
 
         def run():
             model(xg).backward(dy)
@@ -193,7 +198,8 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
         speedup = dense_ms / sparse_ms
         q1, q3 = paired_quartiles(times[("dense", phase)], times[("sparse", phase)])
         rows.append(dict(
-            dtype=str(dtype).split(".")[-1], T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
+            dtype=str(dtype).split(".")[-1], dense_dtype=str(dense_dtype).split(".")[-1],
+            T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
             dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
             speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
             # spread of the speedup: quartiles of dense / sparse within each repeat (the two
@@ -208,6 +214,10 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2):
             machine=machine(),
         ))
     return rows
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def paired_quartiles(dense: list[float], sparse: list[float]) -> tuple[float, float]:
@@ -256,8 +266,8 @@ def targets(rows) -> list[str]:
     also shows its per-repeat quartiles), one line per target and dtype; targets whose shapes
     were not measured are left out."""
     out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        mine = [r for r in rows if r["dtype"] == dtype]
+    for dtype in dict.fromkeys(_label(r) for r in rows):
+        mine = [r for r in rows if _label(r) == dtype]
         head = {r["phase"]: r for r in mine if (r["T"], r["d"], r["E"], r["k"]) == HEADLINE}
         if dtype == "float32" and head:
             out.append(f"{dtype} {'x'.join(map(str, HEADLINE))}: " + "; ".join(
@@ -283,6 +293,13 @@ def targets(rows) -> list[str]:
             out.append(f"{dtype} T >= 64, never slower than dense: {len(slower)} of {len(shapes)} "
                        f"shapes have a phase below 1x" + (f" ({', '.join(slower)})" if slower else ""))
     return out
+
+
+def _label(row) -> str:
+    """The row's dtype, and the dense baseline's where it differs (--dense-dtype): the SPEC's
+    targets compare the two FFNs in one dtype, so a mixed pair is judged on its own."""
+    dense = row.get("dense_dtype", row["dtype"])
+    return row["dtype"] if dense == row["dtype"] else f"{row['dtype']} vs {dense} dense"
 
 
 def router_share(t, d, e, k, repeats=20) -> str:
@@ -323,7 +340,7 @@ def configs(quick: bool):
 
 
 def markdown(rows):
-    cols = ["dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup",
+    cols = ["dtype", "dense_dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup",
             "speedup_q1", "speedup_q3", "ideal", "of_ideal"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
@@ -361,6 +378,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
                     help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
                          "default CSV bench/results/op_shapes[_bf16|_both].csv")
+    ap.add_argument("--dense-dtype", choices=["same", "fp32"], default="same",
+                    help="the dense baseline's dtype (default: --dtype's); fp32 compares a bf16 "
+                         "sparse FFN with a float32 dense one, e.g. on a CPU where torch has "
+                         "no native bf16 GEMM (CSV name gets _vs_fp32)")
     ap.add_argument("--warmup", type=positive_int, default=2, metavar="N",
                     help="untimed calls per case before the repeats (default 2)")
     ap.add_argument("--router-share", action="store_true",
@@ -373,16 +394,27 @@ def main(argv=None) -> int:
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16],
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     if args.out is None:
-        suffix = {"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype] + ("_quick" if args.quick else "")
+        suffix = ({"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype]
+                  + ("_quick" if args.quick else "")
+                  + ("_vs_fp32" if args.dense_dtype == "fp32" else ""))
         stem = "op_shapes" if args.shapes else "op"
         args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
     shapes = args.shapes or configs(args.quick)  # --shapes are all checked while parsing
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"router: ssdfx.convert, {machine()}", flush=True)
+    dense_dtype = torch.float32 if args.dense_dtype == "fp32" else None
+    for dtype in dtypes:
+        if dense_dtype is None and dtype != torch.float32 and not native_gemm(dtype):
+            print(f"note: torch has no native {str(dtype).split('.')[-1]} GEMM on this CPU (it "
+                  "needs AVX-512 or AMX): the dense baseline runs torch's generic loop, 1-10 "
+                  "GFLOP/s on an AVX2-only EPYC (hours for a sweep), while the sparse op "
+                  "computes in float32 (ssdfx.ops.widened). --dense-dtype fp32 compares it with "
+                  "a float32 dense FFN instead.", flush=True)
     rows = []
     for dtype in dtypes:
         for t, d, e, k in shapes:
-            new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle, args.warmup)
+            new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle, args.warmup,
+                          dense_dtype)
             for r in new:
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
             rows += new

@@ -134,3 +134,37 @@ def test_op_measures_on_fresh_data_at_every_call(dtype, monkeypatch):
     rows = op.measure(64, 32, 4, 2, dtype, repeats=3)
     assert [r["phase"] for r in rows] == ["fwd", "fwd+bwd"]
     assert len(seen) == 2 * (2 + 3) and len(set(seen)) == len(seen)  # warm-up + repeats, all new
+
+
+def test_op_dense_baseline_in_another_dtype(monkeypatch):
+    # --dense-dtype fp32: the sparse FFN in bf16 against a float32 dense one (each fed inputs
+    # of its own dtype), and the SPEC's targets, which compare the two in one dtype, judge
+    # such rows apart from same-dtype ones
+    op = _script("op")
+    seen = {}
+
+    def hook(name):
+        def record(mod, args):  # returns None: the inputs stay as they are
+            seen.setdefault(name, args[0].dtype)
+        return record
+
+    build, dense_build = op.sparse_model, op.dense_ffn
+
+    def recording(dense, num_experts, k):
+        model = build(dense, num_experts, k)
+        model.register_forward_pre_hook(hook("sparse"))
+        return model
+
+    def dense_recording(d, dtype=torch.float32):
+        model = dense_build(d, dtype)
+        model.register_forward_pre_hook(hook(dtype))
+        return model
+
+    monkeypatch.setattr(op, "sparse_model", recording)
+    monkeypatch.setattr(op, "dense_ffn", dense_recording)
+    rows = op.measure(64, 32, 4, 2, torch.bfloat16, repeats=1, dense_dtype=torch.float32)
+    assert seen["sparse"] == torch.bfloat16 and seen[torch.float32] == torch.float32
+    assert {(r["dtype"], r["dense_dtype"]) for r in rows} == {("bfloat16", "float32")}
+    rows = [dict(r, T=2048, d=768, E=16, k=4, of_ideal=0.6) for r in rows]
+    assert [line.split(":")[0] for line in op.targets(rows)] == [
+        "bfloat16 vs float32 dense T >= 64, never slower than dense"]

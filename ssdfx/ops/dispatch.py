@@ -28,6 +28,7 @@ import torch
 __all__ = ["BACKENDS", "Kernels", "native_gemm", "plain_eager", "select"]
 
 BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
+_WIDENED = (torch.bfloat16, torch.float16)  # what "numba" computes in float32 (ssdfx.ops.widened)
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,7 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
     return _make(backend)
 
 
-_WIDENED = (torch.bfloat16, torch.float16)
-
-
-_NATIVE: dict[torch.dtype, bool] = {}
+_NATIVE: dict[torch.dtype, bool] = {}  # native_gemm's answers, asked once per dtype
 
 
 @torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, no guard

@@ -121,8 +121,10 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
     """Rows of the two phases for one shape; dense_dtype: the dense baseline's dtype (default
     dtype; the sparse model is always converted from the same seeded FFN in dtype)."""
     dense_dtype = dense_dtype or dtype
-    sparse = sparse_model(dense_ffn(d, dtype), e, k)
-    dense = dense_ffn(d, dense_dtype)
+    dense = dense_ffn(d, dtype)
+    sparse = sparse_model(dense, e, k)
+    if dense_dtype != dtype:
+        dense = dense_ffn(d, dense_dtype)
     # fresh data at every call, written just before it as a previous layer would write it
     # (untimed, into the one input buffer). One batch repeated let the branch predictor learn
     # the routing's top-k and sort (torch.topk of a (512, 16) tensor took 17 us repeated, 93 us
@@ -198,7 +200,7 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
         speedup = dense_ms / sparse_ms
         q1, q3 = paired_quartiles(times[("dense", phase)], times[("sparse", phase)])
         rows.append(dict(
-            dtype=str(dtype).split(".")[-1], dense_dtype=str(dense_dtype).split(".")[-1],
+            dtype=_name(dtype), dense_dtype=_name(dense_dtype),
             T=t, d=d, d_ff=4 * d, E=e, k=k, phase=phase,
             dense_ms=round(dense_ms, 2), sparse_ms=round(sparse_ms, 2),
             speedup=round(speedup, 2), ideal=round(e / k, 2), of_ideal=round(speedup * k / e, 2),
@@ -218,6 +220,10 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]  # "bfloat16"
 
 
 def paired_quartiles(dense: list[float], sparse: list[float]) -> tuple[float, float]:
@@ -404,8 +410,8 @@ def main(argv=None) -> int:
           f"router: ssdfx.convert, {machine()}", flush=True)
     dense_dtype = torch.float32 if args.dense_dtype == "fp32" else None
     for dtype in dtypes:
-        if dense_dtype is None and dtype != torch.float32 and not native_gemm(dtype):
-            print(f"note: torch has no native {str(dtype).split('.')[-1]} GEMM on this CPU (it "
+        if dense_dtype is None and not native_gemm(dtype):
+            print(f"note: torch has no native {_name(dtype)} GEMM on this CPU (it "
                   "needs AVX-512 or AMX): the dense baseline runs torch's generic loop, 1-10 "
                   "GFLOP/s on an AVX2-only EPYC (hours for a sweep), while the sparse op "
                   "computes in float32 (ssdfx.ops.widened). --dense-dtype fp32 compares it with "

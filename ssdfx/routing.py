@@ -36,15 +36,14 @@ def centroids(w_act: torch.Tensor, num_experts: int, w_up: torch.Tensor | None =
 @graph_leaf  # one node when fx traces a router: its dtype check would be a traced branch
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear in w's dtype. A bf16/fp16 router on a CPU where torch has no native GEMM in
-    that dtype (`ssdfx.ops.dispatch.native_gemm`; AVX2-only CPUs, where torch's generic loop
+    that dtype (`ssdfx.ops.dispatch.widens`; AVX2-only CPUs, where torch's generic loop
     ran at 1-3 GFLOP/s) computes in float32 and rounds the scores to w's dtype, as the experts
     do there (`ssdfx.ops.widened`)."""
-    x = x.to(w.dtype)
-    if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
-        from ssdfx.ops.dispatch import native_gemm
+    from ssdfx.ops.dispatch import widens
 
-        if not native_gemm(w.dtype):
-            return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(w.dtype)
+    x = x.to(w.dtype)
+    if widens(w):
+        return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(w.dtype)
     return F.linear(x, w, b)
 
 

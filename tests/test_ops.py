@@ -409,14 +409,20 @@ def test_auto_widens_to_numba_only_without_a_native_gemm(dtype, monkeypatch):
     from ssdfx.ops import dispatch, widened
 
     p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=dtype)
+    real = dispatch.native_gemm
+    # float32/float64 are always native (and asking is no error); the answer is a bool
+    assert real(torch.float32) is True and real(torch.float64) is True
+    assert isinstance(real(dtype), bool)
     monkeypatch.setattr(dispatch, "_amx_bf16", lambda: False)
     for native in (True, False):
         monkeypatch.setattr(dispatch, "native_gemm", lambda dt: native)
         kernels = dispatch.select("auto", p["x"], p["w1"], 4)
         assert (kernels.forward is widened.forward) == (not native)
         assert dispatch.select("numba", p["x"], p["w1"], 4).forward is widened.forward
+        # only CPU tensors of a reduced dtype widen
+        assert dispatch.widens(p["x"]) == (not native)
+        assert not dispatch.widens(p["x"].float()) and not dispatch.widens(p["x"].to("meta"))
     assert dispatch.select("auto", p["x"].float(), p["w1"].float(), 4).name == "numba"
-    assert isinstance(dispatch.native_gemm(dtype), bool)
 
 
 def test_autocast_casts_inputs_and_grads_reach_fp32_weights():

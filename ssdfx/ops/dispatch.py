@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "Kernels", "native_gemm", "plain_eager", "select"]
+__all__ = ["BACKENDS", "Kernels", "native_gemm", "plain_eager", "select", "widens"]
 
 BACKENDS = ("auto", "reference", "torch", "grouped_mm", "numba")
 _WIDENED = (torch.bfloat16, torch.float16)  # what "numba" computes in float32 (ssdfx.ops.widened)
@@ -80,7 +80,7 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
     dev = x.device.type
     if backend == "auto":
         if dev == "cpu":
-            if x.dtype in _WIDENED and not native_gemm(x.dtype):
+            if widens(x):
                 backend = "numba"
             elif x.dtype == torch.bfloat16 and _amx_bf16():
                 return _make("torch+numba_bf16")
@@ -111,23 +111,31 @@ _NATIVE: dict[torch.dtype, bool] = {}  # native_gemm's answers, asked once per d
 
 @torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, no guard
 def native_gemm(dtype: torch.dtype) -> bool:
-    """Whether torch multiplies CPU matrices of this reduced-precision dtype natively (oneDNN
-    with AVX-512 or AMX for bf16, AVX-512-FP16 or AMX-FP16 for fp16) rather than in its
-    generic loop, which ran at 1-3 GFLOP/s on an AVX2-only CPU (`ssdfx.ops.widened`)."""
+    """Whether torch multiplies CPU matrices of this dtype natively: bf16 with oneDNN (AVX-512
+    or AMX), fp16 with AVX-512-FP16 or AMX-FP16, float32/float64 always; otherwise its generic
+    loop runs them, at 1-3 GFLOP/s on an AVX2-only CPU (`ssdfx.ops.widened`)."""
     if dtype not in _NATIVE:
         _NATIVE[dtype] = _query_native(dtype)
     return _NATIVE[dtype]
 
 
 def _query_native(dtype: torch.dtype) -> bool:
+    query = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if query is None:  # not a dtype torch multiplies through oneDNN's reduced precision
+        return True
     if not torch.backends.mkldnn.is_available():
         return False
-    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported",
-              torch.float16: "_is_mkldnn_fp16_supported"}
     try:
-        return bool(getattr(torch.ops.mkldnn, checks[dtype])())
+        return bool(getattr(torch.ops.mkldnn, query)())
     except (AttributeError, RuntimeError):  # a torch without the query: assume native
         return True
+
+
+def widens(t: torch.Tensor) -> bool:
+    """Whether ssdfx runs the GEMMs of this tensor in float32 (`ssdfx.ops.widened`, and the
+    routers): a CPU bfloat16/float16 tensor whose dtype torch cannot multiply natively."""
+    return t.device.type == "cpu" and t.dtype in _WIDENED and not native_gemm(t.dtype)
 
 
 @functools.cache

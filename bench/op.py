@@ -103,8 +103,9 @@ def _timed(fn) -> float:
 
 
 def machine() -> str:
-    """The CPU and the BLAS the numba kernels call: the ratios depend on both (dense fp32 runs
-    MKL, whose speed depends on the CPU's vendor; see bench/README.md)."""
+    """The CPU, the BLAS the numba kernels call and which code MKL runs: the ratios depend on
+    all three (dense fp32 runs MKL, which runs its AVX2 code on non-Intel CPUs unless told
+    otherwise; see bench/README.md, "MKL on AMD CPUs")."""
     from ssdfx.ops import blas
 
     model = platform.processor() or platform.machine()
@@ -114,7 +115,8 @@ def machine() -> str:
                          model)
     except OSError:
         pass
-    return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}"
+    mkl = "Intel code paths" if blas.MKL_INTEL_PATH else "non-Intel (AVX2) code paths"
+    return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}; MKL {mkl}"
 
 
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=None):
@@ -409,6 +411,12 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"router: ssdfx.convert, {machine()}", flush=True)
     dense_dtype = torch.float32 if args.dense_dtype == "fp32" else None
+    from ssdfx.ops import blas
+
+    if blas.HAS_MKL and not blas.MKL_INTEL_PATH:
+        print("note: MKL runs its AVX2 code on this non-Intel CPU, dense float32 included "
+              "(bench/mkl_intel_path.c preloaded lets it run what the CPU has; see "
+              "bench/README.md, 'MKL on AMD CPUs')", flush=True)
     for dtype in dtypes:
         if dense_dtype is None and not native_gemm(dtype):
             print(f"note: torch has no native {_name(dtype)} GEMM on this CPU (it "

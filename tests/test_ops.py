@@ -6,9 +6,11 @@ Kernel-vs-reference property tests are in test_ops_kernels.py, GPU ones in test_
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,11 +352,12 @@ def test_out_of_range_expert_raises(backend):
         _call(p, backend)
 
 
-def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
+def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
-    # (cpu_numba.infer_bf16) on a CPU with AMX up to cpu_numba.BF16_MAX_EXPERT_BYTES, the torch
-    # path beyond it and without AMX; backend="torch" and calls that record gradients always run the
-    # torch path
+    # (cpu_numba.infer_bf16) where MKL's bf16 GEMM is native (blas.BF16); with AMX only up to
+    # cpu_numba.BF16_MAX_EXPERT_BYTES (the torch path beyond it), with AVX-512-BF16 at any
+    # size; backend="torch", calls that record gradients and CPUs without a native bf16 GEMM
+    # always run the torch path
     from ssdfx.ops import blas, cpu_numba, dispatch
 
     if not blas.HAS_BF16_GEMM:
@@ -364,7 +367,7 @@ def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
     calls = []
     real = cpu_numba.infer_bf16
     monkeypatch.setattr(cpu_numba, "infer_bf16", lambda *a: calls.append(a) or real(*a))
-    monkeypatch.setattr(dispatch, "_amx_bf16", lambda: True)
+    monkeypatch.setattr(dispatch, "_numba_bf16", lambda: True)
     monkeypatch.setattr(dispatch, "native_gemm", lambda dtype: True)
     by_torch = _call(p, "torch")
     assert not calls
@@ -377,18 +380,22 @@ def test_auto_bf16_inference_runs_numba_where_amx_and_small(monkeypatch):
     assert not torch.equal(y, by_torch)  # a different kernel (fewer roundings) ran
     # an average expert's rows: T K / E = 20 of d = 16 bf16 values, 640 bytes
     monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 639)
-    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 1
+    monkeypatch.setattr(blas, "BF16_AMX", False)  # AVX-512-BF16: no bound
+    assert torch.equal(_call(p, "auto"), y) and len(calls) == 2
+    monkeypatch.setattr(blas, "BF16_AMX", True)
+    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 2
     monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 640)
+    assert torch.equal(_call(p, "auto"), y) and len(calls) == 3
     p["x"] = p["x"].requires_grad_()
-    assert torch.equal(_call(p, "auto").detach(), by_torch) and len(calls) == 1
+    assert torch.equal(_call(p, "auto").detach(), by_torch) and len(calls) == 3
     p["x"] = p["x"].detach()
-    monkeypatch.setattr(dispatch, "_amx_bf16", lambda: False)
-    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 1
+    monkeypatch.setattr(dispatch, "_numba_bf16", lambda: False)
+    assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 3
     with torch.no_grad():
-        monkeypatch.setattr(dispatch, "_amx_bf16", lambda: True)
-        assert _call(p, "auto").shape == y.shape and len(calls) == 2
+        monkeypatch.setattr(dispatch, "_numba_bf16", lambda: True)
+        assert _call(p, "auto").shape == y.shape and len(calls) == 4
         empty = {**p, "x": p["x"][:0], "expert_idx": p["expert_idx"][:0], "gate": p["gate"][:0]}
-        assert _call(empty, "auto").shape == (0, 16) and len(calls) == 3
+        assert _call(empty, "auto").shape == (0, 16) and len(calls) == 5
         p["expert_idx"][1, 1] = 4
         with pytest.raises(ValueError, match="expert_idx"):
             _call(p, "auto")
@@ -413,7 +420,7 @@ def test_auto_widens_to_numba_only_without_a_native_gemm(dtype, monkeypatch):
     # float32/float64 are always native (and asking is no error); the answer is a bool
     assert real(torch.float32) is True and real(torch.float64) is True
     assert isinstance(real(dtype), bool)
-    monkeypatch.setattr(dispatch, "_amx_bf16", lambda: False)
+    monkeypatch.setattr(dispatch, "_numba_bf16", lambda: False)
     for native in (True, False):
         monkeypatch.setattr(dispatch, "native_gemm", lambda dt: native)
         kernels = dispatch.select("auto", p["x"], p["w1"], 4)
@@ -501,19 +508,86 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
         assert blas_threads() == before
 
 
-def test_blas_choice_follows_the_cpu_and_rejects_bad_settings():
-    from ssdfx.ops.blas import _choose
+def test_blas_choice_follows_mkls_code_path_and_rejects_bad_settings():
+    # "auto": MKL where it runs its Intel code paths (an Intel CPU, or MKL told so), else
+    # OpenBLAS; MKL's bf16 GEMM is used where it multiplies bf16 natively
+    from ssdfx.ops.blas import _choose, _native_bf16
 
-    assert _choose("auto", True, "GenuineIntel") == "mkl"
-    assert _choose("", True, "GenuineIntel") == "mkl"
-    assert _choose("auto", True, "AuthenticAMD") == "openblas"
-    assert _choose("auto", False, "GenuineIntel") == "openblas"
-    assert _choose(" MKL ", True, "AuthenticAMD") == "mkl"
-    assert _choose("openblas", True, "GenuineIntel") == "openblas"
+    assert _choose("auto", True, True) == "mkl"
+    assert _choose("", True, True) == "mkl"
+    assert _choose("auto", True, False) == "openblas"
+    assert _choose("auto", False, True) == "openblas"
+    assert _choose(" MKL ", True, False) == "mkl"
+    assert _choose("openblas", True, True) == "openblas"
     with pytest.raises(ValueError, match="SSDFX_BLAS='blis' is not one of auto, mkl, openblas"):
-        _choose("blis", True, "GenuineIntel")
+        _choose("blis", True, True)
     with pytest.raises(RuntimeError, match="exports no MKL sgemm_.*SSDFX_BLAS=openblas"):
-        _choose("mkl", False, "GenuineIntel")
+        _choose("mkl", False, True)
+    for flags in ({"avx512f", "amx_bf16"}, {"avx512f", "avx512_bf16"}):
+        assert _native_bf16(True, True, flags)
+        assert not _native_bf16(True, False, flags)  # MKL's AVX2 code: float32 speed
+        assert not _native_bf16(False, True, flags)
+    assert not _native_bf16(True, True, {"avx2", "avx512f", "avx512bw"})
+
+
+def test_mkl_intel_path_is_detected_through_a_preloaded_library(tmp_path):
+    # bench/mkl_intel_path.c preloaded: MKL runs its Intel code paths (on an AMD CPU too),
+    # ssdfx sees it (MKL_INTEL_PATH, so the kernels take MKL), and where the CPU has
+    # AVX-512-BF16 or AMX the numba bf16 inference runs MKL's native bf16 GEMM and equals the
+    # float64 reference within bf16 rounding; without the preload MKL_INTEL_PATH is what MKL
+    # itself answers
+    pytest.importorskip("numba")
+    from ssdfx.ops import blas
+
+    if blas._mkl_addresses() is None:
+        pytest.skip("this torch build has no MKL")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the preloaded library")
+    shim = tmp_path / "mkl_intel_path.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim),
+                    str(Path(__file__).parents[1] / "bench" / "mkl_intel_path.c")], check=True)
+    code = textwrap.dedent(
+        """
+        import ctypes, glob, os, sys, torch
+        from ssdfx.ops import blas, cpu_numba, reference
+        lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                                 "libtorch_cpu.*"))[0])
+        own = lib.mkl_serv_intel_cpu_true() == 1 or blas._cpuinfo("vendor_id") == "GenuineIntel"
+        preloaded = "LD_PRELOAD" in os.environ
+        assert blas.MKL_INTEL_PATH == (preloaded or own), (blas.MKL_INTEL_PATH, own)
+        assert blas.LIBRARY == ("mkl" if blas.MKL_INTEL_PATH else "openblas"), blas.LIBRARY
+        flags = set(blas._cpuinfo("flags").split())
+        assert blas.BF16 == (blas.HAS_BF16_GEMM and blas.MKL_INTEL_PATH
+                             and bool(flags & {"amx_bf16", "avx512_bf16"}))
+        if blas.HAS_BF16_GEMM:
+            torch.manual_seed(0)
+            t, d, e, m, k = 300, 96, 8, 40, 2
+            x = torch.randn(t, d).bfloat16()
+            w1 = (torch.randn(e * m, d) / d ** 0.5).bfloat16()
+            w2 = (torch.randn(d, e * m) / (e * m) ** 0.5).bfloat16()
+            b1, b3 = torch.randn(e * m).bfloat16(), torch.randn(d).bfloat16()
+            idx = torch.randn(t, e).topk(k, dim=1).indices
+            gate = torch.rand(t, k).bfloat16()
+            y = cpu_numba.infer_bf16(x, w1, b1, w2, None, b3, idx, gate, e, "gelu")
+            f64 = [v.double() for v in (x, w1, b1, w2)]
+            want = reference.forward(*f64, None, b3.double(), idx, gate.double(), None, e,
+                                     "gelu", 0.0)[0]
+            err = (y.double() - want).abs().max() / want.abs().max()
+            assert err < 1e-2, err
+        print("ok", blas.MKL_INTEL_PATH, blas.BF16)
+        """
+    )
+    outs = []
+    for preload in (False, True):
+        env = {n: v for n, v in os.environ.items() if n not in ("LD_PRELOAD", "SSDFX_BLAS")}
+        if preload:
+            env["LD_PRELOAD"] = str(shim)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs.append(done.stdout.split())
+    assert outs[1][:2] == ["ok", "True"]
 
 
 @pytest.mark.parametrize("library", ["openblas", "mkl"])

@@ -8,7 +8,8 @@ computes the dense FFN and masks it. Modules:
     layout        the pair layout shared by every kernel, and the elementwise middle
     reference     pure-torch oracle kernels
     cpu_numba     launchers of the numba CPU kernels (numba_kernels, blas): fp32/fp64 on CPU,
-                  and bf16 inference on CPUs with AMX (numba_bf16, MKL's bf16 GEMM)
+                  and bf16 inference where MKL's bf16 GEMM is native (numba_bf16: AMX,
+                  or AVX-512-BF16 with MKL's Intel code paths, see blas)
     widened       bf16/fp16 through the float32 numba kernels, where torch has no native
                   GEMM in that dtype (AVX2-only CPUs)
     torch_path    sort-by-expert torch kernels, one mm per expert: bf16/fp16 on CPU

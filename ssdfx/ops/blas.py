@@ -5,23 +5,36 @@ strided views (HF GPT-2's Conv1D passes `c_fc.weight.t()`, and each expert is a 
 columns of it). BLAS itself handles any matrix with one unit stride through its leading
 dimension, so we call Fortran `?gemm` directly: no copy of a weight, ever.
 
-Which BLAS (`LIBRARY`): on Intel CPUs the MKL that torch links into libtorch_cpu (it exports
-`sgemm_`), elsewhere SciPy's OpenBLAS (`scipy.linalg.cython_blas`). Measured on the two
-machines this project ran on, inside the op's two-worker kernels: on an AMD Zen 4, MKL takes its
-AVX2 path and was 8-12% slower than OpenBLAS at 128-512 x 768 x 192 (equal or ~11 us faster per
-projection only at 16-32-row experts); on an AVX-512 Intel Xeon, MKL ran the 16 experts' GEMMs of
-T=2048, d=768, E=16, k=4 in 21.6-22.2 ms against 23.1-23.5 for OpenBLAS, and `bench/op.py`
-(two processes per library, no steal) measured the op at T=2048, d=256, E=32, k=16 at
-0.85-0.90x of dense forward with OpenBLAS against 1.07-1.17x with MKL, T=512, d=768, E=8, k=1
-3.49-3.58x against 3.97-4.79x, T=2048, d=768, E=16, k=4 equal (2.71-2.74x, 2.74-2.82x).
-`SSDFX_BLAS=mkl|openblas` overrides the choice (read once, when the kernels are first loaded).
+Which BLAS (`LIBRARY`): the MKL that torch links into libtorch_cpu (it exports `sgemm_`) where
+MKL runs its Intel code paths (`MKL_INTEL_PATH`), elsewhere SciPy's OpenBLAS
+(`scipy.linalg.cython_blas`). MKL picks its code by asking whether the CPU is an Intel one
+(`mkl_serv_intel_cpu_true`); on AMD CPUs it answers no and MKL runs its AVX2 code whatever the
+CPU has (sgemm 84-88 GFLOP/s on one core of an AMD Zen 5, against 183-208 once MKL was told
+the CPU is an Intel one; OpenBLAS 0.3.30, which does not know that CPU family and takes its
+Haswell kernels, 94-106). A library preloaded into the process that defines the function and
+answers yes (`bench/mkl_intel_path.c`, `LD_PRELOAD`, see bench/README.md) makes MKL take its
+AVX-512 paths there, for torch's own GEMMs as well; `MKL_INTEL_PATH` asks the function as MKL's
+own calls resolve it, so it sees such a library. Measured inside the op's two-worker kernels:
+on an AMD Zen 4 without the preload, MKL's AVX2 path was 8-12% slower than OpenBLAS at 128-512
+x 768 x 192 (equal or ~11 us faster per projection only at 16-32-row experts); on an AVX-512
+Intel Xeon, MKL ran the 16 experts' GEMMs of T=2048, d=768, E=16, k=4 in 21.6-22.2 ms against
+23.1-23.5 for OpenBLAS, and `bench/op.py` (two processes per library, no steal) measured the
+op at T=2048, d=256, E=32, k=16 at 0.85-0.90x of dense forward with OpenBLAS against
+1.07-1.17x with MKL, T=512, d=768, E=8, k=1 3.49-3.58x against 3.97-4.79x, T=2048, d=768,
+E=16, k=4 equal (2.71-2.74x, 2.74-2.82x); on the Zen 5 with the preload, the op's inference at
+T=2048, d=768, E=16, k=4 took 20.0 ms with MKL against 32.4 with OpenBLAS (medians of 12, one
+process each). `SSDFX_BLAS=mkl|openblas` overrides the choice (read once, when the kernels are
+first loaded).
 
 bfloat16 (`gemm_bf16`, `BF16`): MKL's `cblas_gemm_bf16bf16f32` (bf16 inputs, float32 output),
 also exported by libtorch_cpu, whatever `LIBRARY` is. On an Intel CPU with AMX it ran the
 16 experts' up-projections of T=2048, d=768, E=16, k=4 (512 x 768 x 192 each) at 730 GFLOP/s on
-one core (torch's bf16 `mm`, oneDNN: 663; float32 sgemm: 145); on the AMD Zen 4 it took an AVX2
-path at float32 speed (76-107 GFLOP/s against 167-457 for torch's bf16 `mm`), so `BF16` is True
-only where the CPU has AMX; elsewhere bf16 stays on torch's kernels.
+one core (torch's bf16 `mm`, oneDNN: 663; float32 sgemm: 145). Where MKL runs its AVX2 code
+it converts to float32 (76-107 GFLOP/s on the Zen 4, 72-90 on the Zen 5, against 89-394 for
+torch's bf16 `mm`); on the Zen 5 (AVX-512 with bf16, no AMX) with MKL's Intel paths, 273-408
+(64-2048 rows), at or above oneDNN's 89-394 on the same shapes. So `BF16` is True where MKL
+runs its Intel paths on a CPU with AMX or AVX-512-BF16 (`_native_bf16`); elsewhere bf16
+stays on torch's kernels.
 
 Threads: each worker runs its own GEMMs single-threaded. OpenBLAS's count is process-wide and
 set around each numba phase (`cpu_numba._numba_phase`); MKL's is set per call here, thread-locally
@@ -47,15 +60,15 @@ import numpy as np
 from numba import cfunc, njit, types
 from numba.extending import get_cython_function_address
 
-__all__ = ["BF16", "LIBRARY", "gemm", "gemm_bf16"]
+__all__ = ["BF16", "BF16_AMX", "HAS_MKL", "LIBRARY", "MKL_INTEL_PATH", "gemm", "gemm_bf16"]
 
 CHOICES = ("auto", "mkl", "openblas")
 
 
 def _mkl_addresses() -> dict[str, int] | None:
     """Addresses of sgemm_, dgemm_, MKL_Set_Num_Threads_Local and (where exported, else 0)
-    cblas_gemm_bf16bf16f32 in torch's own library, or None where this torch build has no MKL
-    (aarch64, macOS)."""
+    cblas_gemm_bf16bf16f32 in torch's own library, and under "intel" whether MKL runs its Intel
+    code paths (`_intel_path`), or None where this torch build has no MKL (aarch64, macOS)."""
     import torch
 
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
@@ -69,8 +82,22 @@ def _mkl_addresses() -> dict[str, int] | None:
             continue
         bf16 = getattr(lib, "cblas_gemm_bf16bf16f32", None)
         found["bf16"] = ctypes.cast(bf16, ctypes.c_void_p).value if bf16 is not None else 0
+        found["intel"] = _intel_path(lib)
         return found
     return None
+
+
+def _intel_path(lib: ctypes.CDLL) -> bool:
+    """Whether MKL takes its Intel code paths: `mkl_serv_intel_cpu_true()` as MKL's own calls
+    resolve it (through the process's global symbols, so a preloaded library that defines it
+    comes first; else libtorch_cpu's own). False where MKL exports no such function."""
+    for scope in (ctypes.CDLL(None), lib):
+        fn = getattr(scope, "mkl_serv_intel_cpu_true", None)
+        if fn is not None:
+            fn.restype = ctypes.c_int
+            fn.argtypes = []
+            return fn() == 1
+    return False
 
 
 def _cpuinfo(key: str) -> str:
@@ -85,8 +112,8 @@ def _cpuinfo(key: str) -> str:
     return ""
 
 
-def _choose(choice: str, mkl_available: bool, vendor: str) -> str:
-    """The BLAS the kernels call, for SSDFX_BLAS=`choice`."""
+def _choose(choice: str, mkl_available: bool, intel_path: bool) -> str:
+    """The BLAS the kernels call, for SSDFX_BLAS=`choice` (intel_path: `MKL_INTEL_PATH`)."""
     choice = choice.strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"SSDFX_BLAS={choice!r} is not one of {', '.join(CHOICES)}; "
@@ -95,8 +122,14 @@ def _choose(choice: str, mkl_available: bool, vendor: str) -> str:
         raise RuntimeError("SSDFX_BLAS=mkl, but this torch build exports no MKL sgemm_ "
                            "(libtorch_cpu); use SSDFX_BLAS=openblas or unset it")
     if choice == "auto":
-        return "mkl" if mkl_available and vendor == "GenuineIntel" else "openblas"
+        return "mkl" if mkl_available and intel_path else "openblas"
     return choice
+
+
+def _native_bf16(has_gemm: bool, intel_path: bool, flags: set[str]) -> bool:
+    """Whether MKL's bf16 GEMM multiplies in bf16 here (else it converts to float32 and runs at
+    float32's speed): it exists, MKL runs its Intel code, and the CPU has AMX or AVX-512-BF16."""
+    return has_gemm and intel_path and bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 @cfunc(types.int32(types.int32), cache=True)
@@ -117,7 +150,11 @@ def _no_gemm_bf16(layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 _mkl = _mkl_addresses()
-LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), _mkl is not None, _cpuinfo("vendor_id"))
+HAS_MKL = _mkl is not None
+# an Intel CPU's MKL takes them by definition (the vendor also keeps the old rule where a
+# future MKL renames the function)
+MKL_INTEL_PATH = bool(_mkl) and (_mkl["intel"] or _cpuinfo("vendor_id") == "GenuineIntel")
+LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), _mkl is not None, MKL_INTEL_PATH)
 for _name in ("sgemm", "dgemm"):
     llvm.add_symbol("ssdfx_" + _name, _mkl[_name] if LIBRARY == "mkl" else
                     get_cython_function_address("scipy.linalg.cython_blas", _name))
@@ -126,7 +163,9 @@ llvm.add_symbol("ssdfx_blas_local_threads",
 # whether MKL's bf16 GEMM can be called at all (the tests run it wherever it can), and whether
 # the kernels should (see the module's docstring)
 HAS_BF16_GEMM = bool(_mkl and _mkl["bf16"])
-BF16 = HAS_BF16_GEMM and "amx_bf16" in _cpuinfo("flags").split()
+_FLAGS = set(_cpuinfo("flags").split())
+BF16 = _native_bf16(HAS_BF16_GEMM, MKL_INTEL_PATH, _FLAGS)
+BF16_AMX = BF16 and "amx_bf16" in _FLAGS  # the size bound of cpu_numba.infer_bf16_or_torch
 llvm.add_symbol("ssdfx_gemm_bf16", _mkl["bf16"] if HAS_BF16_GEMM else _no_gemm_bf16.address)
 llvm.add_symbol("ssdfx_mkl_local_threads",
                 _mkl["local"] if _mkl else _no_local_threads.address)

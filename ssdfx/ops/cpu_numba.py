@@ -451,7 +451,8 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     return yt
 
 
-# bfloat16 inference on a CPU with AMX (`blas.BF16`): `infer_bf16` against the torch path
+# bfloat16 inference where MKL multiplies bf16 natively (`blas.BF16`). With AMX (`blas.BF16_AMX`):
+# `infer_bf16` against the torch path
 # (one oneDNN `mm` per expert on torch's threads), in one process on the Intel Xeon (2 cores),
 # each call right after a dense bf16 forward, alternated, medians of 21; torch path / numba
 # (speedup of numba), sparse ms:
@@ -470,15 +471,25 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
 # takes the calls whose average expert's gathered bf16 rows (T k / E rows of d) take at most
 # BF16_MAX_EXPERT_BYTES; every win above is under it, every loss over it (T=8192, d=256, E=8,
 # k=1, exactly at it, a draw).
+# With AVX-512-BF16 and no AMX (the AMD Zen 5 with MKL's Intel code paths, see
+# `bench/mkl_intel_path.c`) no size bound held: over the 54 shapes of bench/op.py's sweep (T
+# 512-8192, d 256/768, E 8-32, k = E/8-E/2; one process, each call alternated with a dense
+# forward, fresh data and routing, medians of 8, one run) numba was faster than the torch path
+# at 53, by a median 1.49x (0.92-4.03x; T=8192, d=768, E=32, k=4 28.1 ms against 36.9), slower
+# only at T=8192, d=768, E=8, k=2 (47.2 against 43.5 ms); so there it takes every bf16
+# inference call.
 BF16_MAX_EXPERT_BYTES = 512 * 2**10
 
 
 def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
-    """bfloat16 inference of the "auto" backend on a CPU with AMX: `infer_bf16` where an
-    average expert's rows take at most BF16_MAX_EXPERT_BYTES, the torch path's forward
-    beyond."""
+    """bfloat16 inference of the "auto" backend where `blas.BF16`: `infer_bf16`, except on a
+    CPU with AMX when an average expert's rows take more than BF16_MAX_EXPERT_BYTES (the torch
+    path's forward there)."""
+    from ssdfx.ops import blas
+
     t_all, d = x.shape
-    if t_all * expert_idx.shape[1] * d * 2 <= BF16_MAX_EXPERT_BYTES * num_experts:
+    if (not blas.BF16_AMX
+            or t_all * expert_idx.shape[1] * d * 2 <= BF16_MAX_EXPERT_BYTES * num_experts):
         return infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     from ssdfx.ops import torch_path
 

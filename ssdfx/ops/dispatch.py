@@ -4,8 +4,9 @@ Backends (explicit strings; there is no global switch):
 
     "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch" where torch
                   has a native GEMM in that dtype (`native_gemm`), except bfloat16 inference
-                  on a CPU with AMX, which runs numba's bf16 kernel up to a size
-                  (`cpu_numba.infer_bf16_or_torch`); "numba" (widened) where it has none;
+                  where MKL's bf16 GEMM is native (`blas.BF16`: AMX, or AVX-512-BF16 with
+                  MKL's Intel code paths), which runs numba's bf16 kernel (with AMX up to a
+                  size, `cpu_numba.infer_bf16_or_torch`); "numba" (widened) where it has none;
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
@@ -57,7 +58,7 @@ def _make(name: str) -> Kernels:
         from ssdfx.ops import widened as mod
 
         return Kernels("numba", mod.forward, mod.backward, mod.infer)
-    if name == "torch+numba_bf16":  # "auto" for bf16 on a CPU with AMX
+    if name == "torch+numba_bf16":  # "auto" for bf16 where MKL multiplies bf16 natively
         from ssdfx.ops import cpu_numba, torch_path
 
         return Kernels("torch", torch_path.forward, torch_path.backward,
@@ -82,7 +83,7 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
         if dev == "cpu":
             if widens(x):
                 backend = "numba"
-            elif x.dtype == torch.bfloat16 and _amx_bf16():
+            elif x.dtype == torch.bfloat16 and _numba_bf16():
                 return _make("torch+numba_bf16")
             else:
                 backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
@@ -139,7 +140,7 @@ def widens(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _amx_bf16() -> bool:
+def _numba_bf16() -> bool:
     from ssdfx.ops.blas import BF16  # loads numba: only once a bf16 CPU call runs
 
     return BF16

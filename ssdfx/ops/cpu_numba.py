@@ -451,11 +451,10 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     return yt
 
 
-# bfloat16 inference where MKL multiplies bf16 natively (`blas.BF16`). With AMX (`blas.BF16_AMX`):
-# `infer_bf16` against the torch path
-# (one oneDNN `mm` per expert on torch's threads), in one process on the Intel Xeon (2 cores),
-# each call right after a dense bf16 forward, alternated, medians of 21; torch path / numba
-# (speedup of numba), sparse ms:
+# bfloat16 inference where MKL multiplies bf16 natively (`blas.BF16`). With AMX
+# (`blas.BF16_AMX`): `infer_bf16` against the torch path (one oneDNN `mm` per expert on torch's
+# threads), in one process on the Intel Xeon (2 cores), each call right after a dense bf16
+# forward, alternated, medians of 21; torch path / numba (speedup of numba), sparse ms:
 #   T=64, d=256, E=16, k=4 0.93 / 0.67 (1.39x); T=512, d=256: E=8, k=1 1.53 / 1.13 (1.36x),
 #   E=8, k=4 1.90 / 1.62 (1.18x), E=16, k=4 2.04 / 1.34 (1.52x), E=16, k=8 3.93 / 1.85
 #   (2.12x), E=32, k=16 5.22 / 2.72 (1.92x); T=512, d=768: E=8, k=1 4.88 / 3.80 (1.28x),

@@ -153,8 +153,8 @@ _mkl = _mkl_addresses()
 HAS_MKL = _mkl is not None
 # an Intel CPU's MKL takes them by definition (the vendor also keeps the old rule where a
 # future MKL renames the function)
-MKL_INTEL_PATH = bool(_mkl) and (_mkl["intel"] or _cpuinfo("vendor_id") == "GenuineIntel")
-LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), _mkl is not None, MKL_INTEL_PATH)
+MKL_INTEL_PATH = HAS_MKL and (_mkl["intel"] or _cpuinfo("vendor_id") == "GenuineIntel")
+LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), HAS_MKL, MKL_INTEL_PATH)
 for _name in ("sgemm", "dgemm"):
     llvm.add_symbol("ssdfx_" + _name, _mkl[_name] if LIBRARY == "mkl" else
                     get_cython_function_address("scipy.linalg.cython_blas", _name))

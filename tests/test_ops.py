@@ -356,8 +356,7 @@ def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
     # (cpu_numba.infer_bf16) where MKL's bf16 GEMM is native (blas.BF16); with AMX only up to
     # cpu_numba.BF16_MAX_EXPERT_BYTES (the torch path beyond it), with AVX-512-BF16 at any
-    # size; backend="torch", calls that record gradients and CPUs without a native bf16 GEMM
-    # always run the torch path
+    # size; backend="torch" and CPUs without a native bf16 GEMM always run the torch path
     from ssdfx.ops import blas, cpu_numba, dispatch
 
     if not blas.HAS_BF16_GEMM:
@@ -386,8 +385,8 @@ def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 2
     monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 640)
     assert torch.equal(_call(p, "auto"), y) and len(calls) == 3
-    p["x"] = p["x"].requires_grad_()
-    assert torch.equal(_call(p, "auto").detach(), by_torch) and len(calls) == 3
+    p["x"] = p["x"].requires_grad_()  # training: forward_bf16, the same kernel, the same y
+    assert torch.equal(_call(p, "auto").detach(), y) and len(calls) == 3
     p["x"] = p["x"].detach()
     monkeypatch.setattr(dispatch, "_numba_bf16", lambda: False)
     assert torch.equal(_call(p, "auto"), by_torch) and len(calls) == 3
@@ -399,6 +398,62 @@ def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
         p["expert_idx"][1, 1] = 4
         with pytest.raises(ValueError, match="expert_idx"):
             _call(p, "auto")
+
+
+def test_auto_bf16_training_runs_numba_where_mkl_bf16_is_native(monkeypatch):
+    # backend "auto", bf16 on CPU, calls that record gradients: numba's bf16 training kernels
+    # (cpu_numba.forward_bf16, backward_bf16) where blas.BF16, under the same size bound as
+    # inference with AMX; the torch path with dropout, past the bound, and for backend="torch".
+    # Gradients against the float32 reference; opcheck through the custom op.
+    from ssdfx.ops import blas, cpu_numba, dispatch
+
+    if not blas.HAS_BF16_GEMM:
+        pytest.skip("this torch build exports no MKL cblas_gemm_bf16bf16f32")
+    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=torch.bfloat16)
+    p["expert_idx"][3, 1] = -1
+    calls = []
+    for name in ("forward_bf16", "backward_bf16"):
+        real = getattr(cpu_numba, name)
+        monkeypatch.setattr(cpu_numba, name,
+                            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(dispatch, "_numba_bf16", lambda: True)
+    monkeypatch.setattr(dispatch, "native_gemm", lambda dtype: True)
+    names = ("x", "w1", "b1", "w2", "w3", "b3", "gate")
+    dy = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+
+    def grads(q, backend, dropout_p=0.0):
+        leaves = {n: q[n].detach().clone().requires_grad_() for n in names}
+        y = _call({**q, **leaves}, backend, dropout_p=dropout_p)
+        y.backward(dy.to(y.dtype))
+        return [y.detach()] + [leaves[n].grad for n in names]
+
+    by_torch = grads(p, "torch")
+    assert not calls
+    got = grads(p, "auto")
+    assert calls == ["forward_bf16", "backward_bf16"]
+    up = {n: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for n, v in p.items()}
+    want = grads(up, "reference")
+    for name, a, b, t in zip(("y",) + names, got, want, by_torch):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert (a.float() - b).abs().max() <= 2e-2 * (1 + b.abs().max()), name
+        assert (t.float() - b).abs().max() <= 3e-2 * (1 + b.abs().max()), name
+    assert not torch.equal(got[1], by_torch[1])  # a different kernel (fewer roundings) ran
+    grads(p, "auto", dropout_p=0.3)  # dropout: the torch path
+    assert len(calls) == 2
+    # an average expert's rows: T K / E = 20 of d = 16 bf16 values, 640 bytes
+    monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 639)
+    monkeypatch.setattr(blas, "BF16_AMX", True)
+    past = grads(p, "auto")
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(past, by_torch))
+    monkeypatch.setattr(blas, "BF16_AMX", False)  # AVX-512-BF16: no bound
+    assert all(torch.equal(a, b) for a, b in zip(grads(p, "auto"), got)) and len(calls) == 4
+    for n in names:
+        p[n].requires_grad_()
+    args = (p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"], p["gate"],
+            None, p["num_experts"], "gelu", 0.0, "auto")
+    opcheck(torch.ops.ssdfx.moe_ffn.default, args)
+    assert "backward_bf16" in calls[4:]
 
 
 def test_backend_dtype_mismatch_raises():
@@ -533,9 +588,9 @@ def test_blas_choice_follows_mkls_code_path_and_rejects_bad_settings():
 def test_mkl_intel_path_is_detected_through_a_preloaded_library(tmp_path):
     # bench/mkl_intel_path.c preloaded: MKL runs its Intel code paths (on an AMD CPU too),
     # ssdfx sees it (MKL_INTEL_PATH, so the kernels take MKL), and where the CPU has
-    # AVX-512-BF16 or AMX the numba bf16 inference runs MKL's native bf16 GEMM and equals the
-    # float64 reference within bf16 rounding; without the preload MKL_INTEL_PATH is what MKL
-    # itself answers
+    # AVX-512-BF16 or AMX the numba bf16 inference and training run MKL's native bf16 GEMM and
+    # equal the float64 reference within bf16 rounding; without the preload MKL_INTEL_PATH is
+    # what MKL itself answers
     pytest.importorskip("numba")
     from ssdfx.ops import blas
 
@@ -575,6 +630,20 @@ def test_mkl_intel_path_is_detected_through_a_preloaded_library(tmp_path):
                                      "gelu", 0.0)[0]
             err = (y.double() - want).abs().max() / want.abs().max()
             assert err < 1e-2, err
+            # training: forward_bf16 and backward_bf16 against the float64 reference's
+            # gradients on the kernel's own saved pre-activations
+            fwd = cpu_numba.forward_bf16(x, w1, b1, w2, None, None, idx, gate, None, e, "gelu",
+                                         0.0)
+            dy = torch.randn(t, d).bfloat16()
+            got = cpu_numba.backward_bf16(dy, x, w1, w2, None, gate, None, *fwd[1:], e, "gelu",
+                                          0.0)
+            ref = reference.backward(dy.double(), *f64[:2], f64[3], None, gate.double(), None,
+                                     fwd[1].double(), fwd[2].double(), fwd[3], fwd[4], e,
+                                     "gelu", 0.0)
+            for a, b in zip(got, ref):
+                assert a.shape == b.shape
+                if b.numel():  # dw3, db3: none without GLU
+                    assert (a.double() - b).abs().max() <= 2e-2 * (1 + b.abs().max())
         print("ok", blas.MKL_INTEL_PATH, blas.BF16)
         """
     )

@@ -96,11 +96,16 @@ def run(kernels, p, spec):
     return fwd, bwd
 
 
-def check_against_reference(backend, spec, dtype, rel):
+def check_against_reference(backend, spec, dtype, rel, transposed=False):
+    """backend: a backend name for `dispatch.select`, or a `dispatch.Kernels`; transposed: the
+    weights as transposed views of their storage (HF Conv1D's layout), same values."""
     p = make(spec, dtype)
+    if transposed:
+        p.update({n: p[n].t().contiguous().t() for n in ("w1", "w2", "w3") if p[n] is not None})
     ref_p = _upcast(p)
     reference = select("reference", ref_p["x"], ref_p["w1"], spec["e"])
-    kernels = select(backend, p["x"], p["w1"], spec["e"])
+    kernels = (select(backend, p["x"], p["w1"], spec["e"]) if isinstance(backend, str)
+               else backend)
     ref_fwd, _ = run(reference, ref_p, spec)
     fwd, bwd = run(kernels, p, spec)
     assert torch.equal(fwd[3], ref_fwd[3]) and torch.equal(fwd[4], ref_fwd[4])  # layout
@@ -292,6 +297,9 @@ def test_numba_inference_call_matches_reference(spec, dtype, sum_by):
 # bf16 inputs: it rounds the hidden units and y once each (2^-9 relative each), so a tighter
 # bound than the torch path's 3e-2, which rounds four times
 _BF16_INFER_REL = 1e-2
+# the bf16 training kernels round a1 (a3), the hidden units, da1 (da3) and gate * h once each
+# before a product, and each output once: the same bound
+_BF16_TRAIN_REL = 1e-2
 
 
 def check_inference_against_reference(spec, dtype):
@@ -342,6 +350,50 @@ def test_numba_bf16_inference_matches_reference(spec, chunk):
              else contextlib.nullcontext())
     with patch:
         check_inference_against_reference(spec, torch.bfloat16)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([None, 1, 2, 3]), st.sampled_from(["numba", "torch"]),
+       st.booleans())
+@example(dict(e=1, m=3, d=5, t=1, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
+              activation="gelu", dropout_p=0.0), None, "numba", False)
+@example(dict(e=4, m=2, d=7, t=6, k=4, glu=True, bias=True, unused=0.0, skew=False, seed=1,
+              activation="silu", dropout_p=0.0), 2, "numba", True)
+@example(dict(e=8, m=2, d=3, t=5, k=1, glu=False, bias=False, unused=0.0, skew=True, seed=2,
+              activation="relu", dropout_p=0.0), None, "torch", False)
+@example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
+              activation="gelu_tanh", dropout_p=0.0), 1, "numba", False)
+def test_numba_bf16_training_matches_reference(spec, chunk, forward_by, transposed):
+    # cpu_numba.forward_bf16 / backward_bf16 (MKL's bf16 GEMM, float32 in between; what "auto"
+    # trains with where blas.BF16): forward, saved layout and every gradient. E=1, k=E, T=1,
+    # odd d, experts nobody chose, unused slots, GLU, every activation; chunk forces an
+    # expert's rows to be taken 1-3 at a time (the weight gradients then add up chunks);
+    # forward_by "torch": the backward on the torch path's saved layout (the "auto" backend
+    # pairs them where dropout or AMX's size bound sends the forward there); transposed:
+    # Conv1D's weight layout, whose gradients the kernel writes in that layout
+    from ssdfx.ops import cpu_numba, torch_path
+    from ssdfx.ops.dispatch import Kernels
+
+    _bf16_gemm()
+    spec = {**spec, "dropout_p": 0.0}  # the torch path takes dropout (forward_bf16_or_torch)
+    forward = cpu_numba.forward_bf16 if forward_by == "numba" else torch_path.forward
+    kernels = Kernels("numba", forward, cpu_numba.backward_bf16)
+    patch = (_patched(cpu_numba, chunk_rows=lambda *shape: chunk) if chunk
+             else contextlib.nullcontext())
+    with patch:
+        check_against_reference(kernels, spec, torch.bfloat16, _BF16_TRAIN_REL, transposed)
+
+
+def test_numba_bf16_training_rejects_dropout():
+    from ssdfx.ops import cpu_numba
+
+    _bf16_gemm()
+    spec = dict(e=2, m=2, d=3, t=4, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
+                activation="gelu", dropout_p=0.5)
+    p = make(spec, torch.bfloat16)
+    with pytest.raises(ValueError, match="dropout"):
+        cpu_numba.forward_bf16(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
+                               p["expert_idx"], p["gate"], p["keep"], 2, "gelu", 0.5)
 
 
 def test_round_bf16_equals_torch_conversion():

@@ -44,9 +44,10 @@ import torch
 from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES", "backward", "by_token_blocks",
-           "chunk_rows", "forward", "infer", "infer_bf16", "infer_bf16_or_torch",
-           "num_workers", "padded_slots", "sort_pairs",
+__all__ = ["BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES",
+           "backward", "backward_bf16", "backward_bf16_or_torch", "by_token_blocks",
+           "chunk_rows", "forward", "forward_bf16", "forward_bf16_or_torch", "infer",
+           "infer_bf16", "infer_bf16_or_torch", "num_workers", "padded_slots", "sort_pairs",
            "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -477,18 +478,34 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
 # at 53, by a median 1.49x (0.92-4.03x; T=8192, d=768, E=32, k=4 28.1 ms against 36.9), slower
 # only at T=8192, d=768, E=8, k=2 (47.2 against 43.5 ms); so there it takes every bf16
 # inference call.
+# Training (`forward_bf16`, `backward_bf16`, no dropout) follows the same rule. On the Zen 5 with
+# the Intel code paths, forward+backward through the converted module against the torch path,
+# one process, alternated with a dense bf16 forward+backward, medians of 15 (numba / torch ms):
+# T=2048, d=768, E=16, k=4 24.9 / 35.4 (1.42x); T=512, d=256: E=16, k=4 2.03 / 2.85 (1.41x),
+# E=32, k=16 3.96 / 6.32 (1.59x); T=2048, d=256, E=16, k=8 8.36 / 13.1 (1.57x); T=8192,
+# d=256: E=8, k=4 34.5 / 55.4 (1.61x), E=32, k=16 36.9 / 66.6 (1.81x); T=512, d=768, E=32,
+# k=16 16.0 / 33.3 (2.08x); T=2048, d=768: E=8, k=4 1.14x, E=32, k=16 1.66x; T=8192, d=768:
+# E=8, k=2 1.24x, E=16, k=4 1.09x, E=16, k=8 1.26x, E=32, k=16 1.48x; slower only at T=8192,
+# d=768, E=8, k=4 (257 / 230 ms, 0.90x; 4096 rows per expert, as many as E=16, k=8's, which
+# won). With AMX training was not measured: there the inference bound keeps the torch path for
+# large experts.
 BF16_MAX_EXPERT_BYTES = 512 * 2**10
+
+
+def _bf16_numba_fits(t_all: int, k: int, d: int, num_experts: int) -> bool:
+    """Whether the "auto" backend runs numba's bf16 kernels for T tokens, K slots, width d and
+    E experts where `blas.BF16`: always with AVX-512-BF16, with AMX while an average expert's
+    gathered rows take at most BF16_MAX_EXPERT_BYTES (see above)."""
+    from ssdfx.ops import blas
+
+    return not blas.BF16_AMX or t_all * k * d * 2 <= BF16_MAX_EXPERT_BYTES * num_experts
 
 
 def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
     """bfloat16 inference of the "auto" backend where `blas.BF16`: `infer_bf16`, except on a
     CPU with AMX when an average expert's rows take more than BF16_MAX_EXPERT_BYTES (the torch
     path's forward there)."""
-    from ssdfx.ops import blas
-
-    t_all, d = x.shape
-    if (not blas.BF16_AMX
-            or t_all * expert_idx.shape[1] * d * 2 <= BF16_MAX_EXPERT_BYTES * num_experts):
+    if _bf16_numba_fits(x.shape[0], expert_idx.shape[1], x.shape[1], num_experts):
         return infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     from ssdfx.ops import torch_path
 
@@ -496,9 +513,87 @@ def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, ac
                               activation, 0.0)[0]
 
 
+def forward_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
+                          activation, dropout_p):
+    """The bfloat16 training forward of the "auto" backend where `blas.BF16`: `forward_bf16`
+    where `infer_bf16_or_torch` takes numba and there is no dropout, else the torch path's.
+    Both save the same layout, so either backward takes either forward's."""
+    from ssdfx.ops import torch_path
+
+    if keep is None and _bf16_numba_fits(x.shape[0], expert_idx.shape[1], x.shape[1],
+                                         num_experts):
+        return forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, None, num_experts,
+                            activation, dropout_p)
+    return torch_path.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
+                              activation, dropout_p)
+
+
+def backward_bf16_or_torch(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
+                           activation, dropout_p):
+    """The bfloat16 backward of the "auto" backend where `blas.BF16`, chosen as in
+    `forward_bf16_or_torch`."""
+    from ssdfx.ops import torch_path
+
+    fits = _bf16_numba_fits(x.shape[0], gate.shape[1], x.shape[1], num_experts)
+    run = backward_bf16 if keep is None and fits else torch_path.backward
+    return run(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
+               dropout_p)
+
+
+def _flat_bits(t: torch.Tensor) -> np.ndarray:
+    """A dense bfloat16 tensor's storage (from its first element) as 1-D uint16 bits."""
+    return _bits(t.as_strided((t.numel(),), (1,)))
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's bits as a uint16 numpy view (same strides, no copy)."""
     return t.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+def _need_bf16_gemm():
+    from ssdfx.ops.blas import HAS_BF16_GEMM
+
+    if not HAS_BF16_GEMM:
+        raise RuntimeError("the numba bfloat16 kernels need MKL's cblas_gemm_bf16bf16f32, which "
+                           "this torch build does not export; use backend='torch'")
+
+
+def _unit_or_empty(gate: torch.Tensor) -> np.ndarray:
+    """The gates as float32 (T*K,), or (0,) where all are exactly 1.0 (the router's in the
+    forward): the kernels then skip the multiplications."""
+    g = _np(gate.float().contiguous()).reshape(-1)
+    return np.empty(0, np.float32) if bool((g == 1.0).all()) else g
+
+
+def _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax, k,
+                  activation, a1s, a3s, yt):
+    """Run `numba_bf16.fwd_tokens_bf16` into yt for `infer_bf16` and `forward_bf16`: numpy
+    order, offsets, ptr, experts; a1s, a3s uint16 arrays ((0, m) where nothing is saved)."""
+    from ssdfx.ops import numba_bf16
+    from ssdfx.ops.numba_act import CODES
+
+    workers = ptr.shape[0] - 1
+    t_all, d = x.shape
+    m = w1.shape[0] // (offsets.shape[0] - 1)
+    pairs = int(offsets[-1])
+    glu = w3 is not None
+    code = CODES[activation]
+    f32 = np.float32
+    chunk = chunk_rows(d, m, 2)
+    rows = min(nmax, chunk)
+    block = rows * m
+    tmps, bits = _act_scratch(code, np.dtype(f32), workers, block)
+    empty = np.empty(0, f32)
+    with _numba_phase(workers):
+        numba_bf16.fwd_tokens_bf16(
+            _bits(x.contiguous()), _bits(w1), _np(b1.float()) if b1 is not None else empty,
+            _bits(w3) if glu else np.empty((0, d), np.uint16),
+            _np(b3.float()) if b3 is not None else empty,
+            _bits(w2).T, _unit_or_empty(gate), order, offsets, k, ptr, experts, code, a1s, a3s,
+            _bits(yt), np.empty((pairs, m), np.uint16), np.empty((t_all, d), f32),
+            np.empty((workers, rows, d), np.uint16), np.empty((workers, rows, d), f32),
+            np.empty((workers, block), f32), np.empty((workers, block if glu else 0), f32),
+            np.empty((workers, block), f32), tmps, bits, chunk)
 
 
 @_keeps_torch_threads
@@ -506,44 +601,105 @@ def infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     """`infer` for bfloat16: one numba call after the routing (`numba_bf16.fwd_tokens_bf16`),
     every product in MKL's bf16 GEMM (`blas.gemm_bf16`), only where `blas.HAS_BF16_GEMM`.
     The hidden units and y are rounded to bf16 once each (see `numba_bf16`)."""
-    from ssdfx.ops import numba_bf16
-    from ssdfx.ops.blas import HAS_BF16_GEMM
-    from ssdfx.ops.numba_act import CODES
-
-    if not HAS_BF16_GEMM:
-        raise RuntimeError("the numba bfloat16 kernel needs MKL's cblas_gemm_bf16bf16f32, which "
-                           "this torch build does not export; use backend='torch'")
+    _need_bf16_gemm()
     _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), b1=b1, b3=b3, gate=gate)
     workers = num_workers()
     t_all, d = x.shape
+    m = w1.shape[0] // num_experts
+    order, offsets, _, ptr, experts, nmax = _route(expert_idx, num_experts, workers)
+    yt = torch.empty(t_all, d, dtype=torch.bfloat16)
+    none = np.empty((0, m), np.uint16)
+    _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax,
+                  expert_idx.shape[1], activation, none, none, yt)
+    return yt
+
+
+@_keeps_torch_threads
+def forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
+                 dropout_p):
+    """`forward` for bfloat16 without dropout (keep None; the torch path takes dropout, see
+    `forward_bf16_or_torch`): `infer_bf16`'s kernel, which also saves the pre-activations,
+    rounded to bf16, in the layout every backend shares; only where `blas.HAS_BF16_GEMM`."""
+    _need_bf16_gemm()
+    if keep is not None:
+        raise ValueError("the numba bfloat16 kernels take no dropout; use backend='torch'")
+    _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), b1=b1, b3=b3, gate=gate)
+    from ssdfx.ops import numba_kernels as nk
+
+    workers = num_workers()
+    t_all, d = x.shape
     k = expert_idx.shape[1]
+    m = w1.shape[0] // num_experts
+    glu = w3 is not None
+    order_t, offsets_t = _sort_pairs(expert_idx, num_experts)
+    order, offsets = _np(order_t), _np(offsets_t)
+    pairs = int(offsets[-1])
+    ptr, experts, nmax = nk.plan(offsets, workers)
+    a1t = torch.empty(t_all * k, m, dtype=torch.bfloat16)
+    a3t = torch.empty(t_all * k if glu else 0, m, dtype=torch.bfloat16)
+    a1t[pairs:] = 0.0
+    a3t[pairs:] = 0.0
+    yt = torch.empty(t_all, d, dtype=torch.bfloat16)
+    _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax, k,
+                  activation, _bits(a1t[:pairs]),
+                  _bits(a3t[:pairs]) if glu else np.empty((0, m), np.uint16), yt)
+    return yt, a1t, a3t, order_t, offsets_t
+
+
+@_keeps_torch_threads
+def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
+                  activation, dropout_p):
+    """`backward` for bfloat16 without dropout: every gradient in one numba call
+    (`numba_bf16.bwd_bf16`), every product in MKL's bf16 GEMM, float32 in between; takes the
+    layout any backend's forward saved."""
+    _need_bf16_gemm()
+    if keep is not None:
+        raise ValueError("the numba bfloat16 kernels take no dropout; use backend='torch'")
+    _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), dy=dy, gate=gate, a1=a1)
+    from ssdfx.ops import numba_bf16
+    from ssdfx.ops import numba_kernels as nk
+    from ssdfx.ops.numba_act import CODES
+
+    workers = num_workers()
+    t_all, d = x.shape
+    k = gate.shape[1]
     f_all = w1.shape[0]
     m = f_all // num_experts
     glu = w3 is not None
-    order, offsets, _, ptr, experts, nmax = _route(expert_idx, num_experts, workers)
-    pairs = int(offsets[-1])
+    on, offn = _np(order), _np(offsets)
+    pairs = int(offn[-1])
+    ptr, experts, nmax = nk.plan(offn, workers)
     code = CODES[activation]
-    f32 = np.float32
+    f32, u16 = np.float32, np.uint16
     chunk = chunk_rows(d, m, 2)
     rows = min(nmax, chunk)
     block = rows * m
     tmps, bits = _act_scratch(code, np.dtype(f32), workers, block)
-    none16 = np.empty((0, d), np.uint16)
-    empty = np.empty(0, f32)
-    yt = torch.empty(t_all, d, dtype=torch.bfloat16)
-    g = _np(gate.float().contiguous()).reshape(-1)
-    if bool((g == 1.0).all()):  # the router's gates at inference: skip the multiplications
-        g = empty
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
+    db1, db3 = np.empty(f_all, f32), np.empty(f_all if glu else 0, f32)
+    dg = np.empty(pairs, f32)
+    dxt = x.new_empty(t_all, d)
     with _numba_phase(workers):
-        numba_bf16.fwd_tokens_bf16(
-            _bits(x.contiguous()), _bits(w1), _np(b1.float()) if b1 is not None else empty,
-            _bits(w3) if glu else none16, _np(b3.float()) if b3 is not None else empty,
-            _bits(w2).T, g, order, offsets, k, ptr, experts, code, _bits(yt),
-            np.empty((pairs, m), np.uint16), np.empty((t_all, d), f32),
-            np.empty((workers, rows, d), np.uint16), np.empty((workers, rows, d), f32),
-            np.empty((workers, block), f32), np.empty((workers, block if glu else 0), f32),
-            np.empty((workers, block), f32), tmps, bits, chunk)
-    return yt
+        numba_bf16.bwd_bf16(
+            _bits(x.contiguous()), _bits(dy.contiguous()), _bits(w1), _bits(w2),
+            _bits(w3) if glu else np.empty((0, d), u16), _bits(a1[:pairs]),
+            _bits(a3[:pairs]) if glu else np.empty((0, m), u16), _unit_or_empty(gate),
+            on, offn, k, ptr, experts, code,
+            _flat_bits(dw1), _flat_bits(dw2), _flat_bits(dw3),
+            np.array([dw1.stride(), dw2.stride(), dw3.stride() if glu else (0, 0)], np.int64),
+            db1, db3, dg,
+            _bits(dxt), np.empty((pairs, m), u16), np.empty((pairs if glu else 0, m), u16),
+            np.empty((t_all, d), f32), np.empty((workers, rows, d), u16),
+            np.empty((workers, rows, d), u16), np.empty((workers, rows, d), f32),
+            np.empty((workers, m, d), f32), np.empty((workers, d, m), f32),
+            np.empty((workers, m if glu else 0, d), f32), np.empty((workers, 6, block), f32),
+            np.empty((workers, block), u16), tmps, bits, chunk,
+        )
+    dgate = x.new_zeros(t_all * k)
+    dgate[order[:pairs]] = torch.from_numpy(dg).to(x.dtype)
+    return (dxt, dw1, torch.from_numpy(db1).to(x.dtype), dw2, dw3,
+            torch.from_numpy(db3).to(x.dtype), dgate.view(t_all, k))
 
 
 @_keeps_torch_threads

@@ -3,10 +3,11 @@
 Backends (explicit strings; there is no global switch):
 
     "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch" where torch
-                  has a native GEMM in that dtype (`native_gemm`), except bfloat16 inference
-                  where MKL's bf16 GEMM is native (`blas.BF16`: AMX, or AVX-512-BF16 with
-                  MKL's Intel code paths), which runs numba's bf16 kernel (with AMX up to a
-                  size, `cpu_numba.infer_bf16_or_torch`); "numba" (widened) where it has none;
+                  has a native GEMM in that dtype (`native_gemm`), except bfloat16 where MKL's
+                  bf16 GEMM is native (`blas.BF16`: AMX, or AVX-512-BF16 with MKL's Intel code
+                  paths), which runs numba's bf16 kernels, inference and training without
+                  dropout (with AMX up to a size, `cpu_numba.forward_bf16_or_torch`);
+                  "numba" (widened) where it has none;
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"
     "reference"   the pure-torch oracle (`ssdfx.ops.reference`), any device and dtype
@@ -58,11 +59,11 @@ def _make(name: str) -> Kernels:
         from ssdfx.ops import widened as mod
 
         return Kernels("numba", mod.forward, mod.backward, mod.infer)
-    if name == "torch+numba_bf16":  # "auto" for bf16 where MKL multiplies bf16 natively
-        from ssdfx.ops import cpu_numba, torch_path
+    if name == "numba_bf16":  # "auto" for bf16 where MKL multiplies bf16 natively
+        from ssdfx.ops import cpu_numba as mod
 
-        return Kernels("torch", torch_path.forward, torch_path.backward,
-                       cpu_numba.infer_bf16_or_torch)
+        return Kernels("numba", mod.forward_bf16_or_torch, mod.backward_bf16_or_torch,
+                       mod.infer_bf16_or_torch)
     if name == "grouped_mm":
         from ssdfx.ops import grouped as mod
 
@@ -84,7 +85,7 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
             if widens(x):
                 backend = "numba"
             elif x.dtype == torch.bfloat16 and _numba_bf16():
-                return _make("torch+numba_bf16")
+                return _make("numba_bf16")
             else:
                 backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
         elif dev == "cuda":

@@ -352,11 +352,9 @@ def test_out_of_range_expert_raises(backend):
         _call(p, backend)
 
 
-def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
-    # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
-    # (cpu_numba.infer_bf16) where MKL's bf16 GEMM is native (blas.BF16); with AMX only up to
-    # cpu_numba.BF16_MAX_EXPERT_BYTES (the torch path beyond it), with AVX-512-BF16 at any
-    # size; backend="torch" and CPUs without a native bf16 GEMM always run the torch path
+def _auto_bf16(monkeypatch, *spied):
+    """A bf16 problem (T=40, an unused slot) with "auto" dispatching as where MKL's bf16 GEMM is
+    native, and the names of the `cpu_numba` launchers in `spied` logged to `calls` when run."""
     from ssdfx.ops import blas, cpu_numba, dispatch
 
     if not blas.HAS_BF16_GEMM:
@@ -364,10 +362,23 @@ def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=torch.bfloat16)
     p["expert_idx"][3, 1] = -1
     calls = []
-    real = cpu_numba.infer_bf16
-    monkeypatch.setattr(cpu_numba, "infer_bf16", lambda *a: calls.append(a) or real(*a))
+    for name in spied:
+        real = getattr(cpu_numba, name)
+        monkeypatch.setattr(cpu_numba, name,
+                            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     monkeypatch.setattr(dispatch, "_numba_bf16", lambda: True)
     monkeypatch.setattr(dispatch, "native_gemm", lambda dtype: True)
+    return p, calls
+
+
+def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
+    # backend "auto", bf16 on CPU: calls with nothing to differentiate run numba's bf16 kernel
+    # (cpu_numba.infer_bf16) where MKL's bf16 GEMM is native (blas.BF16); with AMX only up to
+    # cpu_numba.BF16_MAX_EXPERT_BYTES (the torch path beyond it), with AVX-512-BF16 at any
+    # size; backend="torch" and CPUs without a native bf16 GEMM always run the torch path
+    from ssdfx.ops import blas, cpu_numba, dispatch
+
+    p, calls = _auto_bf16(monkeypatch, "infer_bf16")
     by_torch = _call(p, "torch")
     assert not calls
     y = _call(p, "auto")
@@ -405,19 +416,9 @@ def test_auto_bf16_training_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     # (cpu_numba.forward_bf16, backward_bf16) where blas.BF16, under the same size bound as
     # inference with AMX; the torch path with dropout, past the bound, and for backend="torch".
     # Gradients against the float32 reference; opcheck through the custom op.
-    from ssdfx.ops import blas, cpu_numba, dispatch
+    from ssdfx.ops import blas, cpu_numba
 
-    if not blas.HAS_BF16_GEMM:
-        pytest.skip("this torch build exports no MKL cblas_gemm_bf16bf16f32")
-    p = _problem(t=40, d=16, e=4, m=8, k=2, dtype=torch.bfloat16)
-    p["expert_idx"][3, 1] = -1
-    calls = []
-    for name in ("forward_bf16", "backward_bf16"):
-        real = getattr(cpu_numba, name)
-        monkeypatch.setattr(cpu_numba, name,
-                            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
-    monkeypatch.setattr(dispatch, "_numba_bf16", lambda: True)
-    monkeypatch.setattr(dispatch, "native_gemm", lambda dtype: True)
+    p, calls = _auto_bf16(monkeypatch, "forward_bf16", "backward_bf16")
     names = ("x", "w1", "b1", "w2", "w3", "b3", "gate")
     dy = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
 

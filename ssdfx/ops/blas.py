@@ -58,9 +58,10 @@ import os
 import llvmlite.binding as llvm
 import numpy as np
 from numba import cfunc, njit, types
-from numba.extending import get_cython_function_address
+from numba.extending import get_cython_function_address, overload
 
-__all__ = ["BF16", "BF16_AMX", "HAS_MKL", "LIBRARY", "MKL_INTEL_PATH", "gemm", "gemm_bf16"]
+__all__ = ["BF16", "BF16_AMX", "HAS_MKL", "LIBRARY", "MKL_INTEL_PATH", "gemm", "gemm_bf16",
+           "gemm_by_dtype"]
 
 CHOICES = ("auto", "mkl", "openblas")
 
@@ -297,3 +298,16 @@ def gemm_bf16(a, b, c, beta):
                np.int32(_NO_TRANS if rb == 1 else _TRANS), m_, n_, k_, np.float32(1.0),
                a.ctypes, lda, b.ctypes, ldb, np.float32(beta), c.ctypes, ldc)
     _mkl_local_threads(before)
+
+
+def gemm_by_dtype(a, b, c, beta):
+    """`gemm_bf16` where a holds bfloat16 bits (uint16), else `gemm`: chosen when numba compiles
+    the caller, so one kernel body serves both (`numba_kernels.token_sum`). numba code only."""
+    raise NotImplementedError("gemm_by_dtype is for numba-compiled code")
+
+
+@overload(gemm_by_dtype)
+def _gemm_by_dtype(a, b, c, beta):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, beta: gemm_bf16(a, b, c, beta)
+    return lambda a, b, c, beta: gemm(a, b, c, beta)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -381,6 +382,45 @@ def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, exper
                    np.empty((workers, block if g3 else 0), dt), tmps, bits, chunk)
 
 
+class _Saved(NamedTuple):
+    """What a training forward allocates and plans before its kernel (`_training_layout`)."""
+
+    order_t: torch.Tensor  # (T*K,) the pair layout, saved for the backward
+    offsets_t: torch.Tensor  # (E+1,)
+    order: np.ndarray  # numpy views of the two
+    offsets: np.ndarray
+    pairs: int
+    ptr: np.ndarray  # the worker plan (`numba_kernels.plan`)
+    experts: np.ndarray
+    nmax: int
+    a1t: torch.Tensor  # (T*K, m) the pre-activations, rows >= P zero
+    a3t: torch.Tensor  # (T*K, m) with GLU, else (0, m)
+    yt: torch.Tensor  # (T, d) the output
+
+
+def _training_layout(x, w1, w3, expert_idx, num_experts) -> _Saved:
+    """Sort the pairs, plan the workers and allocate what leaves a training forward, in x's
+    dtype."""
+    from ssdfx.ops import numba_kernels as nk
+
+    t_all, d = x.shape
+    k = expert_idx.shape[1]
+    m = w1.shape[0] // num_experts
+    # what leaves the launcher is allocated by torch: a tensor over a numpy array needs the GIL
+    # to be freed, which an autograd graph may do from another thread or at interpreter exit
+    # (the saved a1, the gradients); scratch that never leaves is numpy
+    order_t, offsets_t = _sort_pairs(expert_idx, num_experts)
+    order, offsets = _np(order_t), _np(offsets_t)
+    pairs = int(offsets[-1])
+    ptr, experts, nmax = nk.plan(offsets, num_workers())
+    a1t = torch.empty(t_all * k, m, dtype=x.dtype)
+    a3t = torch.empty(t_all * k if w3 is not None else 0, m, dtype=x.dtype)
+    a1t[pairs:] = 0.0
+    a3t[pairs:] = 0.0
+    return _Saved(order_t, offsets_t, order, offsets, pairs, ptr, experts, nmax, a1t, a3t,
+                  torch.empty(t_all, d, dtype=x.dtype))
+
+
 @_keeps_torch_threads
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
     """y, and what the backward needs: the pre-activations a1, a3 (T*K, m) in pair order
@@ -389,32 +429,17 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     torch's float32 GELU/SiLU family by ~1e-7 relative; ReLU, squared ReLU and identity are
     exact."""
     _check(x, w1, w2, w3, num_experts, b1=b1, b3=b3, gate=gate)
-    workers = num_workers()
-    from ssdfx.ops import numba_kernels as nk
-
-    t_all, d = x.shape
     k = expert_idx.shape[1]
     m = w1.shape[0] // num_experts
-    glu = w3 is not None
-    # what leaves the launcher is allocated by torch: a tensor over a numpy array needs the GIL
-    # to be freed, which an autograd graph may do from another thread or at interpreter exit
-    # (the saved a1, the gradients); scratch that never leaves is numpy
-    order_t, offsets_t = _sort_pairs(expert_idx, num_experts)
-    order, offsets = _np(order_t), _np(offsets_t)
-    pairs = int(offsets[-1])
-    ptr, experts, nmax = nk.plan(offsets, workers)
-    a1t = torch.empty(t_all * k, m, dtype=x.dtype)
-    a3t = torch.empty(t_all * k if glu else 0, m, dtype=x.dtype)
-    a1t[pairs:] = 0.0
-    a3t[pairs:] = 0.0
-    yt = torch.empty(t_all, d, dtype=x.dtype)
-    ks = (keep_scale(keep.reshape(t_all * k, m)[order_t[:pairs]], dropout_p, x.dtype)
+    sv = _training_layout(x, w1, w3, expert_idx, num_experts)
+    p = sv.pairs
+    ks = (keep_scale(keep.reshape(x.shape[0] * k, m)[sv.order_t[:p]], dropout_p, x.dtype)
           .contiguous() if keep is not None else x.new_empty(0, m))
-    _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, None, ptr, experts, nmax, k,
-                    activation, _np(a1t[:pairs]),
-                    _np(a3t[:pairs]) if glu else np.empty((0, m), _np(x).dtype), _np(ks),
-                    _np(yt))
-    return yt, a1t, a3t, order_t, offsets_t
+    _forward_kernel(x, w1, b1, w2, w3, b3, gate, sv.order, sv.offsets, None, sv.ptr, sv.experts,
+                    sv.nmax, k, activation, _np(sv.a1t[:p]),
+                    _np(sv.a3t[:p]) if w3 is not None else np.empty((0, m), _np(x).dtype),
+                    _np(ks), _np(sv.yt))
+    return sv.yt, sv.a1t, sv.a3t, sv.order_t, sv.offsets_t
 
 
 def _route(expert_idx, num_experts, workers):
@@ -624,26 +649,13 @@ def forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, act
     if keep is not None:
         raise ValueError("the numba bfloat16 kernels take no dropout; use backend='torch'")
     _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), b1=b1, b3=b3, gate=gate)
-    from ssdfx.ops import numba_kernels as nk
-
-    workers = num_workers()
-    t_all, d = x.shape
-    k = expert_idx.shape[1]
     m = w1.shape[0] // num_experts
-    glu = w3 is not None
-    order_t, offsets_t = _sort_pairs(expert_idx, num_experts)
-    order, offsets = _np(order_t), _np(offsets_t)
-    pairs = int(offsets[-1])
-    ptr, experts, nmax = nk.plan(offsets, workers)
-    a1t = torch.empty(t_all * k, m, dtype=torch.bfloat16)
-    a3t = torch.empty(t_all * k if glu else 0, m, dtype=torch.bfloat16)
-    a1t[pairs:] = 0.0
-    a3t[pairs:] = 0.0
-    yt = torch.empty(t_all, d, dtype=torch.bfloat16)
-    _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax, k,
-                  activation, _bits(a1t[:pairs]),
-                  _bits(a3t[:pairs]) if glu else np.empty((0, m), np.uint16), yt)
-    return yt, a1t, a3t, order_t, offsets_t
+    sv = _training_layout(x, w1, w3, expert_idx, num_experts)
+    p = sv.pairs
+    _forward_bf16(x, w1, b1, w2, w3, b3, gate, sv.order, sv.offsets, sv.ptr, sv.experts,
+                  sv.nmax, expert_idx.shape[1], activation, _bits(sv.a1t[:p]),
+                  _bits(sv.a3t[:p]) if w3 is not None else np.empty((0, m), np.uint16), sv.yt)
+    return sv.yt, sv.a1t, sv.a3t, sv.order_t, sv.offsets_t
 
 
 @_keeps_torch_threads

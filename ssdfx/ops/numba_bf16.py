@@ -37,7 +37,7 @@ from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm_bf16
 from ssdfx.ops.numba_act import activate, activate_grad
-from ssdfx.ops.numba_kernels import add_scaled, add_to, even_step, first_at_least
+from ssdfx.ops.numba_kernels import add_to, even_step, token_sum
 
 __all__ = ["bwd_bf16", "fwd_tokens_bf16", "round_bf16", "widen_bf16"]
 
@@ -152,27 +152,9 @@ def fwd_tokens_bf16(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, expert
                              a1s, a3s)
     t_all = y.shape[0]
     for w in prange(nw):
-        tlo = w * t_all // nw
-        thi = (w + 1) * t_all // nw
-        out = acc[tlo:thi]
-        out[:] = 0.0
-        yw = ys[w]
-        for i in range(ne):
-            e = (i + w * ne // nw) % ne  # workers start on different experts
-            a = first_at_least(order, offsets[e], offsets[e + 1], tlo * k)
-            b = first_at_least(order, a, offsets[e + 1], thi * k)
-            lo = e * m
-            step = even_step(b - a, chunk)
-            for q in range(a, b, step):
-                n = min(step, b - q)
-                gemm_bf16(h[q:q + n], w2t[lo:lo + m], yw[:n], 0.0)
-                for r in range(n):
-                    p = order[q + r]
-                    if gate.shape[0] > 0:
-                        add_scaled(acc[p // k], gate[p], yw[r])
-                    else:
-                        add_to(acc[p // k], yw[r])
-        round_bf16(out.reshape(-1), y[tlo:thi].reshape(-1))
+        token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, acc, ys[w], chunk)
+        block = slice(w * t_all // nw, (w + 1) * t_all // nw)
+        round_bf16(acc[block].reshape(-1), y[block].reshape(-1))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -325,22 +307,6 @@ def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, order, offsets, k, ptr, experts, a
                 _store_bf16(gw3[w], dw3, lo * gst[2, 0], gst[2, 0], gst[2, 1])
     t_all = dx.shape[0]
     for w in prange(nw):
-        tlo = w * t_all // nw
-        thi = (w + 1) * t_all // nw
-        out = acc[tlo:thi]
-        out[:] = 0.0
-        yw = ys[w]
-        for i in range(ne):
-            e = (i + w * ne // nw) % ne  # workers start on different experts
-            a = first_at_least(order, offsets[e], offsets[e + 1], tlo * k)
-            b = first_at_least(order, a, offsets[e + 1], thi * k)
-            lo = e * m
-            step = even_step(b - a, chunk)
-            for q in range(a, b, step):
-                n = min(step, b - q)
-                gemm_bf16(da1h[q:q + n], w1[lo:lo + m], yw[:n], 0.0)
-                if glu:
-                    gemm_bf16(da3h[q:q + n], w3[lo:lo + m], yw[:n], 1.0)
-                for r in range(n):
-                    add_to(acc[order[q + r] // k], yw[r])
-        round_bf16(out.reshape(-1), dx[tlo:thi].reshape(-1))
+        token_sum(da1h, w1, da3h, w3, gate[:0], order, offsets, k, w, nw, acc, ys[w], chunk)
+        block = slice(w * t_all // nw, (w + 1) * t_all // nw)
+        round_bf16(acc[block].reshape(-1), dx[block].reshape(-1))

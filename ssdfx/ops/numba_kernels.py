@@ -49,7 +49,7 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 
-from ssdfx.ops.blas import gemm
+from ssdfx.ops.blas import gemm, gemm_by_dtype
 from ssdfx.ops.numba_act import activate, activate_grad
 
 __all__ = ["bwd", "count_sort", "even_step", "expert_delta", "expert_grads", "expert_hidden",
@@ -345,6 +345,8 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys, chunk):
     a1, a3 (P, m) in pair order (a3 (0, m): none); w1, w3 (F, d) any layout, expert e's block
     rows [e*m, (e+1)*m); gate (T*K,) or (0,) for all ones; out (T, d); ys (min(nmax, chunk),
     d) scratch: each GEMM takes at most `chunk` rows (`even_step`, `cpu_numba.chunk_rows`).
+    bfloat16 (`numba_bf16`): a1, a3, w1, w3 its bits (uint16), out and ys float32, the products
+    in MKL's bf16 GEMM (`blas.gemm_by_dtype`).
     """
     ne = offsets.shape[0] - 1
     m = w1.shape[0] // ne
@@ -360,9 +362,9 @@ def token_sum(a1, w1, a3, w3, gate, order, offsets, k, w, nw, out, ys, chunk):
         step = even_step(b - a, chunk)
         for q in range(a, b, step):
             n = min(step, b - q)
-            gemm(a1[q:q + n], w1[lo:lo + m], ys[:n], 0.0)
+            gemm_by_dtype(a1[q:q + n], w1[lo:lo + m], ys[:n], 0.0)
             if a3.shape[0] > 0:
-                gemm(a3[q:q + n], w3[lo:lo + m], ys[:n], 1.0)
+                gemm_by_dtype(a3[q:q + n], w3[lo:lo + m], ys[:n], 1.0)
             for r in range(n):
                 p = order[q + r]
                 if gate.shape[0] > 0:

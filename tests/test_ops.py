@@ -413,8 +413,8 @@ def test_auto_bf16_inference_runs_numba_where_mkl_bf16_is_native(monkeypatch):
 
 def test_auto_bf16_training_runs_numba_where_mkl_bf16_is_native(monkeypatch):
     # backend "auto", bf16 on CPU, calls that record gradients: numba's bf16 training kernels
-    # (cpu_numba.forward_bf16, backward_bf16) where blas.BF16, under the same size bound as
-    # inference with AMX; the torch path with dropout, past the bound, and for backend="torch".
+    # (cpu_numba.forward_bf16, backward_bf16) where blas.BF16, dropout included, under the same
+    # size bound as inference with AMX; the torch path past the bound and for backend="torch".
     # Gradients against the float32 reference; opcheck through the custom op.
     from ssdfx.ops import blas, cpu_numba
 
@@ -440,21 +440,25 @@ def test_auto_bf16_training_runs_numba_where_mkl_bf16_is_native(monkeypatch):
         assert (a.float() - b).abs().max() <= 2e-2 * (1 + b.abs().max()), name
         assert (t.float() - b).abs().max() <= 3e-2 * (1 + b.abs().max()), name
     assert not torch.equal(got[1], by_torch[1])  # a different kernel (fewer roundings) ran
-    grads(p, "auto", dropout_p=0.3)  # dropout: the torch path
-    assert len(calls) == 2
+    torch.manual_seed(0)  # dropout: the same keep mask for both (drawn before the kernels)
+    dropped = grads(p, "auto", dropout_p=0.3)
+    assert len(calls) == 4
+    torch.manual_seed(0)
+    for name, a, b in zip(("y",) + names, dropped, grads(up, "reference", dropout_p=0.3)):
+        assert (a.float() - b).abs().max() <= 2e-2 * (1 + b.abs().max()), name
     # an average expert's rows: T K / E = 20 of d = 16 bf16 values, 640 bytes
     monkeypatch.setattr(cpu_numba, "BF16_MAX_EXPERT_BYTES", 639)
     monkeypatch.setattr(blas, "BF16_AMX", True)
     past = grads(p, "auto")
-    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(past, by_torch))
+    assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(past, by_torch))
     monkeypatch.setattr(blas, "BF16_AMX", False)  # AVX-512-BF16: no bound
-    assert all(torch.equal(a, b) for a, b in zip(grads(p, "auto"), got)) and len(calls) == 4
+    assert all(torch.equal(a, b) for a, b in zip(grads(p, "auto"), got)) and len(calls) == 6
     for n in names:
         p[n].requires_grad_()
     args = (p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"], p["gate"],
             None, p["num_experts"], "gelu", 0.0, "auto")
     opcheck(torch.ops.ssdfx.moe_ffn.default, args)
-    assert "backward_bf16" in calls[4:]
+    assert "backward_bf16" in calls[6:]
 
 
 def test_backend_dtype_mismatch_raises():

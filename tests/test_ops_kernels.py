@@ -363,10 +363,14 @@ def test_numba_bf16_inference_matches_reference(spec, chunk):
               activation="relu", dropout_p=0.0), None, "torch", False)
 @example(dict(e=3, m=2, d=3, t=4, k=2, glu=True, bias=False, unused=1.0, skew=False, seed=3,
               activation="gelu_tanh", dropout_p=0.0), 1, "numba", False)
+@example(dict(e=4, m=3, d=5, t=9, k=2, glu=True, bias=True, unused=0.2, skew=False, seed=4,
+              activation="gelu", dropout_p=0.3), 2, "numba", True)
+@example(dict(e=4, m=3, d=5, t=9, k=2, glu=False, bias=True, unused=0.0, skew=False, seed=5,
+              activation="relu", dropout_p=0.3), None, "torch", False)
 def test_numba_bf16_training_matches_reference(spec, chunk, forward_by, transposed):
     # cpu_numba.forward_bf16 / backward_bf16 (MKL's bf16 GEMM, float32 in between; what "auto"
     # trains with where blas.BF16): forward, saved layout and every gradient. E=1, k=E, T=1,
-    # odd d, experts nobody chose, unused slots, GLU, every activation; chunk forces an
+    # odd d, experts nobody chose, unused slots, GLU, dropout, every activation; chunk forces an
     # expert's rows to be taken 1-3 at a time (the weight gradients then add up chunks);
     # forward_by "torch": the backward on the torch path's saved layout (the "auto" backend
     # pairs them where dropout or AMX's size bound sends the forward there); transposed:
@@ -375,25 +379,12 @@ def test_numba_bf16_training_matches_reference(spec, chunk, forward_by, transpos
     from ssdfx.ops.dispatch import Kernels
 
     _bf16_gemm()
-    spec = {**spec, "dropout_p": 0.0}  # the torch path takes dropout (forward_bf16_or_torch)
     forward = cpu_numba.forward_bf16 if forward_by == "numba" else torch_path.forward
     kernels = Kernels("numba", forward, cpu_numba.backward_bf16)
     patch = (_patched(cpu_numba, chunk_rows=lambda *shape: chunk) if chunk
              else contextlib.nullcontext())
     with patch:
         check_against_reference(kernels, spec, torch.bfloat16, _BF16_TRAIN_REL, transposed)
-
-
-def test_numba_bf16_training_rejects_dropout():
-    from ssdfx.ops import cpu_numba
-
-    _bf16_gemm()
-    spec = dict(e=2, m=2, d=3, t=4, k=1, glu=False, bias=True, unused=0.0, skew=False, seed=0,
-                activation="gelu", dropout_p=0.5)
-    p = make(spec, torch.bfloat16)
-    with pytest.raises(ValueError, match="dropout"):
-        cpu_numba.forward_bf16(p["x"], p["w1"], p["b1"], p["w2"], p["w3"], p["b3"],
-                               p["expert_idx"], p["gate"], p["keep"], 2, "gelu", 0.5)
 
 
 def test_round_bf16_equals_torch_conversion():

@@ -503,7 +503,7 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
 # at 53, by a median 1.49x (0.92-4.03x; T=8192, d=768, E=32, k=4 28.1 ms against 36.9), slower
 # only at T=8192, d=768, E=8, k=2 (47.2 against 43.5 ms); so there it takes every bf16
 # inference call.
-# Training (`forward_bf16`, `backward_bf16`, no dropout) follows the same rule. On the Zen 5 with
+# Training (`forward_bf16`, `backward_bf16`) follows the same rule. On the Zen 5 with
 # the Intel code paths, forward+backward through the converted module against the torch path,
 # one process, alternated with a dense bf16 forward+backward, medians of 15 (numba / torch ms):
 # T=2048, d=768, E=16, k=4 24.9 / 35.4 (1.42x); T=512, d=256: E=16, k=4 2.03 / 2.85 (1.41x),
@@ -541,16 +541,14 @@ def infer_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, ac
 def forward_bf16_or_torch(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
                           activation, dropout_p):
     """The bfloat16 training forward of the "auto" backend where `blas.BF16`: `forward_bf16`
-    where `infer_bf16_or_torch` takes numba and there is no dropout, else the torch path's.
-    Both save the same layout, so either backward takes either forward's."""
+    where `infer_bf16_or_torch` takes numba, else the torch path's. Both save the same layout,
+    so either backward takes either forward's."""
     from ssdfx.ops import torch_path
 
-    if keep is None and _bf16_numba_fits(x.shape[0], expert_idx.shape[1], x.shape[1],
-                                         num_experts):
-        return forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, None, num_experts,
-                            activation, dropout_p)
-    return torch_path.forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts,
-                              activation, dropout_p)
+    fits = _bf16_numba_fits(x.shape[0], expert_idx.shape[1], x.shape[1], num_experts)
+    run = forward_bf16 if fits else torch_path.forward
+    return run(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
+               dropout_p)
 
 
 def backward_bf16_or_torch(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
@@ -560,7 +558,7 @@ def backward_bf16_or_torch(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets
     from ssdfx.ops import torch_path
 
     fits = _bf16_numba_fits(x.shape[0], gate.shape[1], x.shape[1], num_experts)
-    run = backward_bf16 if keep is None and fits else torch_path.backward
+    run = backward_bf16 if fits else torch_path.backward
     return run(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
                dropout_p)
 
@@ -591,9 +589,10 @@ def _unit_or_empty(gate: torch.Tensor) -> np.ndarray:
 
 
 def _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax, k,
-                  activation, a1s, a3s, yt):
+                  activation, a1s, a3s, ks, yt):
     """Run `numba_bf16.fwd_tokens_bf16` into yt for `infer_bf16` and `forward_bf16`: numpy
-    order, offsets, ptr, experts; a1s, a3s uint16 arrays ((0, m) where nothing is saved)."""
+    order, offsets, ptr, experts; a1s, a3s uint16 arrays ((0, m) where nothing is saved); ks
+    the dropout's float32 scale (P, m) in pair order, or (0, m)."""
     from ssdfx.ops import numba_bf16
     from ssdfx.ops.numba_act import CODES
 
@@ -615,7 +614,7 @@ def _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nma
             _bits(w3) if glu else np.empty((0, d), np.uint16),
             _np(b3.float()) if b3 is not None else empty,
             _bits(w2).T, _unit_or_empty(gate), order, offsets, k, ptr, experts, code, a1s, a3s,
-            _bits(yt), np.empty((pairs, m), np.uint16), np.empty((t_all, d), f32),
+            ks, _bits(yt), np.empty((pairs, m), np.uint16), np.empty((t_all, d), f32),
             np.empty((workers, rows, d), np.uint16), np.empty((workers, rows, d), f32),
             np.empty((workers, block), f32), np.empty((workers, block if glu else 0), f32),
             np.empty((workers, block), f32), tmps, bits, chunk)
@@ -635,38 +634,43 @@ def infer_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation)
     yt = torch.empty(t_all, d, dtype=torch.bfloat16)
     none = np.empty((0, m), np.uint16)
     _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nmax,
-                  expert_idx.shape[1], activation, none, none, yt)
+                  expert_idx.shape[1], activation, none, none, np.empty((0, m), np.float32), yt)
     return yt
 
 
 @_keeps_torch_threads
 def forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation,
                  dropout_p):
-    """`forward` for bfloat16 without dropout (keep None; the torch path takes dropout, see
-    `forward_bf16_or_torch`): `infer_bf16`'s kernel, which also saves the pre-activations,
-    rounded to bf16, in the layout every backend shares; only where `blas.HAS_BF16_GEMM`."""
+    """`forward` for bfloat16: `infer_bf16`'s kernel, which also saves the pre-activations,
+    rounded to bf16, in the layout every backend shares, and applies dropout's keep mask;
+    only where `blas.HAS_BF16_GEMM`."""
     _need_bf16_gemm()
-    if keep is not None:
-        raise ValueError("the numba bfloat16 kernels take no dropout; use backend='torch'")
     _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), b1=b1, b3=b3, gate=gate)
     m = w1.shape[0] // num_experts
     sv = _training_layout(x, w1, w3, expert_idx, num_experts)
     p = sv.pairs
     _forward_bf16(x, w1, b1, w2, w3, b3, gate, sv.order, sv.offsets, sv.ptr, sv.experts,
                   sv.nmax, expert_idx.shape[1], activation, _bits(sv.a1t[:p]),
-                  _bits(sv.a3t[:p]) if w3 is not None else np.empty((0, m), np.uint16), sv.yt)
+                  _bits(sv.a3t[:p]) if w3 is not None else np.empty((0, m), np.uint16),
+                  _keep_f32(keep, sv.order_t[:p], m, dropout_p), sv.yt)
     return sv.yt, sv.a1t, sv.a3t, sv.order_t, sv.offsets_t
+
+
+def _keep_f32(keep, sel, m, dropout_p) -> np.ndarray:
+    """The dropout's float32 scale keep / (1 - p) (P, m) for the selected pairs sel in layout
+    order, or (0, m) without dropout."""
+    if keep is None:
+        return np.empty((0, m), np.float32)
+    return _np(keep_scale(keep.reshape(-1, m)[sel], dropout_p, torch.float32).contiguous())
 
 
 @_keeps_torch_threads
 def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
                   activation, dropout_p):
-    """`backward` for bfloat16 without dropout: every gradient in one numba call
-    (`numba_bf16.bwd_bf16`), every product in MKL's bf16 GEMM, float32 in between; takes the
-    layout any backend's forward saved."""
+    """`backward` for bfloat16: every gradient in one numba call (`numba_bf16.bwd_bf16`),
+    every product in MKL's bf16 GEMM, float32 in between; takes the layout any backend's
+    forward saved."""
     _need_bf16_gemm()
-    if keep is not None:
-        raise ValueError("the numba bfloat16 kernels take no dropout; use backend='torch'")
     _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), dy=dy, gate=gate, a1=a1)
     from ssdfx.ops import numba_bf16
     from ssdfx.ops import numba_kernels as nk
@@ -697,7 +701,7 @@ def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_exp
             _bits(x.contiguous()), _bits(dy.contiguous()), _bits(w1), _bits(w2),
             _bits(w3) if glu else np.empty((0, d), u16), _bits(a1[:pairs]),
             _bits(a3[:pairs]) if glu else np.empty((0, m), u16), _unit_or_empty(gate),
-            on, offn, k, ptr, experts, code,
+            _keep_f32(keep, order[:pairs], m, dropout_p), on, offn, k, ptr, experts, code,
             _flat_bits(dw1), _flat_bits(dw2), _flat_bits(dw3),
             np.array([dw1.stride(), dw2.stride(), dw3.stride() if glu else (0, 0)], np.int64),
             db1, db3, dg,

@@ -5,8 +5,8 @@ Backends (explicit strings; there is no global switch):
     "auto"        CPU float32/float64 -> "numba"; CPU bfloat16/float16 -> "torch" where torch
                   has a native GEMM in that dtype (`native_gemm`), except bfloat16 where MKL's
                   bf16 GEMM is native (`blas.BF16`: AMX, or AVX-512-BF16 with MKL's Intel code
-                  paths), which runs numba's bf16 kernels, inference and training without
-                  dropout (with AMX up to a size, `cpu_numba.forward_bf16_or_torch`);
+                  paths), which runs numba's bf16 kernels, inference and training (with AMX
+                  up to a size, `cpu_numba.forward_bf16_or_torch`);
                   "numba" (widened) where it has none;
                   CUDA -> "grouped_mm" where torch._grouped_mm takes the shapes, else "torch";
                   any other device -> "reference"

@@ -1,5 +1,5 @@
 """numba CPU kernels of the routed-expert FFN in bfloat16: inference (`cpu_numba.infer_bf16`)
-and training without dropout (`cpu_numba.forward_bf16`, `backward_bf16`).
+and training (`cpu_numba.forward_bf16`, `backward_bf16`).
 
 numba has no bfloat16 type: bf16 tensors come in and go out as uint16 arrays of their bits, and
 every product runs in MKL's `cblas_gemm_bf16bf16f32` (`blas.gemm_bf16`: bf16 inputs, float32
@@ -11,8 +11,8 @@ paths, 389 against 187). The forward is `numba_kernels.fwd_tokens`'s, by token b
 1. workers by expert, an expert's rows in chunks (`numba_kernels.even_step`): gather the
    tokens' bf16 rows, up-projection(s) into float32, bias (training: the pre-activations
    rounded to bf16 and saved in pair order, the layout every backend shares), activation
-   (`numba_act`, float32), GLU product, then the hidden units rounded once to bf16 into h
-   (P, m) in pair order;
+   (`numba_act`, float32), GLU product, dropout's scale, then the hidden units rounded once
+   to bf16 into h (P, m) in pair order;
 2. workers by token block (`numba_kernels.token_sum`'s scheme: each worker owns a block of
    tokens, runs every expert's down-projection on its pairs and adds the float32 rows into its
    own tokens' float32 accumulator), then rounds its block to bf16 once.
@@ -71,11 +71,12 @@ def widen_bf16(src, dst):
 
 @njit(cache=True, nogil=True, inline="always")
 def _hidden_bf16(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, ub, gb, hb, tmp, bits, h,
-                 a1s, a3s):
+                 a1s, a3s, ks):
     """One chunk of an expert (pairs order[s:s + n], neurons [lo, lo + m)): h[s:s + n] =
-    bf16(act(x w1_e^T + b1_e) (* (x w3_e^T + b3_e))), the inner values in float32 scratch
-    (ub, gb, hb (n, m); tmp, bits the activation's scratch). Training (a1s has rows): the
-    pre-activations rounded to bf16 into a1s[s:s + n] (and a3s) for the backward."""
+    bf16(act(x w1_e^T + b1_e) (* (x w3_e^T + b3_e)) (* ks)), the inner values in float32
+    scratch (ub, gb, hb (n, m); tmp, bits the activation's scratch). Training (a1s has rows):
+    the pre-activations rounded to bf16 into a1s[s:s + n] (and a3s) for the backward; ks (P, m)
+    float32 the dropout's keep / (1 - p) in pair order, or (0, m)."""
     for r in range(n):
         xw[r, :] = x[order[s + r] // k]
     gemm_bf16(xw[:n], w1[lo:lo + m].T, ub, 0.0)
@@ -97,6 +98,10 @@ def _hidden_bf16(x, w1, b1, w3, b3, order, s, n, k, lo, m, act, xw, ub, gb, hb, 
         gflat = gb.reshape(-1)
         for c in range(n * m):
             hflat[c] *= gflat[c]
+    if ks.shape[0] > 0:
+        kflat = ks[s:s + n].reshape(-1)
+        for c in range(n * m):
+            hflat[c] *= kflat[c]
     round_bf16(hflat, h[s:s + n].reshape(-1))
 
 
@@ -114,14 +119,14 @@ _W = types.Array(_U16, 2, "A")  # a weight: any layout (nn.Linear's C, Conv1D's 
                  # x, w1, b1, w3, b3, w2t, gate
                  _c(_I64, 1), _c(_I64, 1), _I64, _c(_I64, 1), _c(_I64, 1), _I64,
                  # order, offsets, k, ptr, experts, act
-                 _c(_U16, 2), _c(_U16, 2), _c(_U16, 2), _c(_U16, 2), _c(_F32, 2), _c(_U16, 3),
-                 _c(_F32, 3),
-                 # a1s, a3s, y, h, acc, xs, ys
+                 _c(_U16, 2), _c(_U16, 2), _c(_F32, 2), _c(_U16, 2), _c(_U16, 2), _c(_F32, 2),
+                 _c(_U16, 3), _c(_F32, 3),
+                 # a1s, a3s, ks, y, h, acc, xs, ys
                  _c(_F32, 2), _c(_F32, 2), _c(_F32, 2), _c(_F32, 2), _c(types.int32, 2), _I64),
       # us, gs, hs, tmps, bits, chunk
       parallel=True, cache=True, nogil=True, error_model="numpy")
 def fwd_tokens_bf16(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, experts, act, a1s,
-                    a3s, y, h, acc, xs, ys, us, gs, hs, tmps, bits, chunk):
+                    a3s, ks, y, h, acc, xs, ys, us, gs, hs, tmps, bits, chunk):
     """y = the routed FFN of x, by token blocks (see the module's docstring).
 
     x (T, d), w1, w3, w2t (F, d) bf16 bits (uint16), the weights in any unit-stride layout
@@ -129,7 +134,8 @@ def fwd_tokens_bf16(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, expert
     (all ones) float32; order, offsets, ptr, experts the layout and worker plan
     (`numba_kernels.route`); act `numba_act.CODES`'s code; a1s, a3s (P, m) uint16 outputs,
     the pre-activations saved for the training backward in pair order, or (0, m) (inference;
-    a3s (0, m) without GLU); y (T, d) uint16 output; scratch:
+    a3s (0, m) without GLU); ks (P, m) float32 the dropout's keep / (1 - p) in pair order, or
+    (0, m); y (T, d) uint16 output; scratch:
     h (P, m) uint16, acc (T, d) float32, and per worker, rows = min(nmax, chunk): xs (W, rows,
     d) uint16, ys (W, rows, d) float32, us, hs (W, rows*m), gs (W, rows*m with GLU, else 0),
     tmps (W, rows*m or 0) float32, bits (W, rows*m or 0) int32.
@@ -149,7 +155,7 @@ def fwd_tokens_bf16(x, w1, b1, w3, b3, w2t, gate, order, offsets, k, ptr, expert
                 _hidden_bf16(x, w1, b1, w3, b3, order, s, n, k, e * m, m, act, xs[w],
                              us[w][:n * m].reshape((n, m)), gs[w][:ng * m].reshape((ng, m)),
                              hs[w][:n * m].reshape((n, m)), tmps[w][:ns], bits[w][:ns], h,
-                             a1s, a3s)
+                             a1s, a3s, ks)
     t_all = y.shape[0]
     for w in prange(nw):
         token_sum(h, w2t, h[:0], w2t[:0], gate, order, offsets, k, w, nw, acc, ys[w], chunk)
@@ -174,21 +180,24 @@ def _store_bf16(src, flat, base, rs, cs):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _delta_bf16(dy, w2, a1, a3, gate, order, s, n, k, lo, m, act, dw, dh, f, fd, a1f, a3f,
+def _delta_bf16(dy, w2, a1, a3, gate, ks, order, s, n, k, lo, m, act, dw, dh, f, fd, a1f, a3f,
                 da3f, tmp, bits, dgate, db1, db3):
     """One chunk of an expert's backward up to its weight gradients, in float32 from bf16
-    inputs (`numba_kernels.expert_delta`'s formulas, without dropout):
+    inputs (`numba_kernels.expert_delta`'s formulas):
 
         dh_raw = dy_t w2_e (bf16 GEMM, dy's rows gathered into dw)
         f, f' = act(a1), act'(a1) from the saved bf16 pre-activations
-        h = f (* a3);  dgate = <dh_raw, h>;  da1 = gate dh_raw (* a3) f';  da3 = gate dh_raw f
-        gh = gate h;  db1, db3 += the column sums of da1, da3 (float32)
+        h = f (* a3) (* ks);  dgate = <dh_raw, h>;  dL/dh = gate dh_raw (* ks)
+        da1 = dL/dh (* a3) f';  da3 = dL/dh f;  gh = gate h
+        db1, db3 += the column sums of da1, da3 (float32)
 
-    dh, f, fd, a1f, a3f, da3f: (n*m,) float32 scratch (a3f, da3f (0,) without GLU; a1f apart
-    from fd: activate_grad in place ran unvectorised, see `numba_act.activate`); on return f
-    holds gh and fd holds da1. Row by row over 1-D rows, each loop over at most five arrays:
-    one loop over the flat block, with seven, ran unvectorised (1.1 ns per element)."""
+    ks (P, m) float32 the dropout's keep / (1 - p) in pair order, or (0, m); dh, f, fd, a1f,
+    a3f, da3f: (n*m,) float32 scratch (a3f, da3f (0,) without GLU; a1f apart from fd:
+    activate_grad in place ran unvectorised, see `numba_act.activate`); on return f holds gh
+    and fd holds da1. Row by row over 1-D rows, each loop over at most five arrays: one loop
+    over the flat block, with seven, ran unvectorised (1.1 ns per element)."""
     glu = a3.shape[0] > 0
+    drop = ks.shape[0] > 0
     for r in range(n):
         dw[r, :] = dy[order[s + r] // k]
     gemm_bf16(dw[:n], w2[:, lo:lo + m], dh.reshape((n, m)), 0.0)
@@ -200,16 +209,25 @@ def _delta_bf16(dy, w2, a1, a3, gate, order, s, n, k, lo, m, act, dw, dh, f, fd,
         g = gate[order[s + r]] if gate.shape[0] > 0 else np.float32(1.0)
         dhr, fr, fdr = dh[r * m:(r + 1) * m], f[r * m:(r + 1) * m], fd[r * m:(r + 1) * m]
         acc = np.float32(0.0)
-        if glu:
-            a3r, d3r = a3f[r * m:(r + 1) * m], da3f[r * m:(r + 1) * m]
+        if glu or drop:
+            a3r = a3f[r * m:(r + 1) * m] if glu else a3f
+            d3r = da3f[r * m:(r + 1) * m] if glu else da3f
+            ksr = ks[s + r] if drop else ks[0:0].reshape(-1)
             for c in range(m):
+                hv = fr[c]
                 dl = g * dhr[c]
-                hv = fr[c] * a3r[c]
-                d3r[c] = dl * fr[c]
+                if drop:
+                    hv *= ksr[c]
+                    dl *= ksr[c]
+                if glu:
+                    d3r[c] = dl * fr[c]
+                    dl *= a3r[c]
+                    hv *= a3r[c]
                 acc += dhr[c] * hv
-                fdr[c] = dl * a3r[c] * fdr[c]
+                fdr[c] = dl * fdr[c]
                 fr[c] = g * hv
-            add_to(db3[lo:lo + m], d3r)
+            if glu:
+                add_to(db3[lo:lo + m], d3r)
         else:
             for c in range(m):
                 acc += dhr[c] * fr[c]
@@ -223,7 +241,8 @@ def _delta_bf16(dy, w2, a1, a3, gate, order, s, n, k, lo, m, act, dw, dh, f, fd,
 
 # one explicit signature, weights and weight gradients of any layout (see fwd_tokens_bf16)
 @njit(types.void(_c(_U16, 2), _c(_U16, 2), _W, _W, _W, _c(_U16, 2), _c(_U16, 2), _c(_F32, 1),
-                 # x, dy, w1, w2, w3, a1, a3, gate
+                 _c(_F32, 2),
+                 # x, dy, w1, w2, w3, a1, a3, gate, ks
                  _c(_I64, 1), _c(_I64, 1), _I64, _c(_I64, 1), _c(_I64, 1), _I64,
                  # order, offsets, k, ptr, experts, act
                  _c(_U16, 1), _c(_U16, 1), _c(_U16, 1), _c(_I64, 2), _c(_F32, 1), _c(_F32, 1),
@@ -237,10 +256,10 @@ def _delta_bf16(dy, w2, a1, a3, gate, order, s, n, k, lo, m, act, dw, dh, f, fd,
       # tmps, bits, chunk
       parallel=True, cache=True, nogil=True, error_model="numpy",
       fastmath={"reassoc", "contract", "nsz"})
-def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, order, offsets, k, ptr, experts, act,
+def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, act,
              dw1, dw2, dw3, gst, db1, db3, dgate, dx, da1h, da3h, acc, xs, ds, ys,
              gw1, gw2, gw3, blocks, ghh, tmps, bits, chunk):
-    """Every gradient of the bf16 routed FFN (no dropout) in one call, in
+    """Every gradient of the bf16 routed FFN in one call, in
     `numba_kernels.bwd`'s two phases: workers by expert run `_delta_bf16` and the weight
     gradients (bf16 GEMMs into float32 accumulators over an expert's chunks of rows, rounded
     to bf16 once per expert); then workers by token block sum each token's input-gradient rows
@@ -248,7 +267,8 @@ def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, order, offsets, k, ptr, experts, a
 
     x, dy (T, d), w1, w3 (F, d), w2 (d, F) bf16 bits, weights in any unit-stride layout (w3
     (0, d) without GLU); a1, a3 (P, m) the saved bf16 pre-activations in pair order (a3 (0, m)
-    without GLU); gate (T*K,) float32 or (0,) for all ones; order, offsets, ptr, experts the
+    without GLU); gate (T*K,) float32 or (0,) for all ones; ks (P, m) float32 the dropout's
+    keep / (1 - p) in pair order, or (0, m); order, offsets, ptr, experts the
     layout and worker plan; act `numba_act.CODES`'s code. Outputs: dw1, dw3 (F, d), dw2 (d, F)
     bf16 bits in any dense layout, each given as its storage (1-D) and its two strides in gst
     (3, 2) (rows dw1, dw2, dw3; dw3 (0,) without GLU); db1, db3 (F,) float32 (db3 (0,) without
@@ -286,7 +306,7 @@ def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, order, offsets, k, ptr, experts, a
                 ng = nm if glu else 0
                 ns = nm if tmps.shape[1] > 0 else 0
                 blk = blocks[w]
-                _delta_bf16(dy, w2, a1, a3, gate, order, s, n, k, lo, m, act, ds[w],
+                _delta_bf16(dy, w2, a1, a3, gate, ks, order, s, n, k, lo, m, act, ds[w],
                             blk[0][:nm], blk[1][:nm], blk[2][:nm], blk[3][:nm], blk[4][:ng],
                             blk[5][:ng], tmps[w][:ns], bits[w][:ns], dgate, db1, db3)
                 round_bf16(blk[2][:nm], da1h[s:s + n].reshape(-1))

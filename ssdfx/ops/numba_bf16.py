@@ -259,8 +259,8 @@ def _delta_bf16(dy, w2, a1, a3, gate, ks, order, s, n, k, lo, m, act, dw, dh, f,
 def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, experts, act,
              dw1, dw2, dw3, gst, db1, db3, dgate, dx, da1h, da3h, acc, xs, ds, ys,
              gw1, gw2, gw3, blocks, ghh, tmps, bits, chunk):
-    """Every gradient of the bf16 routed FFN in one call, in
-    `numba_kernels.bwd`'s two phases: workers by expert run `_delta_bf16` and the weight
+    """Every gradient of the bf16 routed FFN in one call, in `numba_kernels.bwd`'s two
+    phases: workers by expert run `_delta_bf16` and the weight
     gradients (bf16 GEMMs into float32 accumulators over an expert's chunks of rows, rounded
     to bf16 once per expert); then workers by token block sum each token's input-gradient rows
     da1 w1_e (+ da3 w3_e) in float32 and round them once.
@@ -268,16 +268,16 @@ def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, expert
     x, dy (T, d), w1, w3 (F, d), w2 (d, F) bf16 bits, weights in any unit-stride layout (w3
     (0, d) without GLU); a1, a3 (P, m) the saved bf16 pre-activations in pair order (a3 (0, m)
     without GLU); gate (T*K,) float32 or (0,) for all ones; ks (P, m) float32 the dropout's
-    keep / (1 - p) in pair order, or (0, m); order, offsets, ptr, experts the
-    layout and worker plan; act `numba_act.CODES`'s code. Outputs: dw1, dw3 (F, d), dw2 (d, F)
-    bf16 bits in any dense layout, each given as its storage (1-D) and its two strides in gst
-    (3, 2) (rows dw1, dw2, dw3; dw3 (0,) without GLU); db1, db3 (F,) float32 (db3 (0,) without
-    GLU); dgate (P,)
-    float32 in pair order; dx (T, d) bf16 bits. Scratch: da1h, da3h (P, m) bf16 (da3h (0, m)
-    without GLU) the rounded da1, da3 that the weight and input gradients multiply; acc (T, d)
-    float32; per worker, rows = min(nmax, chunk): xs, ds (W, rows, d) bf16, ys (W, rows, d)
-    float32; gw1, gw3 (W, m, d) and gw2 (W, d, m) float32 (gw3 (W, 0, d) without GLU); blocks
-    (W, 6, rows*m) float32; ghh (W, rows*m) bf16; tmps, bits (W, rows*m or 0) the activation's.
+    keep / (1 - p) in pair order, or (0, m); order, offsets, ptr, experts the layout and
+    worker plan; act `numba_act.CODES`'s code. Outputs: dw1, dw3 (F, d), dw2 (d, F) bf16 bits
+    in any dense layout, each given as its storage (1-D) and its two strides in gst (3, 2)
+    (rows dw1, dw2, dw3; dw3 (0,) without GLU); db1, db3 (F,) float32 (db3 (0,) without GLU);
+    dgate (P,) float32 in pair order; dx (T, d) bf16 bits. Scratch: da1h, da3h (P, m) bf16
+    (da3h (0, m) without GLU) the rounded da1, da3 that the weight and input gradients
+    multiply; acc (T, d) float32; per worker, rows = min(nmax, chunk): xs, ds (W, rows, d)
+    bf16, ys (W, rows, d) float32; gw1, gw3 (W, m, d) and gw2 (W, d, m) float32 (gw3 (W, 0, d)
+    without GLU); blocks (W, 6, rows*m) float32 (`_delta_bf16`'s dh, f, fd, a1f, a3f, da3f);
+    ghh (W, rows*m) bf16; tmps, bits (W, rows*m or 0) the activation's.
 
     Rounding: the products' inputs are bf16 (dy, x, the weights, and da1, da3, gate * h rounded
     once each); everything in between, the bias gradients and the accumulations over tokens
@@ -305,7 +305,7 @@ def bwd_bf16(x, dy, w1, w2, w3, a1, a3, gate, ks, order, offsets, k, ptr, expert
                 nm = n * m
                 ng = nm if glu else 0
                 ns = nm if tmps.shape[1] > 0 else 0
-                blk = blocks[w]
+                blk = blocks[w]  # dh, f (then gh), fd (then da1), a1f, a3f, da3f
                 _delta_bf16(dy, w2, a1, a3, gate, ks, order, s, n, k, lo, m, act, ds[w],
                             blk[0][:nm], blk[1][:nm], blk[2][:nm], blk[3][:nm], blk[4][:ng],
                             blk[5][:ng], tmps[w][:ns], bits[w][:ns], dgate, db1, db3)

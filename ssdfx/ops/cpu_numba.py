@@ -45,11 +45,11 @@ import torch
 from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 
-__all__ = ["BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES", "SUPPORTED_DTYPES",
-           "backward", "backward_bf16", "backward_bf16_or_torch", "by_token_blocks",
-           "chunk_rows", "forward", "forward_bf16", "forward_bf16_or_torch", "infer",
-           "infer_bf16", "infer_bf16_or_torch", "num_workers", "padded_slots", "sort_pairs",
-           "top_k_indices"]
+__all__ = ["BF16_CHUNK_ROWS", "BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES",
+           "SUPPORTED_DTYPES", "backward", "backward_bf16", "backward_bf16_or_torch",
+           "by_token_blocks", "chunk_rows", "chunk_rows_bf16", "forward", "forward_bf16",
+           "forward_bf16_or_torch", "infer", "infer_bf16", "infer_bf16_or_torch", "num_workers",
+           "padded_slots", "sort_pairs", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -330,6 +330,22 @@ def chunk_rows(d: int, m: int, itemsize: int) -> int:
     return max(CHUNK_BYTES // (itemsize * max(d, 1)), 8 * m, 1)
 
 
+# The bf16 kernels take at most BF16_CHUNK_ROWS rows of an expert at a time: the `8 m` floor
+# above (for float32 BLAS's packing) made their chunks up to 3072 rows at m = 384, and the
+# backward's float32 scratch (six (rows, m) blocks per worker, 28 MiB there) then streamed
+# through memory. On the Zen 5 with MKL's Intel code paths (one process, alternated, medians of
+# 7; default / 512 rows, ms): backward T=8192, d=768, E=8, k=4 156 / 102, E=8, k=2 91.7 / 52.0,
+# E=16, k=4 62.4 / 56.3; T=2048, d=768, E=16, k=4 16.3 / 15.6 and 14.0 / 14.0; E=8, k=4
+# 27.6 / 26.7; T=8192, d=256, E=8, k=4 16.2 / 15.7; forward and inference unchanged or faster
+# (T=8192, d=768, E=8, k=4 inference 56.7 / 52.9). 256-1024 rows measured alike.
+BF16_CHUNK_ROWS = 512
+
+
+def chunk_rows_bf16(d: int, m: int) -> int:
+    """The most rows of one expert that one GEMM of the bf16 kernels takes."""
+    return min(chunk_rows(d, m, 2), BF16_CHUNK_ROWS)
+
+
 def _act_scratch(code: int, dt: np.dtype, workers: int, block: int) -> tuple:
     """tmps, bits (W, block or 0): the per-worker scratch of the float32 GELU/SiLU variants'
     exp (`numba_act`); empty where the activation needs none."""
@@ -511,9 +527,9 @@ def infer(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation):
 # d=256: E=8, k=4 34.5 / 55.4 (1.61x), E=32, k=16 36.9 / 66.6 (1.81x); T=512, d=768, E=32,
 # k=16 16.0 / 33.3 (2.08x); T=2048, d=768: E=8, k=4 1.14x, E=32, k=16 1.66x; T=8192, d=768:
 # E=8, k=2 1.24x, E=16, k=4 1.09x, E=16, k=8 1.26x, E=32, k=16 1.48x; slower only at T=8192,
-# d=768, E=8, k=4 (257 / 230 ms, 0.90x; 4096 rows per expert, as many as E=16, k=8's, which
-# won). With AMX training was not measured: there the inference bound keeps the torch path for
-# large experts.
+# d=768, E=8, k=4 (257 / 230 ms, 0.90x), which BF16_CHUNK_ROWS then turned into 163 / 197 ms
+# (1.21x; E=8, k=2 1.37x). With AMX training was not measured: there the inference bound keeps
+# the torch path for large experts.
 BF16_MAX_EXPERT_BYTES = 512 * 2**10
 
 
@@ -603,7 +619,7 @@ def _forward_bf16(x, w1, b1, w2, w3, b3, gate, order, offsets, ptr, experts, nma
     glu = w3 is not None
     code = CODES[activation]
     f32 = np.float32
-    chunk = chunk_rows(d, m, 2)
+    chunk = chunk_rows_bf16(d, m)
     rows = min(nmax, chunk)
     block = rows * m
     tmps, bits = _act_scratch(code, np.dtype(f32), workers, block)
@@ -687,7 +703,7 @@ def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_exp
     ptr, experts, nmax = nk.plan(offn, workers)
     code = CODES[activation]
     f32, u16 = np.float32, np.uint16
-    chunk = chunk_rows(d, m, 2)
+    chunk = chunk_rows_bf16(d, m)
     rows = min(nmax, chunk)
     block = rows * m
     tmps, bits = _act_scratch(code, np.dtype(f32), workers, block)

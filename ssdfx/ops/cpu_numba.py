@@ -437,6 +437,14 @@ def _training_layout(x, w1, w3, expert_idx, num_experts) -> _Saved:
                   torch.empty(t_all, d, dtype=x.dtype))
 
 
+def _keep_rows(keep, sel, m, dropout_p, dtype) -> np.ndarray:
+    """The dropout's scale keep / (1 - p) (P, m) in dtype for the selected pairs sel in layout
+    order, or (0, m) without dropout."""
+    if keep is None:
+        return _np(torch.empty(0, m, dtype=dtype))
+    return _np(keep_scale(keep.reshape(-1, m)[sel], dropout_p, dtype).contiguous())
+
+
 @_keeps_torch_threads
 def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activation, dropout_p):
     """y, and what the backward needs: the pre-activations a1, a3 (T*K, m) in pair order
@@ -449,12 +457,10 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     m = w1.shape[0] // num_experts
     sv = _training_layout(x, w1, w3, expert_idx, num_experts)
     p = sv.pairs
-    ks = (keep_scale(keep.reshape(x.shape[0] * k, m)[sv.order_t[:p]], dropout_p, x.dtype)
-          .contiguous() if keep is not None else x.new_empty(0, m))
     _forward_kernel(x, w1, b1, w2, w3, b3, gate, sv.order, sv.offsets, None, sv.ptr, sv.experts,
                     sv.nmax, k, activation, _np(sv.a1t[:p]),
                     _np(sv.a3t[:p]) if w3 is not None else np.empty((0, m), _np(x).dtype),
-                    _np(ks), _np(sv.yt))
+                    _keep_rows(keep, sv.order_t[:p], m, dropout_p, x.dtype), _np(sv.yt))
     return sv.yt, sv.a1t, sv.a3t, sv.order_t, sv.offsets_t
 
 
@@ -668,16 +674,8 @@ def forward_bf16(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, act
     _forward_bf16(x, w1, b1, w2, w3, b3, gate, sv.order, sv.offsets, sv.ptr, sv.experts,
                   sv.nmax, expert_idx.shape[1], activation, _bits(sv.a1t[:p]),
                   _bits(sv.a3t[:p]) if w3 is not None else np.empty((0, m), np.uint16),
-                  _keep_f32(keep, sv.order_t[:p], m, dropout_p), sv.yt)
+                  _keep_rows(keep, sv.order_t[:p], m, dropout_p, torch.float32), sv.yt)
     return sv.yt, sv.a1t, sv.a3t, sv.order_t, sv.offsets_t
-
-
-def _keep_f32(keep, sel, m, dropout_p) -> np.ndarray:
-    """The dropout's float32 scale keep / (1 - p) (P, m) for the selected pairs sel in layout
-    order, or (0, m) without dropout."""
-    if keep is None:
-        return np.empty((0, m), np.float32)
-    return _np(keep_scale(keep.reshape(-1, m)[sel], dropout_p, torch.float32).contiguous())
 
 
 @_keeps_torch_threads
@@ -712,12 +710,13 @@ def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_exp
     db1, db3 = np.empty(f_all, f32), np.empty(f_all if glu else 0, f32)
     dg = np.empty(pairs, f32)
     dxt = x.new_empty(t_all, d)
+    ks = _keep_rows(keep, order[:pairs], m, dropout_p, torch.float32)
     with _numba_phase(workers):
         numba_bf16.bwd_bf16(
             _bits(x.contiguous()), _bits(dy.contiguous()), _bits(w1), _bits(w2),
             _bits(w3) if glu else np.empty((0, d), u16), _bits(a1[:pairs]),
             _bits(a3[:pairs]) if glu else np.empty((0, m), u16), _unit_or_empty(gate),
-            _keep_f32(keep, order[:pairs], m, dropout_p), on, offn, k, ptr, experts, code,
+            ks, on, offn, k, ptr, experts, code,
             _flat_bits(dw1), _flat_bits(dw2), _flat_bits(dw3),
             np.array([dw1.stride(), dw2.stride(), dw3.stride() if glu else (0, 0)], np.int64),
             db1, db3, dg,
@@ -761,8 +760,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     ptr, experts, nmax = nk.plan(offn, workers)
     code = CODES[activation]
     sel = order[:pairs]
-    ks = (keep_scale(keep.reshape(t_all * k, m)[sel], dropout_p, x.dtype).contiguous()
-          if keep is not None else torch.empty(0, m, dtype=x.dtype))
+    ks = _keep_rows(keep, sel, m, dropout_p, x.dtype)
     # internal buffers (freed on return, in this thread) are numpy's: with a torch buffer the
     # backward at T=64, d=768, E=8, k=4 took 9.8 ms instead of 4.6 (glibc then returned the
     # freed weight-gradient pages to the OS, and the next call faulted them in again)
@@ -781,7 +779,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
         nk.bwd(
             xn, dyn, _np(w1), _np(w2), _np(w3) if glu else np.empty((0, d), dt),
             _np(a1[:pairs]), _np(a3[:pairs]) if glu else np.empty((0, m), dt),
-            _np(gate.contiguous()).reshape(-1), _np(ks), on, offn, k, ptr, experts, code,
+            _np(gate.contiguous()).reshape(-1), ks, on, offn, k, ptr, experts, code,
             _np(dw1), _np(dw2), _np(dw3) if glu else np.empty((0, d), dt), _np(db1t),
             _np(db3t), dg,
             np.empty((pairs, m), dt), np.empty((pairs if glu else 0, m), dt),

@@ -1,0 +1,80 @@
+"""Scratch memory of the numba launchers, kept between calls.
+
+Every launcher call needs scratch that never leaves it: gathered rows, hidden units between the
+two phases, the backward's per-worker blocks; at T=2048, d=768, E=16, k=4 ~12 MB for the
+forward, ~60 MB for the backward. Fresh buffers are only cheap while glibc hands back memory it
+kept from the last free; its dynamic thresholds decide that from the allocation history of the
+whole process, and when it maps them fresh, every page faults on first touch (~1-1.5 us per 4
+KiB page on the AMD VMs). In one process alternating the dense FFN and the converted one at that
+shape (AMD Zen 5, `LD_PRELOAD` of bench/mkl_intel_path.c), the converted forward took 17.5-19 ms
+without faults and 23.5-29 ms where each call faulted its ~6000 scratch pages in again
+(`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072`). So each thread keeps one arena, grown to
+the largest call it has served and carved into the call's arrays; the pages fault once.
+
+The arrays are valid inside the `workspace` block only and must not leave it (no torch tensor
+over them is returned or saved). A call that needs more than WORKSPACE_MAX_BYTES, or that runs
+while this thread's arena is in use, gets fresh buffers instead. `release()` frees this
+thread's arena.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+__all__ = ["WORKSPACE_MAX_BYTES", "arena_bytes", "release", "workspace"]
+
+WORKSPACE_MAX_BYTES = 256 * 2**20
+_ALIGN = 64  # bytes: every array starts on a cache line
+
+
+class _Arena(threading.local):
+    buf: np.ndarray | None = None
+    busy: bool = False
+
+
+_ARENA = _Arena()
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+@contextlib.contextmanager
+def workspace(*specs):
+    """Uninitialised arrays of the (shape, dtype) specs, in this thread's arena: a list in the
+    specs' order, valid inside the block only."""
+    sizes = [_nbytes(shape, dt) for shape, dt in specs]
+    spans = [-(-n // _ALIGN) * _ALIGN for n in sizes]
+    total = sum(spans) + _ALIGN
+    arena = _ARENA
+    if arena.busy or total > WORKSPACE_MAX_BYTES:
+        yield [np.empty(shape, dt) for shape, dt in specs]
+        return
+    if arena.buf is None or arena.buf.size < total:
+        arena.buf = None  # free the smaller one first
+        arena.buf = np.empty(total, np.uint8)
+    off = -arena.buf.ctypes.data % _ALIGN
+    arrays = []
+    for (shape, dt), n, span in zip(specs, sizes, spans):
+        arrays.append(arena.buf[off:off + n].view(dt).reshape(shape))
+        off += span
+    arena.busy = True
+    try:
+        yield arrays
+    finally:
+        arena.busy = False
+
+
+def arena_bytes() -> int:
+    """The size of this thread's arena (0 when it has none)."""
+    return 0 if _ARENA.buf is None else int(_ARENA.buf.size)
+
+
+def release() -> None:
+    """Free this thread's arena; the next call allocates a new one."""
+    if _ARENA.busy:
+        raise RuntimeError("the workspace is in use by a running kernel call")
+    _ARENA.buf = None

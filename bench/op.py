@@ -96,10 +96,49 @@ def wait_idle(max_wait: float, share: float = 0.9, max_steal: float = 0.03) -> b
     return False
 
 
-def _timed(fn) -> float:
+def _minor_faults() -> int:
+    """Page faults of this process so far that needed no disk (0 where unsupported)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn) -> tuple[float, int]:
+    """fn's wall time in ms and the page faults it took (each ~1 us on these VMs)."""
+    f0 = _minor_faults()
     t0 = time.perf_counter()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    t1 = time.perf_counter()
+    return (t1 - t0) * 1e3, _minor_faults() - f0
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def steady_malloc() -> bool:
+    """Keep freed memory in glibc's heap for reuse (no mmap'd chunks, no trimming), as a
+    caching allocator would; False where glibc is not the allocator.
+
+    glibc's default thresholds move with the process's allocation history: alternating the
+    dense and the converted FFN at T=2048, d=768, E=16, k=4 (AMD Zen 5), some runs mapped the
+    dense FFN's 25 MB hidden units fresh on every call (~10,000 page faults, 62-70 ms) and
+    others reused them (no faults, 49-52 ms), depending on the other model's allocations, so a
+    ratio measured there compared two allocator states; requests of 32 MiB or more (dense at
+    T=8192: 100 MB hidden units) were mapped fresh on every call. Steady, the heap still grows
+    where its free chunks are too fragmented for a request (dense at T=8192, d=768 faulted
+    ~100 MB in on some calls), which the CSV's fault columns show."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def machine() -> str:
@@ -175,6 +214,7 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
             clear()
             run()
     times = {key: [] for key in cases}
+    faults = {key: [] for key in cases}
     quiet = busy = stolen = 0
     keys = list(cases)
     for rep in range(repeats):
@@ -191,7 +231,9 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
         for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
             run, clear = cases[key]
             clear()
-            times[key].append(_timed(run))
+            ms, nf = _timed(run)
+            times[key].append(ms)
+            faults[key].append(nf)
         total1, _, steal1 = _cpu_times()
         busy += total1 - total0
         stolen += steal1 - steal0
@@ -210,6 +252,9 @@ def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=Non
             # ran in the same round, a few ms apart, so the machine's drift between rounds
             # cancels); the median speedup above is a ratio of medians
             speedup_q1=round(q1, 2), speedup_q3=round(q3, 2),
+            # median page faults per timed call: memory the allocator mapped fresh
+            dense_faults=round(statistics.median(faults[("dense", phase)])),
+            sparse_faults=round(statistics.median(faults[("sparse", phase)])),
             quiet_repeats=f"{quiet}/{repeats}" if idle_wait > 0 else "",
             # share of the timed repeats' CPU time the hypervisor gave to other guests: an
             # idle check cannot see it (nothing is stolen from an idle VM), and it slows the
@@ -327,7 +372,7 @@ def router_share(t, d, e, k, repeats=20) -> str:
     def median_ms(fn):
         for _ in range(3):
             fn()
-        return statistics.median(_timed(fn) for _ in range(repeats))
+        return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
     with torch.no_grad():
         whole, part = median_ms(lambda: sparse(next(xs))), median_ms(route)
@@ -349,7 +394,7 @@ def configs(quick: bool):
 
 def markdown(rows):
     cols = ["dtype", "dense_dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup",
-            "speedup_q1", "speedup_q3", "ideal", "of_ideal"]
+            "speedup_q1", "speedup_q3", "ideal", "of_ideal", "dense_faults", "sparse_faults"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -392,6 +437,10 @@ def main(argv=None) -> int:
                          "no native bf16 GEMM (CSV name gets _vs_fp32)")
     ap.add_argument("--warmup", type=positive_int, default=2, metavar="N",
                     help="untimed calls per case before the repeats (default 2)")
+    ap.add_argument("--malloc", choices=["steady", "glibc"], default="steady",
+                    help="steady (default): glibc keeps freed memory for reuse, as a caching "
+                         "allocator would (see steady_malloc); glibc: its default thresholds, "
+                         "which move with the allocation history")
     ap.add_argument("--router-share", action="store_true",
                     help="only print the routing share of the sparse forward at d=768 (fp32)")
     args = ap.parse_args(argv)
@@ -408,8 +457,10 @@ def main(argv=None) -> int:
         stem = "op_shapes" if args.shapes else "op"
         args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
     shapes = args.shapes or configs(args.quick)  # --shapes are all checked while parsing
+    steady = args.malloc == "steady" and steady_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"router: ssdfx.convert, {machine()}", flush=True)
+          f"router: ssdfx.convert, {machine()}, malloc "
+          f"{'steady' if steady else 'default'}", flush=True)
     dense_dtype = torch.float32 if args.dense_dtype == "fp32" else None
     from ssdfx.ops import blas
 
@@ -430,6 +481,7 @@ def main(argv=None) -> int:
             new = measure(t, d, e, k, dtype, args.repeats, args.wait_idle, args.warmup,
                           dense_dtype)
             for r in new:
+                r["malloc"] = "steady" if steady else "default"
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
             rows += new
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,41 @@ def test_op_dense_baseline_in_another_dtype(monkeypatch):
     rows = [dict(r, T=2048, d=768, E=16, k=4, of_ideal=0.6) for r in rows]
     assert [line.split(":")[0] for line in op.targets(rows)] == [
         "bfloat16 vs float32 dense T >= 64, never slower than dense"]
+
+
+_REFAULT = """
+import resource, sys
+sys.path.insert(0, {bench!r})
+import op
+import torch
+steady = {steady} and op.steady_malloc()
+faults = []
+for _ in range(4):  # a 64 MB buffer freed and taken again, with a small one in between
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    big = torch.ones(16 * 2**20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    del big
+    small = torch.ones(1000)
+print(steady, min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and getrusage")
+def test_op_steady_malloc_keeps_freed_memory_that_glibc_maps_anew():
+    # glibc maps a 64 MB request fresh each time (16k page faults); steady keeps it in the heap
+    out = {}
+    for steady in (False, True):
+        done = subprocess.run([sys.executable, "-c", _REFAULT.format(bench=BENCH, steady=steady)],
+                              capture_output=True, text=True, check=True)
+        applied, faults = done.stdout.split()
+        out[steady] = (applied == "True", int(faults))
+    assert out[False][1] > 10_000  # the reference: every call faults the buffer in
+    assert out[True] == (True, out[True][1]) and out[True][1] < 100
+
+
+def test_op_counts_page_faults_per_call(monkeypatch):
+    op = _script("op")
+    counter = iter(range(0, 10**6, 7))  # every reading of the counter 7 higher than the last
+    monkeypatch.setattr(op, "_minor_faults", lambda: next(counter))
+    rows = op.measure(64, 32, 4, 2, torch.float32, repeats=2)
+    assert all(r["dense_faults"] == 7 and r["sparse_faults"] == 7 for r in rows)

@@ -115,21 +115,23 @@ def _timed(fn) -> tuple[float, int]:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def steady_malloc() -> bool:
-    """Keep freed memory in glibc's heap for reuse (no mmap'd chunks, no trimming), as a
-    caching allocator would; False where glibc is not the allocator.
+    """Make glibc keep freed memory in its heap for reuse (one arena, no mmap'd chunks, no
+    trimming), as a caching allocator would; False where glibc is not the allocator.
 
     glibc's default thresholds move with the process's allocation history: alternating the
     dense and the converted FFN at T=2048, d=768, E=16, k=4 (AMD Zen 5), some runs mapped the
     dense FFN's 25 MB hidden units fresh on every call (~10,000 page faults, 62-70 ms) and
     others reused them (no faults, 49-52 ms), depending on the other model's allocations, so a
     ratio measured there compared two allocator states; requests of 32 MiB or more (dense at
-    T=8192: 100 MB hidden units) were mapped fresh on every call. Steady, the heap still grows
-    where its free chunks are too fragmented for a request (dense at T=8192, d=768 faulted
-    ~100 MB in on some calls), which the CSV's fault columns show."""
+    T=8192: 100 MB hidden units) were mapped fresh on every call. Steady, the full sweep ran
+    with no faults in either model; it is not a guarantee: torch's aligned allocations can
+    leave a freed chunk a little too small for the next equal request, and the heap then grows
+    (a 64 MB buffer freed and taken again faulted in anew on 0-3 of 3 takes), which the CSV's
+    fault columns show."""
     import ctypes
     import ctypes.util
 
@@ -138,7 +140,8 @@ def steady_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(param, value) for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def machine() -> str:

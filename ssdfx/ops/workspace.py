@@ -2,7 +2,7 @@
 
 Every launcher call needs scratch that never leaves it: gathered rows, hidden units between the
 two phases, the backward's per-worker blocks; at T=2048, d=768, E=16, k=4 ~12 MB for the
-forward, ~60 MB for the backward. Fresh buffers are only cheap while glibc hands back memory it
+forward, ~17 MB for the backward. Fresh buffers are only cheap while glibc hands back memory it
 kept from the last free; its dynamic thresholds decide that from the allocation history of the
 whole process, and when it maps them fresh, every page faults on first touch (~1-1.5 us per 4
 KiB page on the AMD VMs). In one process alternating the dense FFN and the converted one at that

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssdfx.ops import moe_ffn, workspace as ws
+from ssdfx.ops import workspace as ws
+from test_ops import _call, _problem
 
 DTYPES = [np.float32, np.float64, np.uint16, np.int32, np.int64]
 
@@ -54,24 +55,17 @@ def test_over_the_bound_gets_fresh_arrays(monkeypatch):
     assert ws.arena_bytes() == 0
 
 
-def _problem(seed, t=300, d=24, e=8, m=6, k=3, glu=False):
-    g = torch.Generator().manual_seed(seed)
-    f = e * m
-    return dict(x=torch.randn(t, d, generator=g), w1=torch.randn(f, d, generator=g),
-                b1=torch.randn(f, generator=g), w2=torch.randn(d, f, generator=g),
-                w3=torch.randn(f, d, generator=g) if glu else None, b3=None,
-                expert_idx=torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]),
-                gate=torch.ones(t, k), num_experts=e)
-
-
 def _run(p, backend, train):
     x = p["x"].clone().requires_grad_(train)
-    y = moe_ffn(x, p["w1"], p["b1"], p["w2"], p["w3"], p["b3"], p["expert_idx"], p["gate"],
-                num_experts=p["num_experts"], activation="gelu", backend=backend)
+    y = _call({**p, "x": x}, backend)
     if not train:
         return (y,)
     y.backward(torch.ones_like(y))
     return y, x.grad
+
+
+def _problem_f32(seed, t=300, glu=False):
+    return _problem(t=t, d=24, e=8, m=6, k=3, dtype=torch.float32, glu=glu, seed=seed)
 
 
 @pytest.mark.parametrize("glu", [False, True])
@@ -79,7 +73,7 @@ def _run(p, backend, train):
 def test_numba_calls_reuse_the_arena_and_match_fresh_buffers_and_the_reference(
         monkeypatch, glu, train):
     ws.release()
-    p = _problem(0, glu=glu)
+    p = _problem_f32(0, glu=glu)
     first = _run(p, "numba", train)
     held = ws.arena_bytes()
     assert held > 0
@@ -94,7 +88,7 @@ def test_numba_calls_reuse_the_arena_and_match_fresh_buffers_and_the_reference(
 
 
 def test_threads_calling_at_once_each_use_their_own_arena():
-    problems = [_problem(s, t=2000, glu=s % 2 == 1) for s in range(4)]
+    problems = [_problem_f32(s, t=2000, glu=s % 2 == 1) for s in range(4)]
     expected = [_run(p, "reference", False)[0] for p in problems]
     got, sizes, errors = {}, {}, []
 

@@ -571,7 +571,7 @@ def test_numba_phase_runs_one_blas_thread_and_restores_the_counts():
 def test_blas_choice_follows_mkls_code_path_and_rejects_bad_settings():
     # "auto": MKL where it runs its Intel code paths (an Intel CPU, or MKL told so), else
     # OpenBLAS; MKL's bf16 GEMM is used where it multiplies bf16 natively
-    from ssdfx.ops.blas import _choose, _native_bf16
+    from ssdfx.ops.blas import _choose, _choose_small, _native_bf16
 
     assert _choose("auto", True, True) == "mkl"
     assert _choose("", True, True) == "mkl"
@@ -588,6 +588,12 @@ def test_blas_choice_follows_mkls_code_path_and_rejects_bad_settings():
         assert not _native_bf16(True, False, flags)  # MKL's AVX2 code: float32 speed
         assert not _native_bf16(False, True, flags)
     assert not _native_bf16(True, True, {"avx2", "avx512f", "avx512bw"})
+    # GEMMs with few output rows: MKL under "auto" wherever it exists, else the one library
+    assert _choose_small("auto", "openblas", True) == "mkl"
+    assert _choose_small("", "mkl", True) == "mkl"
+    assert _choose_small("auto", "openblas", False) == "openblas"
+    assert _choose_small("OpenBLAS", "openblas", True) == "openblas"
+    assert _choose_small("mkl", "mkl", True) == "mkl"
 
 
 def test_mkl_intel_path_is_detected_through_a_preloaded_library(tmp_path):
@@ -664,11 +670,13 @@ def test_mkl_intel_path_is_detected_through_a_preloaded_library(tmp_path):
     assert outs[1][:2] == ["ok", "True"]
 
 
-@pytest.mark.parametrize("library", ["openblas", "mkl"])
+@pytest.mark.parametrize("library", ["openblas", "mkl", "auto"])
 def test_each_blas_computes_the_gemm_and_the_op(library):
-    # Each library the kernels can call, in its own process (the choice is made once): gemm
-    # on every operand layout against float64 numpy, MKL's per-thread count restored after
-    # each call, and the numba op's forward and gradients against the reference backend.
+    # Each library the kernels can call, in its own process (the choice is made once), and
+    # "auto", which on a non-Intel CPU with MKL calls MKL for GEMMs with few output rows and
+    # OpenBLAS for the rest: gemm on every operand layout against float64 numpy, with output
+    # row counts on both sides of SMALL_GEMM_ROWS, MKL's per-thread count restored after each
+    # call, and the numba op's forward and gradients against the reference backend.
     pytest.importorskip("numba")
     from ssdfx.ops.blas import _mkl_addresses
 
@@ -679,25 +687,30 @@ def test_each_blas_computes_the_gemm_and_the_op(library):
         import ctypes, glob, os, numpy as np, torch
         from numba import njit
         from ssdfx.ops import blas, moe_ffn
-        assert blas.LIBRARY == os.environ["SSDFX_BLAS"], blas.LIBRARY
+        if os.environ["SSDFX_BLAS"] == "auto":
+            assert blas.SMALL_LIBRARY == ("mkl" if blas.HAS_MKL else blas.LIBRARY)
+        else:
+            assert blas.LIBRARY == blas.SMALL_LIBRARY == os.environ["SSDFX_BLAS"], blas.LIBRARY
 
         @njit(["void(f4[:, :], f4[:, :], f4[:, :], f8)", "void(f8[:, :], f8[:, :], f8[:, :], f8)"])
         def run(a, b, c, beta):  # any layout (one compilation per dtype)
             blas.gemm(a, b, c, beta)
 
         rng = np.random.default_rng(0)
-        for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
-            a0, b0 = rng.standard_normal((7, 5)), rng.standard_normal((5, 6))
-            c0 = rng.standard_normal((7, 6))
-            for a in (a0.astype(dt), np.asfortranarray(a0.astype(dt)),
-                      rng.standard_normal((9, 11)).astype(dt)[1:8, 2:7]):
-                a0 = a.astype(np.float64)
-                for b in (b0.astype(dt), b0.T.astype(dt).copy().T):
-                    for c in (c0.astype(dt).copy(), np.asfortranarray(c0.astype(dt))):
-                        ref = a0 @ b0 + 0.5 * c.astype(np.float64)
-                        run(a, b, c, 0.5)
-                        assert np.abs(c - ref).max() < tol * 10, (dt, np.abs(c - ref).max())
-        if blas.LIBRARY == "mkl":
+        for rows in (7, blas.SMALL_GEMM_ROWS, blas.SMALL_GEMM_ROWS + 5):
+            for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+                a0, b0 = rng.standard_normal((rows, 5)), rng.standard_normal((5, 6))
+                c0 = rng.standard_normal((rows, 6))
+                for a in (a0.astype(dt), np.asfortranarray(a0.astype(dt)),
+                          rng.standard_normal((rows + 2, 11)).astype(dt)[1:rows + 1, 2:7]):
+                    a0 = a.astype(np.float64)
+                    for b in (b0.astype(dt), b0.T.astype(dt).copy().T):
+                        for c in (c0.astype(dt).copy(), np.asfortranarray(c0.astype(dt))):
+                            ref = a0 @ b0 + 0.5 * c.astype(np.float64)
+                            run(a, b, c, 0.5)
+                            assert np.abs(c - ref).max() < tol * 10, (dt, np.abs(c - ref).max())
+        if "mkl" in (blas.LIBRARY, blas.SMALL_LIBRARY):
+            a, b, c = (np.ones(s, np.float32) for s in ((7, 5), (5, 6), (7, 6)))
             lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib",
                                                      "libtorch_cpu.*"))[0])
             lib.MKL_Set_Num_Threads_Local(3)

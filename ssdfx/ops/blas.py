@@ -60,8 +60,8 @@ import numpy as np
 from numba import cfunc, njit, types
 from numba.extending import get_cython_function_address, overload
 
-__all__ = ["BF16", "BF16_AMX", "HAS_MKL", "LIBRARY", "MKL_INTEL_PATH", "gemm", "gemm_bf16",
-           "gemm_by_dtype"]
+__all__ = ["BF16", "BF16_AMX", "HAS_MKL", "LIBRARY", "MKL_INTEL_PATH", "SMALL_GEMM_ROWS",
+           "SMALL_LIBRARY", "gemm", "gemm_bf16", "gemm_by_dtype"]
 
 CHOICES = ("auto", "mkl", "openblas")
 
@@ -127,6 +127,14 @@ def _choose(choice: str, mkl_available: bool, intel_path: bool) -> str:
     return choice
 
 
+def _choose_small(choice: str, library: str, mkl_available: bool) -> str:
+    """The BLAS of the float32 GEMMs with at most SMALL_GEMM_ROWS output rows: MKL where "auto"
+    chose OpenBLAS for the rest and MKL is there (its per-call cost is lower: see
+    SMALL_GEMM_ROWS), else `library`, so that an explicit SSDFX_BLAS is obeyed everywhere."""
+    choice = choice.strip().lower() or "auto"
+    return "mkl" if choice == "auto" and mkl_available else library
+
+
 def _native_bf16(has_gemm: bool, intel_path: bool, flags: set[str]) -> bool:
     """Whether MKL's bf16 GEMM multiplies in bf16 here (else it converts to float32 and runs at
     float32's speed): it exists, MKL runs its Intel code, and the CPU has AMX or AVX-512-BF16."""
@@ -156,11 +164,26 @@ HAS_MKL = _mkl is not None
 # future MKL renames the function)
 MKL_INTEL_PATH = HAS_MKL and (_mkl["intel"] or _cpuinfo("vendor_id") == "GenuineIntel")
 LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), HAS_MKL, MKL_INTEL_PATH)
+SMALL_LIBRARY = _choose_small(os.environ.get("SSDFX_BLAS", "auto"), LIBRARY, HAS_MKL)
+# GEMMs with at most this many output rows call SMALL_LIBRARY (the others LIBRARY): the
+# experts' GEMMs over few tokens. One thread of an AMD Zen 5, float32, MKL's AVX2 code (as
+# shipped) against SciPy's OpenBLAS 0.3.30, rows n x d x m (up-projection), n x m x d (down),
+# m x n x d (weight gradient), d in {256, 768}, m = 32-384: at n = 8-32 rows MKL took 1.2-2.2x
+# less time (8 x 256 x 32: 1.7 against 3.8 us; 16 x 768 x 192: 54 against 83 us), at n = 64
+# 1.02-1.07x less, from n = 128 rows OpenBLAS was 0-12% faster; the weight-gradient products
+# with m <= 64 output rows ran 1.05-1.3x faster in MKL at every n, with m = 96-384 within
+# -9/+5%. In the op at T=64, d=256 (bench/op.py, k = E/2, forward), MKL for every GEMM made
+# E=8, k=4 0.86-0.88x of dense -> 0.98x, E=32, k=16 0.71-0.74x -> 0.87-0.90x.
+SMALL_GEMM_ROWS = 64
 for _name in ("sgemm", "dgemm"):
     llvm.add_symbol("ssdfx_" + _name, _mkl[_name] if LIBRARY == "mkl" else
                     get_cython_function_address("scipy.linalg.cython_blas", _name))
+llvm.add_symbol("ssdfx_sgemm_small", _mkl["sgemm"] if SMALL_LIBRARY == "mkl" else
+                get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
 llvm.add_symbol("ssdfx_blas_local_threads",
                 _mkl["local"] if LIBRARY == "mkl" else _no_local_threads.address)
+llvm.add_symbol("ssdfx_small_local_threads",
+                _mkl["local"] if SMALL_LIBRARY == "mkl" else _no_local_threads.address)
 # whether MKL's bf16 GEMM can be called at all (the tests run it wherever it can), and whether
 # the kernels should (see the module's docstring)
 HAS_BF16_GEMM = bool(_mkl and _mkl["bf16"])
@@ -177,8 +200,11 @@ _vp = types.voidptr
 _GEMM_SIG = types.void(_vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp)
 _sgemm = types.ExternalFunction("ssdfx_sgemm", _GEMM_SIG)
 _dgemm = types.ExternalFunction("ssdfx_dgemm", _GEMM_SIG)
+_sgemm_small = types.ExternalFunction("ssdfx_sgemm_small", _GEMM_SIG)
 # int MKL_Set_Num_Threads_Local(int): the calling thread's count, returns the previous one
 _local_threads = types.ExternalFunction("ssdfx_blas_local_threads", types.int32(types.int32))
+_small_local_threads = types.ExternalFunction("ssdfx_small_local_threads",
+                                              types.int32(types.int32))
 _mkl_local_threads = types.ExternalFunction("ssdfx_mkl_local_threads", types.int32(types.int32))
 # CBLAS (by value): layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc; the
 # MKL_INTs are passed as 64-bit values, which an LP64 build reads correctly too (registers and
@@ -267,6 +293,13 @@ def gemm(a, b, c, beta):
         ints[4] = ldb
     ints[2] = k_
     ints[5] = ldc
+    if a.itemsize == 4 and m_ <= SMALL_GEMM_ROWS:
+        before = _small_local_threads(1)
+        _sgemm_small(ch[0:].ctypes, ch[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes,
+                     ints[2:].ctypes, sc[0:].ctypes, x1.ctypes, ints[3:].ctypes, x2.ctypes,
+                     ints[4:].ctypes, sc[1:].ctypes, c.ctypes, ints[5:].ctypes)
+        _small_local_threads(before)
+        return
     before = _local_threads(1)
     if a.itemsize == 4:
         _sgemm(ch[0:].ctypes, ch[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,

@@ -158,7 +158,10 @@ def machine() -> str:
     except OSError:
         pass
     mkl = "Intel code paths" if blas.MKL_INTEL_PATH else "non-Intel (AVX2) code paths"
-    return f"{model}; {os.cpu_count()} CPUs; numba BLAS {blas.LIBRARY}; MKL {mkl}"
+    lib = blas.LIBRARY
+    if blas.SMALL_LIBRARY != lib:
+        lib += f" (up to {blas.SMALL_GEMM_ROWS} rows: {blas.SMALL_LIBRARY})"
+    return f"{model}; {os.cpu_count()} CPUs; numba BLAS {lib}; MKL {mkl}"
 
 
 def measure(t, d, e, k, dtype, repeats, idle_wait=0.0, warmup=2, dense_dtype=None):

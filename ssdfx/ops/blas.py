@@ -24,7 +24,10 @@ op at T=2048, d=256, E=32, k=16 at 0.85-0.90x of dense forward with OpenBLAS aga
 E=16, k=4 equal (2.71-2.74x, 2.74-2.82x); on the Zen 5 with the preload, the op's inference at
 T=2048, d=768, E=16, k=4 took 20.0 ms with MKL against 32.4 with OpenBLAS (medians of 12, one
 process each). `SSDFX_BLAS=mkl|openblas` overrides the choice (read once, when the kernels are
-first loaded).
+first loaded). Where "auto" takes OpenBLAS and torch has MKL, float32 GEMMs with at most
+SMALL_GEMM_ROWS output rows call MKL all the same (`SMALL_LIBRARY`): even on its AVX2 code its
+per-call cost is lower on the few-row products of experts that few tokens chose (figures at
+SMALL_GEMM_ROWS).
 
 bfloat16 (`gemm_bf16`, `BF16`): MKL's `cblas_gemm_bf16bf16f32` (bf16 inputs, float32 output),
 also exported by libtorch_cpu, whatever `LIBRARY` is. On an Intel CPU with AMX it ran the

@@ -41,6 +41,9 @@ from ssdfx.ops.dispatch import native_gemm  # noqa: E402
 
 FULL = dict(T=[512, 2048, 8192], d=[256, 768], E=[8, 16, 32], k_frac=[1 / 8, 1 / 4, 1 / 2])
 QUICK = [(2048, 768, 16, 4), (2048, 768, 16, 8), (2048, 768, 8, 1), (512, 256, 16, 4)]
+# --small: the SPEC's "never slower than dense from T=64" below the sweep's smallest T, with the
+# sweep's d, E and k/E
+SMALL_T = [64, 128, 256]
 INPUTS = 4  # distinct input batches cycled by router_share (measure writes fresh ones)
 
 
@@ -386,11 +389,11 @@ def router_share(t, d, e, k, repeats=20) -> str:
             f"{part:.3f} ms = {100 * part / whole:.1f}%")
 
 
-def configs(quick: bool):
+def configs(quick: bool, small: bool = False):
     if quick:
         return QUICK
     out = []
-    for t in FULL["T"]:
+    for t in SMALL_T if small else FULL["T"]:
         for d in FULL["d"]:
             for e in FULL["E"]:
                 for frac in FULL["k_frac"]:
@@ -423,8 +426,13 @@ def shape_arg(text: str) -> tuple[int, int, int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="4 shapes (the T=2048, d=768 targets and a small one) instead of 54")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true",
+                       help="4 shapes (the T=2048, d=768 targets and a small one) instead of 54")
+    which.add_argument("--small", action="store_true",
+                       help="the sweep's 54 shapes at T in {64, 128, 256} instead of {512, 2048, "
+                            "8192}: the SPEC's 'never slower than dense from T=64' below the "
+                            "sweep (default CSV bench/results/op[_bf16|_both]_small.csv)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
     ap.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per case (median)")
     ap.add_argument("--out", type=Path, default=None,
@@ -434,9 +442,9 @@ def main(argv=None) -> int:
                     help="before each repeat wait up to S seconds for an idle CPU whose host "
                          "steals under 3%% of its time (shared machines, VMs); the CSV records "
                          "how many repeats started so and the steal share while timing")
-    ap.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
-                    help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
-                         "default CSV bench/results/op_shapes[_bf16|_both].csv")
+    which.add_argument("--shapes", nargs="+", type=shape_arg, metavar="TxDxExK", default=None,
+                       help="measure these shapes instead of the sweep (e.g. 64x256x16x4); "
+                            "default CSV bench/results/op_shapes[_bf16|_both].csv")
     ap.add_argument("--dense-dtype", choices=["same", "fp32"], default="same",
                     help="the dense baseline's dtype (default: --dtype's); fp32 compares a bf16 "
                          "sparse FFN with a float32 dense one, e.g. on a CPU where torch has "
@@ -458,11 +466,11 @@ def main(argv=None) -> int:
               "both": [torch.float32, torch.bfloat16]}[args.dtype]
     if args.out is None:
         suffix = ({"fp32": "", "bf16": "_bf16", "both": "_both"}[args.dtype]
-                  + ("_quick" if args.quick else "")
+                  + ("_quick" if args.quick else "") + ("_small" if args.small else "")
                   + ("_vs_fp32" if args.dense_dtype == "fp32" else ""))
         stem = "op_shapes" if args.shapes else "op"
         args.out = ROOT / "bench" / "results" / f"{stem}{suffix}.csv"
-    shapes = args.shapes or configs(args.quick)  # --shapes are all checked while parsing
+    shapes = args.shapes or configs(args.quick, args.small)  # --shapes: checked while parsing
     steady = args.malloc == "steady" and steady_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"router: ssdfx.convert, {machine()}, malloc "

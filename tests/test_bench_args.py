@@ -34,6 +34,8 @@ def test_op_checks_every_shape_before_measuring_any():
     ("op", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
     ("op", ["--shapes", "64x64x4x5"], "k <= E"),
     ("op", ["--warmup", "0"], "--warmup: expected a whole number >= 1"),
+    ("op", ["--quick", "--small"], "argument --small: not allowed with argument --quick"),
+    ("op", ["--small", "--shapes", "64x64x4x2"], "not allowed with argument --small"),
     ("flops_per_pass", ["--repeats", "0"], "--repeats: expected a whole number >= 1"),
     ("flops_per_pass", ["--seq-len", "0"], "--seq-len: expected a whole number >= 1"),
     ("flops_per_pass", ["--seq-len", "5000"], "exceeds gpt2's 1024 positions"),
@@ -55,6 +57,14 @@ def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch, tmp_path, scrip
     assert e.value.code == 2 and message in err, err
     assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
     assert not (tmp_path / "out").exists()
+
+
+def test_op_small_sweeps_the_full_grid_below_t_512():
+    op = _script("op")
+    full, small = op.configs(False), op.configs(False, small=True)
+    assert len(small) == len(full) == 54
+    assert sorted({s[0] for s in small}) == op.SMALL_T == [64, 128, 256]
+    assert sorted({s[1:] for s in small}) == sorted({s[1:] for s in full})
 
 
 def test_op_speedup_quartiles_and_k_half_verdicts():

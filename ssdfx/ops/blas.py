@@ -166,8 +166,9 @@ HAS_MKL = _mkl is not None
 # an Intel CPU's MKL takes them by definition (the vendor also keeps the old rule where a
 # future MKL renames the function)
 MKL_INTEL_PATH = HAS_MKL and (_mkl["intel"] or _cpuinfo("vendor_id") == "GenuineIntel")
-LIBRARY = _choose(os.environ.get("SSDFX_BLAS", "auto"), HAS_MKL, MKL_INTEL_PATH)
-SMALL_LIBRARY = _choose_small(os.environ.get("SSDFX_BLAS", "auto"), LIBRARY, HAS_MKL)
+_CHOICE = os.environ.get("SSDFX_BLAS", "auto")
+LIBRARY = _choose(_CHOICE, HAS_MKL, MKL_INTEL_PATH)
+SMALL_LIBRARY = _choose_small(_CHOICE, LIBRARY, HAS_MKL)
 # GEMMs with at most this many output rows call SMALL_LIBRARY (the others LIBRARY): the
 # experts' GEMMs over few tokens. One thread of an AMD Zen 5, float32, MKL's AVX2 code (as
 # shipped) against SciPy's OpenBLAS 0.3.30, rows n x d x m (up-projection), n x m x d (down),
@@ -178,15 +179,23 @@ SMALL_LIBRARY = _choose_small(os.environ.get("SSDFX_BLAS", "auto"), LIBRARY, HAS
 # -9/+5%. In the op at T=64, d=256 (bench/op.py, k = E/2, forward), MKL for every GEMM made
 # E=8, k=4 0.86-0.88x of dense -> 0.98x, E=32, k=16 0.71-0.74x -> 0.87-0.90x.
 SMALL_GEMM_ROWS = 64
-for _name in ("sgemm", "dgemm"):
-    llvm.add_symbol("ssdfx_" + _name, _mkl[_name] if LIBRARY == "mkl" else
-                    get_cython_function_address("scipy.linalg.cython_blas", _name))
-llvm.add_symbol("ssdfx_sgemm_small", _mkl["sgemm"] if SMALL_LIBRARY == "mkl" else
-                get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
-llvm.add_symbol("ssdfx_blas_local_threads",
-                _mkl["local"] if LIBRARY == "mkl" else _no_local_threads.address)
-llvm.add_symbol("ssdfx_small_local_threads",
-                _mkl["local"] if SMALL_LIBRARY == "mkl" else _no_local_threads.address)
+
+
+def _address(library: str, name: str) -> int:
+    """The address of `name` ("sgemm", "dgemm" or "local", the per-thread count) in `library`:
+    torch's MKL, or SciPy's OpenBLAS (whose count is set per phase: a no-op here)."""
+    if library == "mkl":
+        return _mkl[name]
+    if name == "local":
+        return _no_local_threads.address
+    return get_cython_function_address("scipy.linalg.cython_blas", name)
+
+
+for _symbol, _library, _name in (("sgemm", LIBRARY, "sgemm"), ("dgemm", LIBRARY, "dgemm"),
+                                 ("blas_local_threads", LIBRARY, "local"),
+                                 ("sgemm_small", SMALL_LIBRARY, "sgemm"),
+                                 ("small_local_threads", SMALL_LIBRARY, "local")):
+    llvm.add_symbol("ssdfx_" + _symbol, _address(_library, _name))
 # whether MKL's bf16 GEMM can be called at all (the tests run it wherever it can), and whether
 # the kernels should (see the module's docstring)
 HAS_BF16_GEMM = bool(_mkl and _mkl["bf16"])

@@ -367,6 +367,8 @@ def test_numba_bf16_inference_matches_reference(spec, chunk):
               activation="gelu", dropout_p=0.3), 2, "numba", True)
 @example(dict(e=4, m=3, d=5, t=9, k=2, glu=False, bias=True, unused=0.0, skew=False, seed=5,
               activation="relu", dropout_p=0.3), None, "torch", False)
+@example(dict(e=8, m=1, d=8, t=8, k=8, glu=True, bias=True, unused=0.0, skew=False, seed=975,
+              activation="relu2", dropout_p=0.0), None, "torch", False)  # K=8 slots in bf16
 def test_numba_bf16_training_matches_reference(spec, chunk, forward_by, transposed):
     # cpu_numba.forward_bf16 / backward_bf16 (MKL's bf16 GEMM, float32 in between; what "auto"
     # trains with where blas.BF16): forward, saved layout and every gradient. E=1, k=E, T=1,
@@ -799,3 +801,24 @@ def test_padded_down_projection_both_ways(dtype, conv1d, cap):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert got.shape == (num_experts * cap, d) and got.is_contiguous()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * (1 + want.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_sums_of_k_rows_round_once(dtype):
+    # a token's K rows add up in float32 and round once (layout.sum_dtype): within half a
+    # unit in the last place (plus float32's own error) of the float64 sum, where K-1 in-place
+    # bf16 adds miss it by several
+    from ssdfx.ops.layout import add_rows, sum_slots
+
+    g = torch.Generator().manual_seed(0)
+    t_all, k, c = 64, 8, 32
+    rows = (torch.randn(t_all * k, c, generator=g) * torch.rand(t_all * k, 1, generator=g) * 4
+            ).to(dtype)
+    slot_rows = torch.randperm(t_all * k, generator=g).view(t_all, k)
+    exact = rows.double()[slot_rows].sum(1)
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(exact.abs().clamp_min(1e-3)))
+    bound = 0.5 * ulp + 1e-6 * exact.abs() + 1e-30
+    tok = torch.arange(t_all).repeat_interleave(k)[slot_rows.reshape(-1).argsort()]
+    for y in (sum_slots(rows, slot_rows), add_rows(rows, tok, t_all).to(dtype)):
+        assert y.dtype == dtype
+        assert ((y.double() - exact).abs() <= bound).all()

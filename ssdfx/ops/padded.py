@@ -56,8 +56,8 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import cpu_numba
-from ssdfx.ops.layout import (cols_grad, expert_views, gemm_rows, hidden, hidden_backward,
-                              rounds_rows, rows_grad, sum_slots, unit_gates)
+from ssdfx.ops.layout import (add_rows, cols_grad, expert_views, gemm_rows, hidden,
+                              hidden_backward, rounds_rows, rows_grad, sum_slots, unit_gates)
 
 __all__ = ["backward", "forward", "use"]
 
@@ -123,14 +123,15 @@ def _sum_rows(rows: torch.Tensor, tok: torch.Tensor, t_all: int, pos: torch.Tens
     """(T, c): each token's sum of its padded rows. Where every slot holds a pair, the rows
     are gathered slot by slot and added (`layout.sum_slots`, 1.2-3.2x faster than index_add_,
     which is serial). With unused slots (dynamic-k), index_add_ in padded order (= layout
-    order), padding rows into a spare row that is dropped; the result is then a copy, not a
+    order), padding rows into a spare row that is dropped (both add bf16 rows in float32,
+    `layout.sum_dtype`); the result is then a copy, not a
     view of that (T + 1, c) buffer: autograd refuses in-place changes to a view made inside a
     custom Function, and users may modify the op's output."""
     if sel.shape[0] == t_all * k:
         slot_rows = torch.empty_like(pos)
         slot_rows[sel] = pos  # the padded row of each (token, slot)
         return sum_slots(rows, slot_rows.view(t_all, k))
-    return rows.new_zeros(t_all + 1, rows.shape[1]).index_add_(0, tok, rows)[:t_all].clone()
+    return add_rows(rows, tok, t_all + 1)[:t_all].to(rows.dtype, copy=True)
 
 
 def _up(xs, we, bias, num_experts):

@@ -9,7 +9,7 @@ y rows have d; skipped on CPU where every gate is exactly 1.0, as the router's a
 forward pass), and the combine sums each token's K rows straight from the expert-ordered
 output: on CPU K gathers and K-1 adds in slot order (`layout.sum_slots`), or `index_add_`
 (sequential per row, deterministic) where dynamic-k leaves slots unused; the Triton kernel on
-CUDA.
+CUDA. bf16/fp16 rows add up in float32 and round once (`layout.sum_dtype`).
 
 On CPU the gathers, the down-projection and the whole backward run one expert's row block at
 a time instead, so no (P, d) buffer exists: a fresh 25 MB buffer (T=2048, d=768, K=8, bf16) is
@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 
 from ssdfx.ops import cpu_numba, padded
-from ssdfx.ops.layout import (cols_grad, expert_views, gemm_rows, hidden, hidden_backward,
-                              rounds_rows, rows_grad, sort_pairs, sum_slots, unit_gates)
+from ssdfx.ops.layout import (add_rows, cols_grad, expert_views, gemm_rows, hidden,
+                              hidden_backward, rounds_rows, rows_grad, sort_pairs, sum_dtype,
+                              sum_slots, unit_gates)
 
 __all__ = ["backward", "forward"]
 
@@ -93,8 +94,7 @@ def _combine(rows: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, t_all: 
         return per_slot[:, 0] if k == 1 else per_slot.sum(1)  # fp32 accumulation
     # CPU with unused slots: index_add_ (sequential per row, deterministic; 4x faster than a
     # gather + sum over K in bf16 at T=2048, d=768, K=4)
-    tok = order[:rows.shape[0]] // k
-    return rows.new_zeros(t_all, rows.shape[1]).index_add_(0, tok, rows)
+    return add_rows(rows, order[:rows.shape[0]] // k, t_all).to(rows.dtype)
 
 
 def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
@@ -188,13 +188,15 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         # index_add_ one expert at a time (no (P, d) buffer); with one row per token, each
         # row is written once instead
         once = k == 1 and pairs == t_all
-        y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
+        wide = x.dtype if once else sum_dtype(x.dtype)  # K rows add up in float32 for bf16
+        y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d, dtype=wide)
         for e, s, t, u in spans:
             ye = torch.mm(gh[s:u], w2t[e])[:t - s]
             if once:
                 y.index_copy_(0, tok[s:t], ye)
             else:
-                y.index_add_(0, tok[s:t], ye)
+                y.index_add_(0, tok[s:t], ye.to(wide))
+        y = y.to(x.dtype)
     else:
         ys = _mm(gh, w2t, spans)[:pairs]  # (P, d)
         y = _combine(ys, order, _inverse(order, pairs), t_all, k)
@@ -295,7 +297,7 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
     db1 = x.new_zeros(num_experts, m)
     dw3e = x.new_zeros(num_experts, m, d) if glu else None
     db3 = x.new_zeros(num_experts, m) if glu else x.new_empty(0)
-    dx = x.new_zeros(t_all, d)
+    dx = x.new_zeros(t_all, d, dtype=sum_dtype(x.dtype))  # K rows add up in float32 for bf16
     for e, s, t, u in _spans(bounds, rounds_rows(x)):
         r = u - s  # rows of this expert's GEMMs: its t - s pairs, then zero rows
         xe = _pad_rows(x.index_select(0, tok[s:t]), r)  # (r, d)
@@ -314,9 +316,9 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.mm(da3.t(), xe, out=dw3e[e])
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
-        dx.index_add_(0, tok[s:t], dxe[:t - s])
+        dx.index_add_(0, tok[s:t], dxe[:t - s].to(dx.dtype))
     dgate = _dgate(dg, _inverse(order, pairs), t_all, k)
     dw2 = cols_grad(w2, dw2e)
     dw1 = rows_grad(w1, dw1e)
     dw3 = rows_grad(w3, dw3e) if glu else x.new_empty(0)
-    return dx, dw1, db1.reshape(-1), dw2, dw3, db3.reshape(-1), dgate
+    return dx.to(x.dtype), dw1, db1.reshape(-1), dw2, dw3, db3.reshape(-1), dgate

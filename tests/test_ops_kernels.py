@@ -784,10 +784,10 @@ def test_numba_sort_pairs_equals_the_torch_sort(t, e, k, unused, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("cap", [3, 40], ids=["rows<d_ff", "rows>d_ff"])
-def test_padded_down_projection_both_ways(dtype, conv1d, cap):
-    # padded._down multiplies w2_e @ gh_e^T and transposes the result when the padded blocks
-    # have fewer rows than d_ff (and w2 is not already stored transposed), else copies w2
-    # transposed; both against a float64 product per expert
+def test_padded_down_projection_both_layouts(dtype, conv1d, cap):
+    # padded._down: one bmm against w2's expert blocks, copied into contiguous blocks for
+    # nn.Linear's layout and read in place for Conv1D's (already (F, d) rows), with fewer and
+    # with more padded rows than d_ff; against a float64 product per expert
     from ssdfx.ops import padded
     from ssdfx.ops.layout import expert_views
 
@@ -796,7 +796,11 @@ def test_padded_down_projection_both_ways(dtype, conv1d, cap):
     w2 = (torch.randn(num_experts * m, d).t() if conv1d else torch.randn(d, num_experts * m)).to(dtype)
     gh = torch.randn(num_experts, cap, m).to(dtype)
     w1 = torch.empty(num_experts * m, d, dtype=dtype)
-    got = padded._down(gh, w2, expert_views(w1, w2, None, num_experts)[2])
+    w2_edm = expert_views(w1, w2, None, num_experts)[2]
+    blocks = padded._w2_blocks(w2_edm)
+    assert torch.equal(blocks, w2_edm)
+    assert (blocks.data_ptr() == w2.data_ptr()) == conv1d  # a copy only for nn.Linear's layout
+    got = padded._down(gh, w2_edm)
     want = torch.cat([gh[e].double() @ w2[:, e * m:(e + 1) * m].double().t() for e in range(num_experts)])
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert got.shape == (num_experts * cap, d) and got.is_contiguous()
@@ -822,3 +826,19 @@ def test_bf16_sums_of_k_rows_round_once(dtype):
     for y in (sum_slots(rows, slot_rows), add_rows(rows, tok, t_all).to(dtype)):
         assert y.dtype == dtype
         assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("t_all,k,c", [(1, 2, 3), (33, 3, 7), (64, 8, 32), (5, 1, 4)])
+def test_sum_slots_bf16_in_numba_equals_float32_sums(t_all, k, c):
+    # layout.sum_slots of bf16 rows on CPU runs numba (cpu_numba.sum_slots_bf16): bit for bit
+    # the float32 sums in slot order rounded once, computed here in torch; T=1, odd widths,
+    # K=1 (a gather: no numba call)
+    from ssdfx.ops.layout import sum_slots
+
+    g = torch.Generator().manual_seed(t_all)
+    rows = (torch.randn(t_all * k + 3, c, generator=g) * 5).to(torch.bfloat16)
+    slot_rows = torch.randperm(t_all * k + 3, generator=g)[:t_all * k].view(t_all, k)
+    want = rows[slot_rows[:, 0]].float()
+    for j in range(1, k):
+        want += rows[slot_rows[:, j]].float()
+    assert torch.equal(sum_slots(rows, slot_rows), want.to(torch.bfloat16))

@@ -51,10 +51,10 @@ from ssdfx.ops.reference import check_expert_idx
 from ssdfx.ops.workspace import workspace
 
 __all__ = ["BF16_CHUNK_ROWS", "BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES",
-           "SUPPORTED_DTYPES", "backward", "backward_bf16", "backward_bf16_or_torch",
+           "SUPPORTED_DTYPES", "add_rows_bf16", "backward", "backward_bf16", "backward_bf16_or_torch",
            "by_token_blocks", "chunk_rows", "chunk_rows_bf16", "forward", "forward_bf16",
            "forward_bf16_or_torch", "infer", "infer_bf16", "infer_bf16_or_torch", "num_workers",
-           "padded_slots", "sort_pairs", "top_k_indices"]
+           "padded_slots", "sort_pairs", "sum_slots_bf16", "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -599,6 +599,32 @@ def _flat_bits(t: torch.Tensor) -> np.ndarray:
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's bits as a uint16 numpy view (same strides, no copy)."""
     return t.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+@_keeps_torch_threads
+def sum_slots_bf16(rows: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+    """`layout.sum_slots` of bfloat16 rows (P, c) on CPU in one numba pass
+    (`numba_kernels.sum_slots_bf16`): the same float32 sums, rounded once, the same bits."""
+    from ssdfx.ops import numba_kernels as nk
+
+    out = torch.empty(slot_rows.shape[0], rows.shape[1], dtype=torch.bfloat16)
+    workers = num_workers()
+    with _numba_phase(workers, blas=False):
+        nk.sum_slots_bf16(_bits(rows.contiguous()), _np(slot_rows.contiguous()), _bits(out),
+                          workers)
+    return out
+
+
+@_keeps_torch_threads
+def add_rows_bf16(acc: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor) -> None:
+    """acc[tok[i]] += rows[i] in place: float32 acc (T, c), bfloat16 rows (n, c) added exactly
+    as float32 (`numba_kernels.add_rows_bf16`); tok's tokens must be distinct. What
+    `index_add_` does after converting the rows, without the (n, c) float32 copy."""
+    from ssdfx.ops import numba_kernels as nk
+
+    workers = num_workers()
+    with _numba_phase(workers, blas=False):
+        nk.add_rows_bf16(_np(acc), _bits(rows.contiguous()), _np(tok.contiguous()), workers)
 
 
 def _need_bf16_gemm():

@@ -37,7 +37,7 @@ from numba import njit, prange, types
 
 from ssdfx.ops.blas import gemm_bf16
 from ssdfx.ops.numba_act import activate, activate_grad
-from ssdfx.ops.numba_kernels import add_to, even_step, token_sum
+from ssdfx.ops.numba_kernels import add_to, bf16_bits, even_step, token_sum
 
 __all__ = ["bwd_bf16", "fwd_tokens_bf16", "round_bf16", "widen_bf16"]
 
@@ -49,16 +49,7 @@ def round_bf16(src, dst):
     bfloat16's largest finite number round to infinity, as torch's conversion does."""
     bits = src.view(np.uint32)
     for i in range(bits.shape[0]):
-        dst[i] = _rounded(bits[i])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _rounded(u):
-    """The bfloat16 bits of the float32 whose bits are u (`round_bf16`)."""
-    v = np.int64(u)
-    rounded = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
-    nan = (v & 0x7FFFFFFF) > 0x7F800000
-    return np.uint16(((v >> 16) | 0x40) if nan else rounded)
+        dst[i] = bf16_bits(bits[i])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -176,7 +167,7 @@ def _store_bf16(src, flat, base, rs, cs):
         bits = src.view(np.uint32)
         for i in range(src.shape[0]):
             for j in range(src.shape[1]):
-                flat[base + i * rs + j * cs] = _rounded(bits[i, j])
+                flat[base + i * rs + j * cs] = bf16_bits(bits[i, j])
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -52,9 +52,9 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm, gemm_by_dtype
 from ssdfx.ops.numba_act import activate, activate_grad
 
-__all__ = ["bwd", "count_sort", "even_step", "expert_delta", "expert_grads", "expert_hidden",
-           "expert_up", "fwd", "fwd_tokens", "padded_slots", "plan", "route", "swap_threads",
-           "top_k", "top_k_serial"]
+__all__ = ["add_rows_bf16", "bf16_bits", "bwd", "count_sort", "even_step", "expert_delta", "expert_grads",
+           "expert_hidden", "expert_up", "fwd", "fwd_tokens", "padded_slots", "plan", "route",
+           "sum_slots_bf16", "swap_threads", "top_k", "top_k_serial"]
 
 
 class _PerDtype:
@@ -106,6 +106,62 @@ def swap_threads(n):
     if old != n:
         numba.set_num_threads(n)
     return old
+
+
+@njit(cache=True, nogil=True, inline="always")
+def bf16_bits(u):
+    """The bfloat16 bits of the float32 whose bits are u: nearest, ties to even; NaN stays a
+    (quiet) NaN, and values past bfloat16's largest finite number round to infinity, as
+    torch's conversion does."""
+    v = np.int64(u)
+    rounded = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+    nan = (v & 0x7FFFFFFF) > 0x7F800000
+    return np.uint16(((v >> 16) | 0x40) if nan else rounded)
+
+
+@njit(parallel=True, cache=True, nogil=True)  # compiled at its first call
+def sum_slots_bf16(rows, slot_rows, out, nw):
+    """out[t] = the sum over slots j of rows[slot_rows[t, j]], added in slot order in float32 and
+    rounded to bf16 once (bits in, bits out; `layout.sum_slots` in torch does the same in
+    2K + 1 passes over (T, c)), in `nw` blocks of tokens."""
+    t_all, k = slot_rows.shape
+    c = rows.shape[1]
+    for w in prange(nw):
+        acc = np.empty(c, np.float32)
+        a = acc.view(np.uint32)
+        row = np.empty(c, np.float32)
+        b = row.view(np.uint32)
+        for t in range(w * t_all // nw, (w + 1) * t_all // nw):
+            first = rows[slot_rows[t, 0]]
+            for i in range(c):
+                a[i] = np.uint32(first[i]) << np.uint32(16)
+            for j in range(1, k):
+                src = rows[slot_rows[t, j]]
+                for i in range(c):
+                    b[i] = np.uint32(src[i]) << np.uint32(16)
+                for i in range(c):
+                    acc[i] += row[i]
+            dst = out[t]
+            for i in range(c):
+                dst[i] = bf16_bits(a[i])
+
+
+@njit(parallel=True, cache=True, nogil=True)  # compiled at its first call
+def add_rows_bf16(acc, rows, tok, nw):
+    """acc[tok[i]] += rows[i] (float32 acc (T, c), bf16 bits rows (n, c)), widened exactly, in
+    `nw` blocks of rows: the tokens tok (n,) must be distinct (one expert's rows)."""
+    n = tok.shape[0]
+    c = rows.shape[1]
+    for w in prange(nw):
+        row = np.empty(c, np.float32)
+        b = row.view(np.uint32)
+        for r in range(w * n // nw, (w + 1) * n // nw):
+            src = rows[r]
+            for i in range(c):
+                b[i] = np.uint32(src[i]) << np.uint32(16)
+            dst = acc[tok[r]]
+            for i in range(c):
+                dst[i] += row[i]
 
 
 @njit(types.int64(_I1, _i64, _I1, _I1), cache=True, nogil=True)

@@ -9,8 +9,9 @@ and each projection is one `bmm` against per-expert weight views. In bf16/fp16 C
 by `layout.gemm_rows` (oneDNN compiles a kernel for every new C; see `layout.ROW_STEPS`).
 
 The padding is computed (E*C - P rows of GEMM work, none of it dense-and-masked: rows belong
-to no pair and are never read back), and the down-projection needs one transposed copy, of w2
-or, with fewer padded rows than d_ff, of its (E*C, d) result (`_down`). The block layout (pos,
+to no pair and are never read back), and the down-projection needs nn.Linear's w2 copied into
+per-expert blocks (`_w2_blocks`; it used to be a transposed copy of w2 or of the (E*C, d)
+result, 2-4x slower, against which the bounds below were measured). The block layout (pos,
 tok) comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this variant when both
 costs stay below what it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256,
 768}, E in {8, 16, 32}, k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no
@@ -141,24 +142,26 @@ def _up(xs, we, bias, num_experts):
     return torch.bmm(xs, we.transpose(1, 2))
 
 
-def _down(gh: torch.Tensor, w2: torch.Tensor, w2_edm: torch.Tensor) -> torch.Tensor:
-    """(E*C, d) = gh_e (C, m) @ w2_e^T per expert.
+def _w2_blocks(w2_edm: torch.Tensor) -> torch.Tensor:
+    """w2's expert blocks (E, d, m) in a layout bmm reads in place: contiguous, or the transpose
+    of a contiguous (E, m, d) (a Conv1D weight, already stored that way). nn.Linear's (d, F)
+    gives each block as a strided view (leading dimension F), which bmm copies block by block
+    on every call; one copy into contiguous blocks first is a reshuffle of m-element runs (8-10
+    us at d=256, 63 at d=768, bf16)."""
+    if w2_edm.is_contiguous() or w2_edm.transpose(1, 2).is_contiguous():
+        return w2_edm
+    return w2_edm.contiguous()
 
-    w2_e^T as (E, m, d) is a column-major view with leading dimension F, which bmm copies
-    batch by batch (250 us at T=512, d=256, E=16, bf16), so w2 is transposed once (80 us at
-    d=256, 720 us at d=768; nothing to do for a Conv1D weight, already stored that way). With
-    fewer padded rows than d_ff it is cheaper to leave w2 alone, compute the transposed product
-    w2_e (d, m) @ gh_e^T, and transpose that (E*C, d) result instead: bf16, d=256, E=16, C=25:
-    66 us against 127 (E=8, C=45: 70 against 141; E=16, C=60: 105 against 149; d=512, E=16,
-    C=30: 163 against 424), the same bits (checked at 13 shapes). From E*C = 2F on it lost
-    (E=16, C=128: 236 against 176; C=150: 827 against 192), hence the bound E*C <= F.
-    """
-    num_experts, cap, m = gh.shape
-    d = w2.shape[0]
-    w2t = w2.t()
-    if num_experts * cap <= w2.shape[1] and not w2t.is_contiguous():
-        return torch.bmm(w2_edm, gh.transpose(1, 2)).transpose(1, 2).reshape(num_experts * cap, d)
-    return torch.bmm(gh, w2t.contiguous().view(num_experts, m, d)).view(num_experts * cap, d)
+
+def _down(gh: torch.Tensor, w2_edm: torch.Tensor) -> torch.Tensor:
+    """(E*C, d) = gh_e (C, m) @ w2_e^T per expert, one bmm over `_w2_blocks` (their transpose:
+    bmm takes it without a copy). Against the two ways before (bmm against the strided view,
+    or w2 transposed into a contiguous (F, d) copy, 91 us at d=256 and 1.34 ms at d=768),
+    bf16, one thread pool, hot, us: d=256, E=16, C=23 93 against 136-277; C=152 239 against
+    426-437; d=768, E=16, C=40 418 against 599-1732; C=300 2211 against 3744-4076; the
+    same bits."""
+    num_experts, cap, _ = gh.shape
+    return torch.bmm(gh, _w2_blocks(w2_edm).transpose(1, 2)).view(num_experts * cap, -1)
 
 
 def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_experts, activation,
@@ -186,7 +189,7 @@ def forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep, num_exper
     if not unit_gates(gate):
         # (n, 1) gates, zero on padding rows; never in place: gh may be a1
         gh = gh * _scatter(gate.reshape(-1, 1)[sel], pos, n)
-    ys = _down(gh.view(num_experts, cap, m), w2, w2_edm)
+    ys = _down(gh.view(num_experts, cap, m), w2_edm)
     y = _sum_rows(ys, tok, t_all, pos, sel, k)
     a1 = a1.index_select(0, pos)
     a3 = a3.index_select(0, pos) if a3 is not None else None
@@ -206,7 +209,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, bounds, num_
     xs = _rows(x, tok).view(num_experts, cap, d)  # zero padding rows (module docstring)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     dys = _rows(dy, tok).view(num_experts, cap, d)
-    dh = torch.bmm(dys, w2_edm).view(n, m)
+    dh = torch.bmm(dys, _w2_blocks(w2_edm)).view(n, m)
     kp = _scatter(keep.reshape(t_all * k, m)[sel], pos, n) if keep is not None else None
     dg, gh, da1, da3 = hidden_backward(
         dh, _scatter(gate.reshape(-1, 1)[sel], pos, n).view(n), _scatter(a1[:pairs], pos, n),

@@ -9,7 +9,8 @@ y rows have d; skipped on CPU where every gate is exactly 1.0, as the router's a
 forward pass), and the combine sums each token's K rows straight from the expert-ordered
 output: on CPU K gathers and K-1 adds in slot order (`layout.sum_slots`), or `index_add_`
 (sequential per row, deterministic) where dynamic-k leaves slots unused; the Triton kernel on
-CUDA. bf16/fp16 rows add up in float32 and round once (`layout.sum_dtype`).
+CUDA. bf16/fp16 rows add up in float32 and round once (`layout.sum_dtype`), except in the
+blocked CPU forward below (see there).
 
 On CPU the gathers, the down-projection and the whole backward run one expert's row block at
 a time instead, so no (P, d) buffer exists: a fresh 25 MB buffer (T=2048, d=768, K=8, bf16) is
@@ -58,6 +59,23 @@ def _expert_views(w1, w2, w3, num_experts):
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     w3t = w3e.transpose(1, 2) if w3e is not None else None
     return w1e.transpose(1, 2), w3t, w2_edm.transpose(1, 2), w2_edm
+
+
+def _acc_dtype(x: torch.Tensor, k: int) -> torch.dtype:
+    """The dtype of a (T, d) sum of each token's K rows: with one row a token it is that row
+    exactly, in x's dtype, else `sum_dtype`."""
+    return x.dtype if k == 1 else sum_dtype(x.dtype)
+
+
+def _add_rows(acc: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor) -> None:
+    """acc[tok[i]] += rows[i] (one expert's rows: distinct tokens), acc in `_acc_dtype`; bf16
+    rows on CPU through numba (`cpu_numba.add_rows_bf16`), without a float32 copy of them."""
+    if rows.dtype == acc.dtype:
+        acc.index_add_(0, tok, rows)
+    elif rows.dtype == torch.bfloat16 and rows.device.type == "cpu":
+        cpu_numba.add_rows_bf16(acc, rows, tok)
+    else:
+        acc.index_add_(0, tok, rows.to(acc.dtype))
 
 
 def _inverse(order: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -188,15 +206,17 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         # index_add_ one expert at a time (no (P, d) buffer); with one row per token, each
         # row is written once instead
         once = k == 1 and pairs == t_all
-        wide = x.dtype if once else sum_dtype(x.dtype)  # K rows add up in float32 for bf16
-        y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d, dtype=wide)
+        # in x's dtype, unlike every other sum of K rows (`layout.sum_dtype`): a float32 sum
+        # here, in torch or numba (`_add_rows`), made the bf16 forward at T=2048, d=768, E=16,
+        # k=4 4-9% slower (in-process A/B, 21-41 alternated calls), for an error of K
+        # roundings instead of one on outputs this large
+        y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
         for e, s, t, u in spans:
             ye = torch.mm(gh[s:u], w2t[e])[:t - s]
             if once:
                 y.index_copy_(0, tok[s:t], ye)
             else:
-                y.index_add_(0, tok[s:t], ye.to(wide))
-        y = y.to(x.dtype)
+                y.index_add_(0, tok[s:t], ye)
     else:
         ys = _mm(gh, w2t, spans)[:pairs]  # (P, d)
         y = _combine(ys, order, _inverse(order, pairs), t_all, k)
@@ -297,7 +317,7 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
     db1 = x.new_zeros(num_experts, m)
     dw3e = x.new_zeros(num_experts, m, d) if glu else None
     db3 = x.new_zeros(num_experts, m) if glu else x.new_empty(0)
-    dx = x.new_zeros(t_all, d, dtype=sum_dtype(x.dtype))  # K rows add up in float32 for bf16
+    dx = x.new_zeros(t_all, d, dtype=_acc_dtype(x, k))  # K > 1 rows: in float32 for bf16
     for e, s, t, u in _spans(bounds, rounds_rows(x)):
         r = u - s  # rows of this expert's GEMMs: its t - s pairs, then zero rows
         xe = _pad_rows(x.index_select(0, tok[s:t]), r)  # (r, d)
@@ -316,7 +336,7 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.mm(da3.t(), xe, out=dw3e[e])
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
-        dx.index_add_(0, tok[s:t], dxe[:t - s].to(dx.dtype))
+        _add_rows(dx, dxe[:t - s], tok[s:t])
     dgate = _dgate(dg, _inverse(order, pairs), t_all, k)
     dw2 = cols_grad(w2, dw2e)
     dw1 = rows_grad(w1, dw1e)

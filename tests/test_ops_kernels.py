@@ -842,3 +842,19 @@ def test_sum_slots_bf16_in_numba_equals_float32_sums(t_all, k, c):
     for j in range(1, k):
         want += rows[slot_rows[:, j]].float()
     assert torch.equal(sum_slots(rows, slot_rows), want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("n,c", [(1, 3), (37, 9), (64, 256)])
+def test_add_rows_bf16_equals_index_add_in_float32(n, c):
+    # cpu_numba.add_rows_bf16 (the blocked bf16 backward's dx): acc[tok[i]] += rows[i] with the
+    # bf16 rows widened exactly, bit for bit torch's float32 index_add_ of the widened rows;
+    # tokens distinct (one expert's rows), in any order, others untouched
+    from ssdfx.ops import cpu_numba
+
+    g = torch.Generator().manual_seed(n)
+    acc = torch.randn(n + 5, c, generator=g)
+    rows = (torch.randn(n, c, generator=g) * 3).to(torch.bfloat16)
+    tok = torch.randperm(n + 5, generator=g)[:n]
+    want = acc.clone().index_add_(0, tok, rows.float())
+    cpu_numba.add_rows_bf16(acc, rows, tok)
+    assert torch.equal(acc, want)

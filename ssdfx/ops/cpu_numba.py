@@ -51,10 +51,11 @@ from ssdfx.ops.reference import check_expert_idx
 from ssdfx.ops.workspace import workspace
 
 __all__ = ["BF16_CHUNK_ROWS", "BF16_MAX_EXPERT_BYTES", "CHUNK_BYTES", "PAIR_BUFFER_BYTES",
-           "SUPPORTED_DTYPES", "add_rows_bf16", "backward", "backward_bf16", "backward_bf16_or_torch",
-           "by_token_blocks", "chunk_rows", "chunk_rows_bf16", "forward", "forward_bf16",
-           "forward_bf16_or_torch", "infer", "infer_bf16", "infer_bf16_or_torch", "num_workers",
-           "padded_slots", "sort_pairs", "sum_slots_bf16", "top_k_indices"]
+           "SUPPORTED_DTYPES", "add_rows_bf16", "backward", "backward_bf16",
+           "backward_bf16_or_torch", "by_token_blocks", "chunk_rows", "chunk_rows_bf16",
+           "forward", "forward_bf16", "forward_bf16_or_torch", "infer", "infer_bf16",
+           "infer_bf16_or_torch", "num_workers", "padded_slots", "sort_pairs", "sum_slots_bf16",
+           "top_k_indices"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 

@@ -52,9 +52,9 @@ from numba import njit, prange, types
 from ssdfx.ops.blas import gemm, gemm_by_dtype
 from ssdfx.ops.numba_act import activate, activate_grad
 
-__all__ = ["add_rows_bf16", "bf16_bits", "bwd", "count_sort", "even_step", "expert_delta", "expert_grads",
-           "expert_hidden", "expert_up", "fwd", "fwd_tokens", "padded_slots", "plan", "route",
-           "sum_slots_bf16", "swap_threads", "top_k", "top_k_serial"]
+__all__ = ["add_rows_bf16", "bf16_bits", "bwd", "count_sort", "even_step", "expert_delta",
+           "expert_grads", "expert_hidden", "expert_up", "fwd", "fwd_tokens", "padded_slots",
+           "plan", "route", "sum_slots_bf16", "swap_threads", "top_k", "top_k_serial"]
 
 
 class _PerDtype:

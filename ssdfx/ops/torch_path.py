@@ -67,7 +67,7 @@ def _acc_dtype(x: torch.Tensor, k: int) -> torch.dtype:
     return x.dtype if k == 1 else sum_dtype(x.dtype)
 
 
-def _add_rows(acc: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor) -> None:
+def _add_expert_rows(acc: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor) -> None:
     """acc[tok[i]] += rows[i] (one expert's rows: distinct tokens), acc in `_acc_dtype`; bf16
     rows on CPU through numba (`cpu_numba.add_rows_bf16`), without a float32 copy of them."""
     if rows.dtype == acc.dtype:
@@ -207,9 +207,9 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         # row is written once instead
         once = k == 1 and pairs == t_all
         # in x's dtype, unlike every other sum of K rows (`layout.sum_dtype`): a float32 sum
-        # here, in torch or numba (`_add_rows`), made the bf16 forward at T=2048, d=768, E=16,
-        # k=4 4-9% slower (in-process A/B, 21-41 alternated calls), for an error of K
-        # roundings instead of one on outputs this large
+        # here, in torch or numba (`_add_expert_rows`), made the bf16 forward at T=2048,
+        # d=768, E=16, k=4 4-9% slower (in-process A/B, 21-41 alternated calls), for an error
+        # of K roundings instead of one on outputs this large
         y = x.new_empty(t_all, d) if once else x.new_zeros(t_all, d)
         for e, s, t, u in spans:
             ye = torch.mm(gh[s:u], w2t[e])[:t - s]
@@ -336,7 +336,7 @@ def _backward_blocks(dy, x, w1, w2, w3, gate, keep, a1, a3, order, bounds, num_e
             torch.mm(da3.t(), xe, out=dw3e[e])
             torch.sum(da3, 0, out=db3[e])
             dxe += torch.mm(da3, w3t[e].t())
-        _add_rows(dx, dxe[:t - s], tok[s:t])
+        _add_expert_rows(dx, dxe[:t - s], tok[s:t])
     dgate = _dgate(dg, _inverse(order, pairs), t_all, k)
     dw2 = cols_grad(w2, dw2e)
     dw1 = rows_grad(w1, dw1e)

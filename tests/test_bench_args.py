@@ -46,6 +46,16 @@ def test_op_checks_every_shape_before_measuring_any():
     ("pretrain", ["--modes", "dense,foo"], "--modes: unknown 'foo'"),
     ("pretrain", ["--steps", "0"], "--steps: expected a whole number >= 1"),
     ("pretrain", ["--rounds", "0"], "--rounds: expected a whole number >= 1"),
+    ("ab", ["--shapes", "64x64x4x2", "--b", "ssdfx.ops.padded"], "expected MODULE:ATTR=EXPR"),
+    ("ab", ["--shapes", "64x64x4x2", "--b", "ssdfx.ops.padded:NO_SUCH=1"],
+     "module ssdfx.ops.padded has no attribute 'NO_SUCH'"),
+    ("ab", ["--shapes", "64x64x4x2", "--b", "ssdfx.ops.nowhere:X=1"], "cannot import"),
+    ("ab", ["--shapes", "64x64x4x2", "--b", "ssdfx.ops.padded:MAX_PAD=1/0"], "ZeroDivisionError"),
+    ("ab", ["--shapes", "64x64x4x2"], "give --a or --b patches"),
+    ("ab", ["--shapes", "64x64x4x2", "--b", "ssdfx.ops.padded:MAX_PAD=1.5", "--names", "x,x"],
+     "--names: expected two different names"),
+    ("ab", ["--shapes", "64x64x4x2", "--calls", "0"], "--calls: expected a whole number >= 1"),
+    ("ab", ["--shapes", "64x64x3x2"], "E=3 does not divide the FFN width"),
     pytest.param("cuda_check", [], "needs a CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="the refusal is for machines without CUDA")),
 ])
@@ -211,3 +221,34 @@ def test_op_counts_page_faults_per_call(monkeypatch):
     monkeypatch.setattr(op, "_minor_faults", lambda: next(counter))
     rows = op.measure(64, 32, 4, 2, torch.float32, repeats=2)
     assert all(r["dense_faults"] == 7 and r["sparse_faults"] == 7 for r in rows)
+
+
+def test_ab_patches_only_its_variants_calls_and_restores(tmp_path):
+    # bench/ab.py: each variant's patch is set around its own calls only (A's and B's counters
+    # see the same number of calls, none of the other's), and afterwards the attribute is what
+    # it was; a patched-in name that did not exist is removed again
+    ab = _script("ab")
+    from ssdfx.ops import cpu_numba
+
+    original = cpu_numba.num_workers
+    seen = {"A": 0, "B": 0}
+
+    def counting(name, workers):
+        def num_workers(*a):
+            assert cpu_numba.num_workers is patches[name][0][2]  # its own patch is in place
+            seen[name] += 1
+            return workers
+        return num_workers
+
+    patches = {"A": [(cpu_numba, "num_workers", counting("A", 2))],
+               "B": [(cpu_numba, "num_workers", counting("B", 1))]}
+    module, attr, value = ab.patch_arg("ssdfx.ops.cpu_numba:num_workers=lambda *a: 1")
+    assert (module, attr) == (cpu_numba, "num_workers") and value() == 1
+    rows = ab.measure(16, 16, 4, 2, torch.float32, 3, patches, warmup=1)
+    assert cpu_numba.num_workers is original
+    assert seen["A"] == seen["B"] > 0
+    assert [r["phase"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and (r["a"], r["b"]) == ("A", "B") for r in rows)
+    with ab.patched([(cpu_numba, "_ab_new_name", 5)]):
+        assert cpu_numba._ab_new_name == 5
+    assert not hasattr(cpu_numba, "_ab_new_name")

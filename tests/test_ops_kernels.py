@@ -544,7 +544,7 @@ def test_torch_padded_variant_matches_reference(spec, dtype):
 
     taken = []
 
-    def always(x, w1, bounds, backward=False):
+    def always(x, bounds, backward=False):
         taken.append(bounds[-1] > 0)
         return taken[-1]
 
@@ -570,7 +570,7 @@ def test_torch_loop_forward_then_padded_backward_matches_reference(spec, dtype):
     # per-expert-loop forward feeds a padded backward
     from ssdfx.ops import padded
 
-    def backward_only(x, w1, bounds, backward=False):
+    def backward_only(x, bounds, backward=False):
         return backward and bounds[-1] > 0
 
     with _patched(padded, use=backward_only):
@@ -590,7 +590,7 @@ def test_torch_bf16_rounded_row_counts_match_reference(spec, variant):
     from ssdfx.ops import layout, padded, torch_path
 
     forced = dict(
-        padded=[_patched(padded, use=lambda x, w1, bounds, backward=False: bounds[-1] > 0)],
+        padded=[_patched(padded, use=lambda x, bounds, backward=False: bounds[-1] > 0)],
         loop=[_patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0)],
         blocked=[_patched(torch_path, BLOCKS_FROM_BYTES=0),
                  _patched(padded, MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0)],
@@ -643,7 +643,7 @@ def test_torch_bf16_gemms_see_only_rounded_row_counts(variant):
             return func(*args, **(kwargs or {}))
 
     forced = dict(
-        padded=dict(use=lambda x, w1, bounds, backward=False: True),
+        padded=dict(use=lambda x, bounds, backward=False: True),
         loop=dict(MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0),
         blocked=dict(MAX_BUFFER_BYTES=0, MAX_BACKWARD_BUFFER_BYTES=0),
     )[variant]
@@ -858,3 +858,24 @@ def test_add_rows_bf16_equals_index_add_in_float32(n, c):
     want = acc.clone().index_add_(0, tok, rows.float())
     cpu_numba.add_rows_bf16(acc, rows, tok)
     assert torch.equal(acc, want)
+
+
+def test_padded_variant_bounds():
+    # padded.use: padding at most MAX_PAD x the pairs and one (E*C, d) buffer under the
+    # forward's or the backward's limit, whatever d_ff (E*C < F at d=768 takes it since w2's
+    # blocks stopped costing a transposed copy)
+    from ssdfx.ops import padded
+    from ssdfx.ops.layout import gemm_rows
+
+    def bounds(counts):
+        return [sum(counts[:i]) for i in range(len(counts) + 1)]
+
+    x = torch.empty(512, 768, dtype=torch.bfloat16)
+    even = bounds([128] * 16)  # E*C = 2048 rows < F = 3072
+    assert padded.use(x, even) and padded.use(x, even, backward=True)
+    skewed = bounds([1000] + [10] * 15)  # E*C = 16 * gemm_rows(1000) > 2 P
+    assert 16 * gemm_rows(1000) > padded.MAX_PAD * 1150
+    assert not padded.use(x, skewed) and not padded.use(x, skewed, backward=True)
+    big = bounds([1024] * 8)  # (8192, 768) bf16: 12 MiB
+    assert not padded.use(x, big) and padded.use(x, big, backward=True)
+    assert not padded.use(x, bounds([0] * 8))  # no pairs

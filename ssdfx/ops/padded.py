@@ -10,16 +10,13 @@ by `layout.gemm_rows` (oneDNN compiles a kernel for every new C; see `layout.ROW
 
 The padding is computed (E*C - P rows of GEMM work, none of it dense-and-masked: rows belong
 to no pair and are never read back), and the down-projection needs nn.Linear's w2 copied into
-per-expert blocks (`_w2_blocks`; it used to be a transposed copy of w2 or of the (E*C, d)
-result, 2-4x slower, against which the bounds below were measured). The block layout (pos,
-tok) comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this variant when both
-costs stay below what it saves, measured in bf16 on this CPU (T in {512, 2048}, d in {256,
-768}, E in {8, 16, 32}, k = E/4, forward+backward): E*C <= 2P, E*C >= F (the copy of w2 is no
-larger than the padded buffers: at d=768, T=512 the copy made it lose, 1.32x against 1.45x for
-the loop) unless w2 or the experts are small (below), and an (E*C, d) buffer under 5 MiB
-(T=2048, d=256, E=16, 4.3 MiB: 1.00x against 0.81x; from 6.5 MiB on it lost, as fresh buffers
-that large page-fault: T=512, d=768, E=16, k=8: 0.70x against 0.96x; T=2048, d=256, E=16, k=8,
-8.4 MiB: 0.28x against 0.59x). Other problems take `torch_path`'s per-expert loops.
+per-expert blocks (`_w2_blocks`, a reshuffle of m-element runs). The block layout (pos, tok)
+comes from one numba pass (`cpu_numba.padded_slots`). `use()` takes this variant when E*C <= 2P
+and one (E*C, d) buffer stays under 5 MiB, measured in bf16 on this CPU (T in {512, 2048}, d
+in {256, 768}, E in {8, 16, 32}, k = E/4, forward+backward: T=2048, d=256, E=16, 4.3 MiB:
+1.00x against 0.81x; from 6.5 MiB on it lost, as fresh buffers that large page-fault: T=512,
+d=768, E=16, k=8: 0.70x against 0.96x; T=2048, d=256, E=16, k=8, 8.4 MiB: 0.28x against
+0.59x). Other problems take `torch_path`'s per-expert loops.
 
 The backward takes this variant up to 32 MiB buffers (`MAX_BACKWARD_BUFFER_BYTES`; any forward's
 layout feeds any backward): measured in bf16 on this CPU against the per-expert loops, backward
@@ -29,22 +26,16 @@ the forward's 5 MiB (T=2048, d=256, E=16, k=8: 7.3 ms against 11.7; T=8192, d=25
 16, k <= 2 (1.01-1.04x), slower at T=2048, d=768, E=8, k=4 (0.92x); from 35 MB on it lost
 (0.57-0.82x; T=8192, d=768, E=32, k=16: 338 ms against 194).
 
-E*C >= F is not required where w2 is at most 1 MiB (`SMALL_W2_BYTES`; d=256 here): its copy then
-stays in L2, and below that many rows the per-expert loop's call overhead is what costs. In bf16
-at T=64, d=256, E=16, k=4 the padded forward took 0.30 ms against 0.70 for the loop (backward
-0.38 against 1.39), at T=512, d=256, E=8, k=1 0.44 against 0.60 (0.66 against 1.21). At d=768
-(w2 4.7 MB) the loop used to stay faster with E*C < F (T=64, E=16, k=4: 1.16 against 1.58 ms),
-when the down-projection still copied w2; since `_down` leaves w2 alone there, small experts
-take this variant at any d: C * m * d <= 2^24 multiply-adds per expert and projection in the
-forward, 2^25 in the backward (`SMALL_EXPERT_MACS`). Measured in bf16 against the loops, one
-call each right after a dense forward+backward, medians of 70 alternated pairs, forward /
-backward in ms: d=768, T=64, E=16, k=4 (C*m*d = 3.4M) 1.51 -> 0.97 / 2.97 -> 1.72; T=512, E=16,
-k=2 (11.5M) 3.37 -> 2.58 / 6.34 -> 4.34; E=32, k=4 (5.7M) 3.82 -> 2.66 / 7.38 -> 4.21; E=16, k=4
-(20.8M, backward only) 7.13 -> 5.38; E=8, k=1 (22M, backward only) 4.67 -> 4.05; d=512, T=512,
-E=8, k=1 (9M) 1.85 -> 1.42 / 3.34 -> 2.46. Larger experts lost or tied in the forward (d=768,
-T=512, E=8, k=4, 80M: 5.7 against 6.1 ms; T=2048, E=8, k=1, 83M: 6.0 against 7.8; d=1024,
-T=1024, E=16, k=2, 38M: 5.1 against 6.8) and tied in the backward from ~40M (T=1024, E=8, k=1,
-43M: 7.6 against 8.0).
+Until the twenty-fourth session the down-projection copied w2 transposed (1.34 ms at d=768 in
+bf16), and this variant also required E*C >= F unless w2 was at most 1 MiB or the experts
+small (C * m * d <= 2^24 multiply-adds forward, 2^25 backward): at d=768 the copy had made it
+lose (T=512, 1.32x against 1.45x for the loop; E=8, k=4 forward 5.7 against 6.1 ms). With
+`_w2_blocks` that condition went: `bench/ab.py --dtype bf16 --b
+'ssdfx.ops.padded:SMALL_W2_BYTES=1<<40'` (the condition always met), 21-31 alternated calls,
+B / A time forward / forward+backward: faster at 15 of 48 phases, none slower, the rest
+undecided by their quartiles; T=512, d=768, E=16, k=4 0.79 / 0.91; E=8, k=2 0.95 / 0.79; E=8,
+k=1 0.93 / 0.97; T=256, d=768, E=16, k=8 0.82 / 0.91; E=8, k=4 0.93 / 0.79; T=2048, d=768, E=8,
+k=1 0.97 / 0.89; d=1024, T=1024, E=16, k=2 0.98 / 0.76; T=8192, d=768, E=32, k=4 0.95 / 0.95.
 
 Zero padding rows stay harmless through the backward: their dy rows are zero, so dh, da1, da3
 and the gate-weighted h are zero there and add nothing to any weight gradient, bias gradient
@@ -66,15 +57,9 @@ __all__ = ["backward", "forward", "use"]
 MAX_BUFFER_BYTES = 5 << 20  # of one (E*C, d) buffer, forward
 MAX_BACKWARD_BUFFER_BYTES = 32 << 20  # the same, backward
 MAX_PAD = 2.0  # padded rows per pair row, E*C / P
-# below this size of w2 its transposed copy is cheap whatever E*C (it fits in L2)
-SMALL_W2_BYTES = 1 << 20
-# experts whose block is at most this many multiply-adds per projection (C * m * d) take the
-# padded variant at any d (module docstring)
-SMALL_EXPERT_MACS = 1 << 24  # forward
-SMALL_EXPERT_MACS_BACKWARD = 1 << 25
 
 
-def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = False) -> bool:
+def use(x: torch.Tensor, bounds: list[int], backward: bool = False) -> bool:
     """Whether this call takes the padded variant (see the module docstring)."""
     pairs = bounds[-1]
     if x.device.type != "cpu" or pairs == 0:
@@ -83,11 +68,7 @@ def use(x: torch.Tensor, w1: torch.Tensor, bounds: list[int], backward: bool = F
     cap = _capacity(bounds, rounds_rows(x))
     rows = num_experts * cap
     limit = MAX_BACKWARD_BUFFER_BYTES if backward else MAX_BUFFER_BYTES
-    small_w2 = w1.numel() * w1.element_size() <= SMALL_W2_BYTES
-    macs = cap * w1.numel() // num_experts  # C * m * d
-    small_experts = macs <= (SMALL_EXPERT_MACS_BACKWARD if backward else SMALL_EXPERT_MACS)
-    return ((w1.shape[0] <= rows or small_w2 or small_experts) and rows <= MAX_PAD * pairs
-            and rows * x.shape[1] * x.element_size() < limit)
+    return rows <= MAX_PAD * pairs and rows * x.shape[1] * x.element_size() < limit
 
 
 def _capacity(bounds: list[int], rounded: bool) -> int:

@@ -178,7 +178,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
         order, offsets = sort_pairs(expert_idx, num_experts)
     bounds = offsets.tolist()  # the one host sync: shapes depend on P
     pairs = bounds[-1]
-    if padded.use(x, w1, bounds):  # small CPU problem: one bmm per projection (ssdfx.ops.padded)
+    if padded.use(x, bounds):  # small CPU problem: one bmm per projection (ssdfx.ops.padded)
         y, a1, a3 = padded.forward(x, w1, b1, w2, w3, b3, order, offsets, bounds, gate, keep,
                                    num_experts, activation, dropout_p)
         return _outputs(y, a1, a3, order, offsets, t_all * k)
@@ -252,7 +252,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
              dropout_p):
     bounds = offsets.tolist()
     pairs = bounds[-1]
-    if padded.use(x, w1, bounds, backward=True):
+    if padded.use(x, bounds, backward=True):
         *grads, dg = padded.backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets,
                                      bounds, num_experts, activation, dropout_p)
         return (*grads, _dgate(dg, _inverse(order, pairs), x.shape[0], gate.shape[1]))

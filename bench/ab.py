@@ -8,10 +8,13 @@
 On these shared VMs separate processes of the same code drift by 20-50% between runs
 (bench/README.md, twenty-fourth session), so an effect of a few percent needs both variants in
 one process, alternated call by call. A variant is a set of attribute patches,
-MODULE:ATTR=EXPR (EXPR is Python, evaluated once with torch in scope), set around each of its
-calls and undone after; no patch is the code as it is. A patch reaches code that looks the
-attribute up at call time (`module.attr`, or a global of that module), not a name another
-module imported from it.
+MODULE:ATTR=EXPR (EXPR is Python, evaluated once with torch and the module's own names in
+scope, so that it may wrap what it replaces), set around each of its calls and undone after;
+no patch is the code as it is. A patch reaches code that looks the attribute up at call time
+(`module.attr`, or a global of that module), not a name another module imported from it.
+
+    python bench/ab.py --dtype bf16 --shapes 512x256x16x4 --a 'ssdfx.ops.dispatch:_make=\
+        lambda name: Kernels(name, _make(name).forward, _make(name).backward)'  # y of forward
 
 Before each timed call a dense forward runs on fresh data, as a model's previous layer would
 leave the caches; every call gets fresh input (routing included), the two variants alternate
@@ -58,8 +61,9 @@ def patch_arg(text: str) -> tuple[object, str, object]:
     if not hasattr(module, attr):
         raise argparse.ArgumentTypeError(f"{text!r}: module {name} has no attribute {attr!r}")
     try:
-        value = eval(expr, {"torch": torch, name.split(".")[0]: importlib.import_module(
-            name.split(".")[0])}, vars(module).copy())
+        # the module's names (as they are now, before any patch) and torch are in scope, also
+        # inside a lambda, which may so wrap the function it replaces
+        value = eval(expr, {**vars(module), "torch": torch})
     except Exception as e:  # noqa: BLE001  (any error in the user's expression)
         raise argparse.ArgumentTypeError(f"{text!r}: {type(e).__name__}: {e}") from None
     return module, attr, value

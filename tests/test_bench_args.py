@@ -244,6 +244,10 @@ def test_ab_patches_only_its_variants_calls_and_restores(tmp_path):
                "B": [(cpu_numba, "num_workers", counting("B", 1))]}
     module, attr, value = ab.patch_arg("ssdfx.ops.cpu_numba:num_workers=lambda *a: 1")
     assert (module, attr) == (cpu_numba, "num_workers") and value() == 1
+    # an expression sees the module's names as they were, so it can wrap what it replaces
+    _, _, wrapper = ab.patch_arg("ssdfx.ops.cpu_numba:num_workers=lambda *a: num_workers(*a) + 1")
+    with ab.patched([(cpu_numba, "num_workers", wrapper)]):
+        assert cpu_numba.num_workers() == original() + 1
     rows = ab.measure(16, 16, 4, 2, torch.float32, 3, patches, warmup=1)
     assert cpu_numba.num_workers is original
     assert seen["A"] == seen["B"] > 0

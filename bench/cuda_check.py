@@ -30,16 +30,20 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ssdfx.ops import grouped, moe_ffn  # noqa: E402
+from ssdfx.ops import gathered_up, grouped, moe_ffn  # noqa: E402
 from ssdfx.ops.grouped import grouped_mm_ok  # noqa: E402
 
 FUSED = "grouped_mm+fused"  # grouped_mm with its elementwise middle compiled (FUSED_DEVICES)
+GATHERED = "grouped_mm+gathered"  # its forward up-projection in one Triton kernel (gathered_up)
+VARIANTS = ["grouped_mm", FUSED, GATHERED]
 
 
 def _backend(name, dev):
-    """The backend string for moe_ffn, after setting grouped.FUSED_DEVICES for this variant."""
+    """The backend string for moe_ffn, after setting grouped.FUSED_DEVICES and
+    gathered_up.GATHERED_DEVICES for this variant."""
     grouped.FUSED_DEVICES = (dev,) if name == FUSED else ()
-    return "grouped_mm" if name == FUSED else name
+    gathered_up.GATHERED_DEVICES = (dev,) if name == GATHERED else ()
+    return "grouped_mm" if name in (FUSED, GATHERED) else name
 
 
 def route(x, wr, k):
@@ -174,8 +178,9 @@ def main(argv=None):
                  "script on CPU with tiny shapes")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
-        rows = bench_shape(64, 64, 8, 2, ["torch", "grouped_mm", FUSED], repeats=2, inner=1,
-                           dev="cpu")
+        os.environ["TRITON_INTERPRET"] = "1"  # the gathered kernel on CPU, if Triton is here
+        rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + gathered_up.available()]],
+                           repeats=2, inner=1, dev="cpu")
         print(rows)
         return 0
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
@@ -188,8 +193,8 @@ def main(argv=None):
     rows = []
     for t, d, e, k in shapes:
         probe = torch.empty(1, d, device="cuda", dtype=torch.bfloat16)
-        backends = ["torch"] + (["grouped_mm", FUSED]
-                                if grouped_mm_ok(probe, torch.empty(4 * d, d), e) else [])
+        backends = ["torch"] + (VARIANTS if grouped_mm_ok(probe, torch.empty(4 * d, d), e)
+                                else [])
         try:
             new = bench_shape(t, d, e, k, backends, repeats=5 if args.quick else 7, inner=3)
         except Exception as exc:  # keep what was measured so far
@@ -201,7 +206,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if rows:
         write_tables(rows, args.out)
-    for backend in ("grouped_mm", FUSED):
+    for backend in VARIANTS:
         try:
             profile_headline(args.out, backend)
         except Exception as exc:

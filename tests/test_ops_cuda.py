@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from ssdfx.ops import moe_ffn
+from ssdfx.ops import gathered_up, moe_ffn
 from ssdfx.ops.dispatch import select
 from ssdfx.ops.grouped import grouped_mm_ok
 
@@ -48,14 +48,20 @@ def _backends(x, w1, e):
     names = ["torch", "auto"]
     if grouped_mm_ok(x, w1, e):
         names += ["grouped_mm", "grouped_mm+fused"]
+        if gathered_up.available():
+            names.append("grouped_mm+gathered")
     return names
 
 
 def _variant(backend):
     """(backend string, context, compiled functions): "grouped_mm+fused" is grouped_mm with its
-    elementwise middle compiled (grouped.FUSED_DEVICES); the others run as they are."""
+    elementwise middle compiled (grouped.FUSED_DEVICES), "grouped_mm+gathered" with its
+    forward up-projection in one Triton kernel (gathered_up.GATHERED_DEVICES); the others run
+    as they are."""
     from ssdfx.ops import grouped
 
+    if backend == "grouped_mm+gathered":
+        return "grouped_mm", _patched(gathered_up, GATHERED_DEVICES=("cuda",)), {}
     if backend != "grouped_mm+fused":
         return backend, contextlib.nullcontext(), {}
     torch._dynamo.reset()  # dynamo recompiles a function at most 8 times per process
@@ -141,3 +147,34 @@ def test_fused_gather_sum_matches_torch_ops(k, d, unused):
     n_rows = torch.full((1,), pairs, dtype=torch.int64, device="cuda")
     got = cuda_kernels.gather_sum(rows, inv, t, k, n_rows, gate)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e, m, d, t, k, glu, bias, activation", [
+    (1, 24, 40, 1, 1, False, True, "gelu"),  # E = 1, T = 1, widths no tile divides
+    (5, 37, 51, 70, 5, True, True, "silu"),  # k = E, odd widths
+    (16, 64, 256, 300, 4, False, False, "gelu_tanh"),  # several tiles per expert
+    (8, 128, 512, 2000, 2, True, False, "relu2"),
+])
+def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activation, dtype):
+    from test_triton_interpreted import _reference
+    from ssdfx.ops.layout import sort_pairs
+
+    if not gathered_up.available():
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(e * 1000 + t)
+    x = torch.randn(t, d, generator=g).to(dtype)
+    w1 = (torch.randn(e * m, d, generator=g) / d ** 0.5).to(dtype)
+    w3 = (torch.randn(d, e * m, generator=g) / d ** 0.5).to(dtype).t() if glu else None
+    b1 = torch.randn(e * m, generator=g).to(dtype) if bias else None
+    b3 = torch.randn(e * m, generator=g).to(dtype) if bias and glu else None
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    order, offsets = sort_pairs(idx, e)
+    cu = [v.cuda() if v is not None else None for v in (x, w1, b1, w3, b3, order, offsets)]
+    got = gathered_up.gathered_up(*cu[:5], cu[5], cu[6], k, activation)
+    want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, ref in zip(got, want):
+        if ref is not None:
+            bound = rel * (1 + ref.abs().max().item())
+            assert (a.cpu().double() - ref).abs().max().item() <= bound

@@ -15,7 +15,10 @@ computes the dense FFN and masks it. Modules:
     torch_path    sort-by-expert torch kernels, one mm per expert: bf16/fp16 on CPU
     padded        torch_path's variant for small CPU problems: one bmm over padded blocks
     grouped       torch._grouped_mm kernels without host syncs: the CUDA path
-    cuda_kernels  the Triton combine kernel used on CUDA
+    cuda_kernels  the Triton combine kernel used on CUDA, and the loader of the Triton
+                  kernels (_triton), compiled or run by Triton's interpreter on CPU
+    gathered_up   grouped's forward up-projection as one Triton kernel (gather, GEMM, bias,
+                  activation; opt-in, GATHERED_DEVICES)
 """
 
 from __future__ import annotations

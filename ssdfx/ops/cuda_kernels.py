@@ -8,47 +8,48 @@ in fp32. numba-cuda was the other candidate, but torch does not export bfloat16 
 `__cuda_array_interface__`, and Triton ships with torch's CUDA wheels.
 
 Imported only on CUDA tensors; `available()` is False without Triton, and callers then fall back
-to the torch ops (`torch_path._combine`).
+to the torch ops (`torch_path._combine`). The kernels themselves live in `ssdfx.ops._triton`
+(this one and `gathered_up`'s), loaded by `kernels()`: compiled for the GPU, or, with
+TRITON_INTERPRET=1, run by Triton's interpreter on CPU tensors, which is how the tests check
+them on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-__all__ = ["available", "gather_sum"]
+__all__ = ["available", "gather_sum", "interpreting", "kernels"]
 
 
 @functools.cache
-def _kernel():
-    # compiled lazily: importing this module never needs Triton
-    import triton
-    import triton.language as tl
+def _kernels(interpret: bool):
+    # `triton.jit` decides at decoration time whether it builds an interpreted kernel, so the
+    # kernels module is executed afresh once per mode; it imports Triton at its top, and this
+    # module never needs Triton until a kernel runs
+    import importlib.util
 
-    @triton.jit
-    def gather_sum_kernel(rows_ptr, inv_ptr, n_rows_ptr, gate_ptr, out_ptr, d,
-                          k: tl.constexpr, has_gate: tl.constexpr, block_d: tl.constexpr):
-        # rows (R, d) in layout order, of which the first n_rows = *n_rows_ptr are real;
-        # inv (T*K,) layout row of each (token, slot), >= n_rows for an unused slot;
-        # out (T, d) = sum over the token's K rows, accumulated in fp32. n_rows is read from
-        # device memory so the caller never waits for the GPU to learn it.
-        t = tl.program_id(0)
-        n_rows = tl.load(n_rows_ptr)
-        cols = tl.program_id(1) * block_d + tl.arange(0, block_d)
-        in_row = cols < d
-        acc = tl.zeros([block_d], dtype=tl.float32)
-        for j in tl.static_range(k):
-            r = tl.load(inv_ptr + t * k + j).to(tl.int64)
-            v = tl.load(rows_ptr + r * d + cols, mask=in_row & (r < n_rows), other=0.0)
-            v = v.to(tl.float32)
-            if has_gate:  # gate (T*K,): y = sum_j gate[t, j] * row
-                v = v * tl.load(gate_ptr + t * k + j).to(tl.float32)
-            acc += v
-        tl.store(out_ptr + t.to(tl.int64) * d + cols, acc.to(out_ptr.dtype.element_ty),
-                 mask=in_row)
+    spec = importlib.util.find_spec("ssdfx.ops._triton")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return gather_sum_kernel
+
+def kernels():
+    """The Triton kernels module (`ssdfx.ops._triton`), built for the current mode: compiled
+    for the GPU, or run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, `tests`)."""
+    return _kernels(interpreting())
+
+
+def interpreting() -> bool:
+    """Whether triton.jit builds interpreted kernels now (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+    except ImportError:  # Triton before 3.4 read the variable directly
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
 
 
 def available() -> bool:
@@ -79,5 +80,5 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, t_all: int, k: int,
     grid = (t_all, (d + block_d - 1) // block_d)
     has_gate = gate is not None
     gate = gate.contiguous() if has_gate else inv  # any pointer when unused
-    _kernel()[grid](rows, inv, n_rows, gate, out, d, k=k, has_gate=has_gate, block_d=block_d)
+    kernels().gather_sum_kernel[grid](rows, inv, n_rows, gate, out, d, k=k, has_gate=has_gate, block_d=block_d)
     return out

@@ -21,6 +21,11 @@ past torch's recompile limit, 8 per function, dynamo runs further combinations e
 default: it has not yet been measured on a GPU; `bench/cuda_check.py` times both variants.
 The compiled code computes in fp32 and rounds once, so bf16 results can differ from the eager
 variant in the last bit.
+
+On the device types in `gathered_up.GATHERED_DEVICES` (also empty by default, not yet measured)
+the forward's gather, up-projection GEMMs, expert bias and activation run as one Triton kernel
+(`ssdfx.ops.gathered_up`) instead, without the (T*K, d) gathered copy of x; calls with a
+dropout mask keep the path above.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import warnings
 
 import torch
 
+from ssdfx.ops import gathered_up
 from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
                               sort_pairs)
 from ssdfx.ops.reference import check_expert_idx
@@ -126,12 +132,15 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     order, offsets = sort_pairs(expert_idx, num_experts)
     offs32 = offsets[1:].to(torch.int32)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    xs = x.index_select(0, order // k)  # (T*K, d)
-    row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)
-    a1 = _gmm(xs, w1e.transpose(1, 2), offs32)  # (T*K, m)
-    a3 = _gmm(xs, w3e.transpose(1, 2), offs32) if w3 is not None else None
-    kp = keep.reshape(tk, m)[order] if keep is not None else None
-    h = _up_epilogue_op(x.device, a1, a3, b1, b3, row_expert, kp, dropout_p, activation)
+    if gathered_up.usable(x, keep):  # gather, GEMMs and epilogue in one Triton kernel
+        a1, a3, h = gathered_up.gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation)
+    else:
+        xs = x.index_select(0, order // k)  # (T*K, d)
+        row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)
+        a1 = _gmm(xs, w1e.transpose(1, 2), offs32)  # (T*K, m)
+        a3 = _gmm(xs, w3e.transpose(1, 2), offs32) if w3 is not None else None
+        kp = keep.reshape(tk, m)[order] if keep is not None else None
+        h = _up_epilogue_op(x.device, a1, a3, b1, b3, row_expert, kp, dropout_p, activation)
     ys = _gmm(h, w2_edm.transpose(1, 2), offs32)  # (T*K, d)
     # the gate is applied in the combine, which reads each row once anyway
     y = _sum_slots(ys, _inverse(order), offsets[num_experts:], t_all, k, gate)

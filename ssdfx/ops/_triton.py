@@ -1,0 +1,120 @@
+"""The Triton kernels: the combine (`ssdfx.ops.cuda_kernels.gather_sum`) and the gathered
+up-projection (`ssdfx.ops.gathered_up`). Loaded by `cuda_kernels.kernels()` only, once per
+mode (interpreted or compiled): this module imports Triton at its top.
+
+Only Triton's builtins are called here (tl.load, tl.dot, tl.exp, ...), none of the helpers
+that triton.language itself defines with @triton.jit (tl.sum, tl.zeros, tl.sigmoid, tl.cdiv):
+those are decorated when Triton is first imported, and if that happened before
+TRITON_INTERPRET=1 was set, the interpreter refuses to call them."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def act(v, code: tl.constexpr):
+    # the activations of ssdfx.activations on float32 values
+    if code == 0:
+        r = tl.maximum(v, 0.0)
+    elif code == 1:
+        r = tl.maximum(v, 0.0) * tl.maximum(v, 0.0)
+    elif code == 2:
+        r = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif code == 3:  # 0.5 (1 + tanh(z)) = sigmoid(2z)
+        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        r = v / (1.0 + tl.exp(-2.0 * z))
+    elif code == 4:
+        r = v / (1.0 + tl.exp(-v))
+    elif code == 5:
+        r = v / (1.0 + tl.exp(-1.702 * v))
+    else:
+        r = v
+    return r
+
+
+@triton.jit
+def dot(a, b, acc, ieee: tl.constexpr, widen: tl.constexpr):
+    if widen:  # the interpreter multiplies bf16 tiles wrongly: widen them first
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ieee:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr, w3_ptr,
+                       b3_ptr, a1_ptr, a3_ptr, h_ptr, d, m, sxt, sxd, s1f, s1d, s3f, s3d,
+                       K: tl.constexpr, E: tl.constexpr,
+                       ACT: tl.constexpr, GLU: tl.constexpr, HAS_B1: tl.constexpr,
+                       HAS_B3: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    col_tiles = (m + BN - 1) // BN
+    tile = pid // col_tiles
+    if tile < tl.load(tiles_ptr + E):
+        e = 0  # the tile's expert: how many experts' tiles all come before it
+        for i in tl.static_range(E):  # unrolled: E is a compile-time constant
+            e += (tl.load(tiles_ptr + 1 + i) <= tile).to(tl.int32)
+        start = tl.load(offsets_ptr + e) + (tile - tl.load(tiles_ptr + e)) * BM
+        rows = start + tl.arange(0, BM)
+        in_rows = rows < tl.load(offsets_ptr + e + 1)
+        tok = tl.load(order_ptr + rows, mask=in_rows, other=0) // K
+        cols = (pid % col_tiles) * BN + tl.arange(0, BN)
+        in_cols = cols < m
+        neuron = e * m + cols  # rows of w1 and w3
+        acc1 = tl.full((BM, BN), 0.0, tl.float32)
+        acc3 = tl.full((BM, BN), 0.0, tl.float32)
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            in_k = kk < d
+            a = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :] * sxd,
+                        mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            w = tl.load(w1_ptr + neuron[None, :] * s1f + kk[:, None] * s1d,
+                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
+            acc1 = dot(a, w, acc1, IEEE, WIDEN)
+            if GLU:
+                w = tl.load(w3_ptr + neuron[None, :] * s3f + kk[:, None] * s3d,
+                            mask=in_k[:, None] & in_cols[None, :], other=0.0)
+                acc3 = dot(a, w, acc3, IEEE, WIDEN)
+        out = rows[:, None] * m + cols[None, :]
+        in_out = in_rows[:, None] & in_cols[None, :]
+        if HAS_B1:
+            acc1 += tl.load(b1_ptr + neuron, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        a1 = acc1.to(a1_ptr.dtype.element_ty)
+        tl.store(a1_ptr + out, a1, mask=in_out)
+        h = act(a1.to(tl.float32), ACT)
+        if GLU:
+            if HAS_B3:
+                acc3 += tl.load(b3_ptr + neuron, mask=in_cols,
+                                other=0.0).to(tl.float32)[None, :]
+            a3 = acc3.to(a3_ptr.dtype.element_ty)
+            tl.store(a3_ptr + out, a3, mask=in_out)
+            h = h * a3.to(tl.float32)
+        tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=in_out)
+
+
+@triton.jit
+def gather_sum_kernel(rows_ptr, inv_ptr, n_rows_ptr, gate_ptr, out_ptr, d,
+                      k: tl.constexpr, has_gate: tl.constexpr, block_d: tl.constexpr):
+    # rows (R, d) in layout order, of which the first n_rows = *n_rows_ptr are real;
+    # inv (T*K,) layout row of each (token, slot), >= n_rows for an unused slot;
+    # out (T, d) = sum over the token's K rows, accumulated in fp32. n_rows is read from
+    # device memory so the caller never waits for the GPU to learn it.
+    t = tl.program_id(0)
+    n_rows = tl.load(n_rows_ptr)
+    cols = tl.program_id(1) * block_d + tl.arange(0, block_d)
+    in_row = cols < d
+    acc = tl.full([block_d], 0.0, tl.float32)
+    for j in tl.static_range(k):
+        r = tl.load(inv_ptr + t * k + j).to(tl.int64)
+        # the row test as a vector: the interpreter mishandles a vector mask & a scalar one
+        v = tl.load(rows_ptr + r * d + cols, mask=in_row & (cols * 0 + r < n_rows), other=0.0)
+        v = v.to(tl.float32)
+        if has_gate:  # gate (T*K,): y = sum_j gate[t, j] * row
+            v = v * tl.load(gate_ptr + t * k + j).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + t.to(tl.int64) * d + cols, acc.to(out_ptr.dtype.element_ty),
+             mask=in_row)

@@ -1,0 +1,98 @@
+"""The up-projection of the `grouped_mm` backend as one Triton kernel: gather, GEMM, epilogue.
+
+In `ssdfx.ops.grouped` the forward's up-projection is three steps over (T*K, .) tensors: the
+tokens' rows of x gathered into expert order (`index_select`, read and write T*K*d), one
+grouped GEMM per projection, then the expert bias and the activation (and the GLU product) in
+separate elementwise kernels. On an H200 at T=16384, d=4096, E=16, K=4 (bf16) the gather took
+0.28 ms and the elementwise passes most of the rest of ~1 ms outside the GEMMs in the forward
+(bench/README.md, cuda_check.py). This kernel does all of it in one pass: each program reads
+its tile's x rows through the layout (row r of the layout is token order[r] // K) straight
+from x, multiplies them with its expert's block of w1 (and w3), adds the bias, and writes a1
+(a3) for the backward and h = act(a1) [* a3] for the down-projection. No (T*K, d) buffer and
+no host sync: the expert of each tile comes from the offsets on the device.
+
+Tiles. Expert e owns layout rows [offsets[e], offsets[e+1]), cut into ceil(n_e / BM) row
+tiles; `tiles` (E+1,) is their running count on the device, and the launch has
+ceil(T*K / BM) + E row tiles (at least the sum), the surplus ones return at once. Program
+ids run over (row tile, column tile) with the column tile fastest, so the programs that
+share a tile's gathered rows run side by side (the gather is then read from L2).
+
+Numerics: products accumulate in float32; a1 and a3 are rounded to the input dtype after the
+bias (as the eager path's `a1 += b1` leaves them), the activation reads the rounded a1, and h
+is rounded once (the eager path rounds act(a1) and the GLU product separately: the last bit
+may differ). float32 inputs multiply in IEEE float32, not TF32.
+
+Not measured on a GPU yet: `GATHERED_DEVICES` is empty by default, `bench/cuda_check.py`
+times the variant beside the others, and the tests run the kernel on CPU through Triton's
+interpreter (TRITON_INTERPRET=1). Dropout masks are not handled here (the caller keeps the
+eager path for them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssdfx.ops import cuda_kernels
+
+__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "gathered_up", "usable"]
+
+# device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
+GATHERED_DEVICES: tuple[str, ...] = ()
+
+# tile sizes and launch options on a GPU: rows, columns (hidden units), reduction step, warps,
+# pipeline stages. Under the interpreter the tiles are 16 (tl.dot's smallest) to stay quick.
+CONFIG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
+_INTERPRETED = dict(BM=16, BN=16, BK=16)
+
+ACT_CODES = {"relu": 0, "relu2": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5,
+             "identity": 6}
+
+
+def available() -> bool:
+    """Whether Triton imports here (it ships with torch's CUDA wheels)."""
+    return cuda_kernels.available()
+
+
+def usable(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
+    """Whether `grouped.forward` takes this kernel for x: its device type is in
+    GATHERED_DEVICES, no dropout mask, Triton present, and on CPU only under the interpreter."""
+    if keep is not None or x.device.type not in GATHERED_DEVICES or not available():
+        return False
+    return x.device.type == "cuda" or cuda_kernels.interpreting()
+
+
+def gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation):
+    """a1, a3 (or None), h, each (T*K, m) in layout order: a1 = x[order // K] w1_e^T + b1_e per
+    expert block, likewise a3, h = act(a1) [* a3]. Rows >= offsets[E] (unused slots) are left
+    unwritten. x (T, d); w1, w3 (F, d) any strides; b1, b3 (F,) or None; order (T*K,),
+    offsets (E+1,) on x's device (`layout.sort_pairs`)."""
+    interpret = cuda_kernels.interpreting()
+    kernel = cuda_kernels.kernels().gathered_up_kernel
+    cfg = dict(_INTERPRETED) if interpret else dict(CONFIG)
+    if w3 is not None and not interpret:  # two weight tiles a stage: fewer stages fit
+        cfg["num_stages"] = min(cfg["num_stages"], 3)
+    bm, bn = cfg["BM"], cfg["BN"]
+    num_experts = offsets.shape[0] - 1
+    f_all, d = w1.shape
+    m = f_all // num_experts
+    rows = order.shape[0]
+    glu = w3 is not None
+    counts = offsets[1:] - offsets[:-1]
+    tiles = counts.new_zeros(num_experts + 1)  # running count of row tiles, on the device
+    torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0, out=tiles[1:])
+    a1 = x.new_empty(rows, m)
+    a3 = x.new_empty(rows, m) if glu else None
+    h = x.new_empty(rows, m)
+    grid = ((-(-rows // bm) + num_experts) * -(-m // bn),)
+    w3_ = w3 if glu else w1
+    kernel[grid](
+        x, order, offsets, tiles, w1, b1 if b1 is not None else w1, w3_,
+        b3 if b3 is not None else w1, a1, a3 if glu else a1, h, d, m,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w3_.stride(0), w3_.stride(1),
+        K=k, E=num_experts,
+        ACT=ACT_CODES[activation], GLU=glu, HAS_B1=b1 is not None,
+        HAS_B3=glu and b3 is not None, IEEE=x.dtype == torch.float32,
+        WIDEN=interpret and x.dtype != torch.float32, **cfg,
+    )
+    return a1, a3, h
+

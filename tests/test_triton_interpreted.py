@@ -1,0 +1,149 @@
+"""The Triton kernels (`ssdfx.ops._triton`) on CPU, through Triton's interpreter: the gathered
+up-projection (`ssdfx.ops.gathered_up`) against a float64 reference directly and inside the
+grouped_mm backend against the op's reference, forward and every gradient (the backward reads
+the kernel's a1 and a3); the combine (`cuda_kernels.gather_sum`) against torch ops. The same
+kernels compile for the GPU in bench/cuda_check.py and tests/test_ops_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssdfx.activations import ACTIVATIONS, activation_fn
+from ssdfx.ops import cuda_kernels, gathered_up, grouped
+from ssdfx.ops.layout import sort_pairs
+
+from test_ops_kernels import FUSED_SPECS, _patched, check_against_reference
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
+                                reason="torch._grouped_mm missing")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter on, and grouped_mm's forward taking the kernel on CPU; yields the
+    list of the kernel's calls."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    kernel = gathered_up.gathered_up
+
+    def counting(*args):
+        calls.append(args[-1])
+        return kernel(*args)
+
+    with _patched(gathered_up, GATHERED_DEVICES=("cpu",), gathered_up=counting):
+        yield calls
+
+
+def _reference(x, w1, b1, w3, b3, order, offsets, k, activation):
+    """a1, a3, h of the layout's P rows in float64."""
+    e = offsets.shape[0] - 1
+    m = w1.shape[0] // e
+    pairs = int(offsets[-1])
+    xs = x.double()[order[:pairs] // k]
+    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
+
+    def up(w, b):
+        a = torch.einsum("pd,pmd->pm", xs, w.double().view(e, m, -1)[row_expert])
+        return a + b.double().view(e, m)[row_expert] if b is not None else a
+
+    a1 = up(w1, b1)
+    a3 = up(w3, b3) if w3 is not None else None
+    h = activation_fn(activation)(a1)
+    return a1, a3, h * a3 if a3 is not None else h
+
+
+@settings(max_examples=25, deadline=None)
+@given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
+       kk=st.integers(1, 6), glu=st.booleans(), bias=st.booleans(),
+       unused=st.sampled_from([0.0, 0.0, 0.4]), skew=st.booleans(),
+       activation=st.sampled_from(sorted(ACTIVATIONS)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, activation, dtype,
+                                     seed):
+    # odd widths, E=1, k=E, T=1, empty experts (skew), unused slots, transposed weights
+    k = min(kk, e)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g).to(dtype)
+    w1 = (torch.randn(d, e * m, generator=g) / d ** 0.5).to(dtype).t()  # Conv1D strides
+    w3 = (torch.randn(e * m, d, generator=g) / d ** 0.5).to(dtype) if glu else None
+    b1 = torch.randn(e * m, generator=g).to(dtype) if bias else None
+    b3 = torch.randn(e * m, generator=g).to(dtype) if bias and glu else None
+    idx = (torch.arange(k).repeat(t, 1) if skew
+           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    order, offsets = sort_pairs(idx, e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        a1, a3, h = gathered_up.gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation)
+    pairs = int(offsets[-1])
+    want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
+    assert a1.shape == h.shape == (t * k, m) and (a3 is None) == (not glu)
+    assert all(a.dtype == dtype for a in (a1, h, *([a3] if glu else [])))
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, ref in zip((a1, a3, h), want):
+        if ref is None:
+            continue
+        bound = rel * (1 + ref.abs().max().item() if ref.numel() else 1)
+        assert (got[:pairs].double() - ref).abs().max().item() <= bound if pairs else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spec", FUSED_SPECS, ids=[s["activation"] for s in FUSED_SPECS])
+def test_grouped_mm_with_gathered_up_matches_reference(spec, dtype, interpreted):
+    # every activation, GLU, bias, unused slots, empty experts; dropout keeps the eager path
+    check_against_reference("grouped_mm", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
+    assert interpreted == ([] if spec["dropout_p"] else [spec["activation"]])
+
+
+def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
+    base = dict(m=8, d=16, glu=True, bias=True, unused=0.0, skew=False, seed=3,
+                activation="silu", dropout_p=0.0)
+    for shape in (dict(e=1, t=1, k=1), dict(e=4, t=9, k=4), dict(e=8, t=3, k=2)):
+        check_against_reference("grouped_mm", {**base, **shape}, torch.bfloat16, 3e-2)
+        check_against_reference("grouped_mm", {**base, **shape}, torch.float32, 1e-4,
+                                transposed=True)
+    assert len(interpreted) == 6
+
+
+def test_gathered_up_is_opt_in(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert grouped is not None and not gathered_up.usable(x, None)  # no device listed
+    with _patched(gathered_up, GATHERED_DEVICES=("cpu",)):
+        assert not gathered_up.usable(x, None)  # a CPU tensor needs the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert gathered_up.usable(x, None)
+        assert not gathered_up.usable(x, torch.ones(4, 2, 3, dtype=torch.bool))  # dropout
+
+
+@pytest.mark.parametrize("k, d, unused, gated", [(1, 24, 0.0, False), (4, 300, 0.0, True),
+                                                 (3, 17, 0.3, True)])
+def test_gather_sum_matches_torch_ops(k, d, unused, gated, monkeypatch):
+    from ssdfx.ops.torch_path import _inverse, _per_slot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t, e = 37, 5
+    g = torch.Generator().manual_seed(k * 100 + d)
+    idx = torch.randint(0, e, (t, k), generator=g)
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    order, offsets = sort_pairs(idx, e)
+    pairs = int(offsets[-1])
+    rows = torch.randn(t * k, d, generator=g).to(torch.bfloat16)  # rows >= P: not read
+    inv = _inverse(order, pairs)
+    gate = torch.rand(t, k, generator=g).to(torch.bfloat16) if gated else None
+    per_slot = _per_slot(rows[:pairs].double(), inv, t, k)  # zeros for unused slots
+    want = (per_slot * gate.double().unsqueeze(2) if gated else per_slot).sum(1)
+    got = cuda_kernels.gather_sum(rows, inv, t, k, offsets[e:], gate)
+    assert got.dtype == torch.bfloat16 and got.shape == (t, d)
+    # float32 sums converted to bf16 once: within one bf16 unit of the float64 sum (on a GPU
+    # the conversion rounds to nearest, half a unit; the interpreter truncates)
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_every_activation_has_a_kernel_code():
+    assert set(gathered_up.ACT_CODES) == set(ACTIVATIONS)
+    assert len(set(gathered_up.ACT_CODES.values())) == len(ACTIVATIONS)

@@ -154,6 +154,67 @@ def profile_headline(out: Path, backend: str, t=16384, d=4096, e=16, k=4):
     print(table[:4000], flush=True)
 
 
+# tile configurations of the gathered kernel tried at the headline shape (the first is CONFIG)
+GATHERED_CONFIGS = [
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+    dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+    dict(BM=64, BN=256, BK=64, num_warps=8, num_stages=4),
+    dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=5),
+    dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=5),
+]
+
+
+def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
+    """The gathered kernel alone against the eager steps it replaces (x rows gathered,
+    grouped GEMM, bias and GELU), per tile configuration; keeps the fastest in
+    gathered_up.CONFIG for the timings that follow. Writes DIR/cuda_gathered_configs.csv."""
+    from ssdfx.ops.layout import expert_views, sort_pairs
+
+    dtype, f_all = torch.bfloat16, 4 * d
+    x = torch.randn(t, d, device=dev, dtype=dtype)
+    w1 = (torch.randn(f_all, d, device=dev) * d ** -0.5).to(dtype)
+    b1 = torch.randn(f_all, device=dev, dtype=dtype)
+    idx = torch.randn(t, e, device=dev).topk(k, dim=-1).indices
+    order, offsets = sort_pairs(idx, e)
+    offs32 = offsets[1:].to(torch.int32)
+    w1e = expert_views(w1, w1.t(), None, e)[0]
+    row_expert = idx.reshape(-1)[order]
+
+    def eager():
+        a1 = grouped._gmm(x.index_select(0, order // k), w1e.transpose(1, 2), offs32)
+        return grouped._up_epilogue(a1, None, b1, None, row_expert, None, 0.0, "gelu")
+
+    want = eager()
+    base = statistics.median(cuda_time(eager, reps) for _ in range(5))
+    rows, best = [], None
+    saved = dict(gathered_up.CONFIG)
+    for cfg in GATHERED_CONFIGS if dev == "cuda" else GATHERED_CONFIGS[:1]:  # CPU: the script
+        gathered_up.CONFIG = dict(cfg)
+        try:
+            got = gathered_up.gathered_up(x, w1, b1, None, None, order, offsets, k, "gelu")[2]
+            err = float((got.float() - want.float()).abs().max())
+            ms = statistics.median(
+                cuda_time(lambda: gathered_up.gathered_up(x, w1, b1, None, None, order,
+                                                          offsets, k, "gelu"), reps)
+                for _ in range(5))
+        except Exception as exc:  # e.g. too much shared memory for this GPU
+            print(f"gathered config {cfg} failed: {exc!r}", flush=True)
+            continue
+        rows.append(dict(cfg, eager_ms=round(base, 4), gathered_ms=round(ms, 4),
+                         speedup=round(base / ms, 3), max_abs_diff=round(err, 4)))
+        print(rows[-1], flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    gathered_up.CONFIG = dict(best[1]) if best else saved
+    if rows:
+        with open(out / "cuda_gathered_configs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    print(f"gathered kernel config: {gathered_up.CONFIG}", flush=True)
+
+
 def run_tests(out: Path) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_ops_cuda.py")]
@@ -182,11 +243,18 @@ def main(argv=None):
         rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + gathered_up.available()]],
                            repeats=2, inner=1, dev="cpu")
         print(rows)
+        if gathered_up.available():
+            sweep_gathered(args.out, t=64, d=64, e=8, k=2, dev="cpu", reps=1)
         return 0
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
           f"{torch.cuda.get_device_name()} cc{torch.cuda.get_device_capability()}, "
           f"_grouped_mm: {hasattr(torch, '_grouped_mm')}", flush=True)
     rc = 0 if args.skip_tests else run_tests(args.out)
+    if gathered_up.available():
+        try:
+            sweep_gathered(args.out)
+        except Exception as exc:
+            print(f"gathered sweep failed: {exc!r}", flush=True)
     shapes = [(16384, 4096, 16, 4)]
     if not args.quick:
         shapes += [(16384, 4096, 16, 8), (16384, 4096, 8, 1), (4096, 1024, 16, 4)]

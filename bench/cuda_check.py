@@ -30,19 +30,19 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ssdfx.ops import gathered_up, grouped, moe_ffn  # noqa: E402
+from ssdfx.ops import gathered, grouped, moe_ffn  # noqa: E402
 from ssdfx.ops.grouped import grouped_mm_ok  # noqa: E402
 
 FUSED = "grouped_mm+fused"  # grouped_mm with its elementwise middle compiled (FUSED_DEVICES)
-GATHERED = "grouped_mm+gathered"  # its forward up-projection in one Triton kernel (gathered_up)
+GATHERED = "grouped_mm+gathered"  # its forward up-projection in one Triton kernel (gathered.up)
 VARIANTS = ["grouped_mm", FUSED, GATHERED]
 
 
 def _backend(name, dev):
     """The backend string for moe_ffn, after setting grouped.FUSED_DEVICES and
-    gathered_up.GATHERED_DEVICES for this variant."""
+    gathered.GATHERED_DEVICES for this variant."""
     grouped.FUSED_DEVICES = (dev,) if name == FUSED else ()
-    gathered_up.GATHERED_DEVICES = (dev,) if name == GATHERED else ()
+    gathered.GATHERED_DEVICES = (dev,) if name == GATHERED else ()
     return "grouped_mm" if name in (FUSED, GATHERED) else name
 
 
@@ -168,7 +168,7 @@ GATHERED_CONFIGS = [
 def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
     """The gathered kernel alone against the eager steps it replaces (x rows gathered,
     grouped GEMM, bias and GELU), per tile configuration; keeps the fastest in
-    gathered_up.CONFIG for the timings that follow. Writes DIR/cuda_gathered_configs.csv."""
+    gathered.CONFIG for the timings that follow. Writes DIR/cuda_gathered_configs.csv."""
     from ssdfx.ops.layout import expert_views, sort_pairs
 
     dtype, f_all = torch.bfloat16, 4 * d
@@ -188,14 +188,14 @@ def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
     want = eager()
     base = statistics.median(cuda_time(eager, reps) for _ in range(5))
     rows, best = [], None
-    saved = dict(gathered_up.CONFIG)
+    saved = dict(gathered.CONFIG)
     for cfg in GATHERED_CONFIGS if dev == "cuda" else GATHERED_CONFIGS[:1]:  # CPU: the script
-        gathered_up.CONFIG = dict(cfg)
+        gathered.CONFIG = dict(cfg)
         try:
-            got = gathered_up.gathered_up(x, w1, b1, None, None, order, offsets, k, "gelu")[2]
+            got = gathered.up(x, w1, b1, None, None, order, offsets, k, "gelu")[2]
             err = float((got.float() - want.float()).abs().max())
             ms = statistics.median(
-                cuda_time(lambda: gathered_up.gathered_up(x, w1, b1, None, None, order,
+                cuda_time(lambda: gathered.up(x, w1, b1, None, None, order,
                                                           offsets, k, "gelu"), reps)
                 for _ in range(5))
         except Exception as exc:  # e.g. too much shared memory for this GPU
@@ -206,13 +206,13 @@ def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
         print(rows[-1], flush=True)
         if best is None or ms < best[0]:
             best = (ms, cfg)
-    gathered_up.CONFIG = dict(best[1]) if best else saved
+    gathered.CONFIG = dict(best[1]) if best else saved
     if rows:
         with open(out / "cuda_gathered_configs.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    print(f"gathered kernel config: {gathered_up.CONFIG}", flush=True)
+    print(f"gathered kernel config: {gathered.CONFIG}", flush=True)
 
 
 def run_tests(out: Path) -> int:
@@ -240,17 +240,17 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # the gathered kernel on CPU, if Triton is here
-        rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + gathered_up.available()]],
+        rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + gathered.available()]],
                            repeats=2, inner=1, dev="cpu")
         print(rows)
-        if gathered_up.available():
+        if gathered.available():
             sweep_gathered(args.out, t=64, d=64, e=8, k=2, dev="cpu", reps=1)
         return 0
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
           f"{torch.cuda.get_device_name()} cc{torch.cuda.get_device_capability()}, "
           f"_grouped_mm: {hasattr(torch, '_grouped_mm')}", flush=True)
     rc = 0 if args.skip_tests else run_tests(args.out)
-    if gathered_up.available():
+    if gathered.available():
         try:
             sweep_gathered(args.out)
         except Exception as exc:

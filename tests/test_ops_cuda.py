@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from ssdfx.ops import gathered_up, moe_ffn
+from ssdfx.ops import gathered, moe_ffn
 from ssdfx.ops.dispatch import select
 from ssdfx.ops.grouped import grouped_mm_ok
 
@@ -48,7 +48,7 @@ def _backends(x, w1, e):
     names = ["torch", "auto"]
     if grouped_mm_ok(x, w1, e):
         names += ["grouped_mm", "grouped_mm+fused"]
-        if gathered_up.available():
+        if gathered.available():
             names.append("grouped_mm+gathered")
     return names
 
@@ -56,12 +56,12 @@ def _backends(x, w1, e):
 def _variant(backend):
     """(backend string, context, compiled functions): "grouped_mm+fused" is grouped_mm with its
     elementwise middle compiled (grouped.FUSED_DEVICES), "grouped_mm+gathered" with its
-    forward up-projection in one Triton kernel (gathered_up.GATHERED_DEVICES); the others run
+    forward up-projection in one Triton kernel (gathered.GATHERED_DEVICES); the others run
     as they are."""
     from ssdfx.ops import grouped
 
     if backend == "grouped_mm+gathered":
-        return "grouped_mm", _patched(gathered_up, GATHERED_DEVICES=("cuda",)), {}
+        return "grouped_mm", _patched(gathered, GATHERED_DEVICES=("cuda",)), {}
     if backend != "grouped_mm+fused":
         return backend, contextlib.nullcontext(), {}
     torch._dynamo.reset()  # dynamo recompiles a function at most 8 times per process
@@ -160,7 +160,7 @@ def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activatio
     from test_triton_interpreted import _reference
     from ssdfx.ops.layout import sort_pairs
 
-    if not gathered_up.available():
+    if not gathered.available():
         pytest.skip("Triton is not installed")
     g = torch.Generator().manual_seed(e * 1000 + t)
     x = torch.randn(t, d, generator=g).to(dtype)
@@ -171,7 +171,7 @@ def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activatio
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     order, offsets = sort_pairs(idx, e)
     cu = [v.cuda() if v is not None else None for v in (x, w1, b1, w3, b3, order, offsets)]
-    got = gathered_up.gathered_up(*cu[:5], cu[5], cu[6], k, activation)
+    got = gathered.up(*cu[:5], cu[5], cu[6], k, activation)
     want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
     rel = 1e-4 if dtype == torch.float32 else 2e-2
     for a, ref in zip(got, want):

@@ -1,5 +1,5 @@
 """The Triton kernels (`ssdfx.ops._triton`) on CPU, through Triton's interpreter: the gathered
-up-projection (`ssdfx.ops.gathered_up`) against a float64 reference directly and inside the
+up-projection (`ssdfx.ops.gathered`) against a float64 reference directly and inside the
 grouped_mm backend against the op's reference, forward and every gradient (the backward reads
 the kernel's a1 and a3); the combine (`cuda_kernels.gather_sum`) against torch ops. The same
 kernels compile for the GPU in bench/cuda_check.py and tests/test_ops_cuda.py."""
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssdfx.activations import ACTIVATIONS, activation_fn
-from ssdfx.ops import cuda_kernels, gathered_up, grouped
+from ssdfx.ops import cuda_kernels, gathered, grouped
 from ssdfx.ops.layout import sort_pairs
 
 from test_ops_kernels import FUSED_SPECS, _patched, check_against_reference
@@ -28,13 +28,13 @@ def interpreted(monkeypatch):
     list of the kernel's calls."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    kernel = gathered_up.gathered_up
+    kernel = gathered.up
 
     def counting(*args):
         calls.append(args[-1])
         return kernel(*args)
 
-    with _patched(gathered_up, GATHERED_DEVICES=("cpu",), gathered_up=counting):
+    with _patched(gathered, GATHERED_DEVICES=("cpu",), up=counting):
         yield calls
 
 
@@ -78,7 +78,7 @@ def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, ac
     order, offsets = sort_pairs(idx, e)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
-        a1, a3, h = gathered_up.gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation)
+        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation)
     pairs = int(offsets[-1])
     want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
     assert a1.shape == h.shape == (t * k, m) and (a3 is None) == (not glu)
@@ -112,12 +112,12 @@ def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
 def test_gathered_up_is_opt_in(monkeypatch):
     x = torch.randn(4, 8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert grouped is not None and not gathered_up.usable(x, None)  # no device listed
-    with _patched(gathered_up, GATHERED_DEVICES=("cpu",)):
-        assert not gathered_up.usable(x, None)  # a CPU tensor needs the interpreter
+    assert grouped is not None and not gathered.usable(x, None)  # no device listed
+    with _patched(gathered, GATHERED_DEVICES=("cpu",)):
+        assert not gathered.usable(x, None)  # a CPU tensor needs the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert gathered_up.usable(x, None)
-        assert not gathered_up.usable(x, torch.ones(4, 2, 3, dtype=torch.bool))  # dropout
+        assert gathered.usable(x, None)
+        assert not gathered.usable(x, torch.ones(4, 2, 3, dtype=torch.bool))  # dropout
 
 
 @pytest.mark.parametrize("k, d, unused, gated", [(1, 24, 0.0, False), (4, 300, 0.0, True),
@@ -145,5 +145,5 @@ def test_gather_sum_matches_torch_ops(k, d, unused, gated, monkeypatch):
 
 
 def test_every_activation_has_a_kernel_code():
-    assert set(gathered_up.ACT_CODES) == set(ACTIVATIONS)
-    assert len(set(gathered_up.ACT_CODES.values())) == len(ACTIVATIONS)
+    assert set(gathered.ACT_CODES) == set(ACTIVATIONS)
+    assert len(set(gathered.ACT_CODES.values())) == len(ACTIVATIONS)

@@ -17,7 +17,7 @@ computes the dense FFN and masks it. Modules:
     grouped       torch._grouped_mm kernels without host syncs: the CUDA path
     cuda_kernels  the Triton combine kernel used on CUDA, and the loader of the Triton
                   kernels (_triton), compiled or run by Triton's interpreter on CPU
-    gathered_up   grouped's forward up-projection as one Triton kernel (gather, GEMM, bias,
+    gathered      grouped's forward up-projection as one Triton kernel (gather, GEMM, bias,
                   activation; opt-in, GATHERED_DEVICES)
 """
 

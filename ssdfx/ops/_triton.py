@@ -1,5 +1,5 @@
 """The Triton kernels: the combine (`ssdfx.ops.cuda_kernels.gather_sum`) and the gathered
-up-projection (`ssdfx.ops.gathered_up`). Loaded by `cuda_kernels.kernels()` only, once per
+up-projection (`ssdfx.ops.gathered`). Loaded by `cuda_kernels.kernels()` only, once per
 mode (interpreted or compiled): this module imports Triton at its top.
 
 Only Triton's builtins are called here (tl.load, tl.dot, tl.exp, ...), none of the helpers

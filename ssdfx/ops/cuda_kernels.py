@@ -9,7 +9,7 @@ in fp32. numba-cuda was the other candidate, but torch does not export bfloat16 
 
 Imported only on CUDA tensors; `available()` is False without Triton, and callers then fall back
 to the torch ops (`torch_path._combine`). The kernels themselves live in `ssdfx.ops._triton`
-(this one and `gathered_up`'s), loaded by `kernels()`: compiled for the GPU, or, with
+(this one and `gathered`'s), loaded by `kernels()`: compiled for the GPU, or, with
 TRITON_INTERPRET=1, run by Triton's interpreter on CPU tensors, which is how the tests check
 them on machines without a GPU.
 """

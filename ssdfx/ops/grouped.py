@@ -22,9 +22,9 @@ default: it has not yet been measured on a GPU; `bench/cuda_check.py` times both
 The compiled code computes in fp32 and rounds once, so bf16 results can differ from the eager
 variant in the last bit.
 
-On the device types in `gathered_up.GATHERED_DEVICES` (also empty by default, not yet measured)
+On the device types in `gathered.GATHERED_DEVICES` (also empty by default, not yet measured)
 the forward's gather, up-projection GEMMs, expert bias and activation run as one Triton kernel
-(`ssdfx.ops.gathered_up`) instead, without the (T*K, d) gathered copy of x; calls with a
+(`ssdfx.ops.gathered`) instead, without the (T*K, d) gathered copy of x; calls with a
 dropout mask keep the path above.
 """
 
@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from ssdfx.ops import gathered_up
+from ssdfx.ops import gathered
 from ssdfx.ops.layout import (cols_grad, expert_views, hidden, hidden_backward, rows_grad,
                               sort_pairs)
 from ssdfx.ops.reference import check_expert_idx
@@ -132,8 +132,8 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     order, offsets = sort_pairs(expert_idx, num_experts)
     offs32 = offsets[1:].to(torch.int32)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    if gathered_up.usable(x, keep):  # gather, GEMMs and epilogue in one Triton kernel
-        a1, a3, h = gathered_up.gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation)
+    if gathered.usable(x, keep):  # gather, GEMMs and epilogue in one Triton kernel
+        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation)
     else:
         xs = x.index_select(0, order // k)  # (T*K, d)
         row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)

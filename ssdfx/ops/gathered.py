@@ -34,7 +34,7 @@ import torch
 
 from ssdfx.ops import cuda_kernels
 
-__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "gathered_up", "usable"]
+__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "up", "usable"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
 GATHERED_DEVICES: tuple[str, ...] = ()
@@ -61,7 +61,7 @@ def usable(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
     return x.device.type == "cuda" or cuda_kernels.interpreting()
 
 
-def gathered_up(x, w1, b1, w3, b3, order, offsets, k, activation):
+def up(x, w1, b1, w3, b3, order, offsets, k, activation):
     """a1, a3 (or None), h, each (T*K, m) in layout order: a1 = x[order // K] w1_e^T + b1_e per
     expert block, likewise a3, h = act(a1) [* a3]. Rows >= offsets[E] (unused slots) are left
     unwritten. x (T, d); w1, w3 (F, d) any strides; b1, b3 (F,) or None; order (T*K,),

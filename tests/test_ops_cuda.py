@@ -178,3 +178,34 @@ def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activatio
         if ref is not None:
             bound = rel * (1 + ref.abs().max().item())
             assert (a.cpu().double() - ref).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e, m, d, t, k, glu, activation", [
+    (1, 24, 40, 1, 1, False, "gelu"),
+    (5, 37, 51, 70, 5, True, "silu"),
+    (16, 64, 256, 300, 4, False, "gelu_tanh"),
+    (8, 128, 512, 2000, 2, True, "relu"),
+])
+def test_hidden_grad_matches_float64_on_cuda(e, m, d, t, k, glu, activation, dtype):
+    from test_triton_interpreted import _hidden_grad_reference
+    from ssdfx.ops.layout import sort_pairs
+
+    if not gathered.available():
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(e * 1000 + t)
+    dy = torch.randn(t, d, generator=g).to(dtype)
+    w2 = (torch.randn(d, e * m, generator=g) / (e * m) ** 0.5).to(dtype)
+    a1 = torch.randn(t * k, m, generator=g).to(dtype)
+    a3 = torch.randn(t * k, m, generator=g).to(dtype) if glu else None
+    gate = torch.rand(t, k, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    order, offsets = sort_pairs(idx, e)
+    cu = [v.cuda() if v is not None else None for v in (dy, w2, a1, a3, gate, order, offsets)]
+    got = gathered.hidden_grad(*cu, k, activation)
+    want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, ref in zip(got, want):
+        if ref is not None:
+            bound = rel * (1 + ref.abs().max().item())
+            assert (a[:ref.shape[0]].cpu().double() - ref).abs().max().item() <= bound

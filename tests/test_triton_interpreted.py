@@ -1,7 +1,7 @@
 """The Triton kernels (`ssdfx.ops._triton`) on CPU, through Triton's interpreter: the gathered
-up-projection (`ssdfx.ops.gathered`) against a float64 reference directly and inside the
-grouped_mm backend against the op's reference, forward and every gradient (the backward reads
-the kernel's a1 and a3); the combine (`cuda_kernels.gather_sum`) against torch ops. The same
+up-projection and hidden-unit gradient (`ssdfx.ops.gathered`) against float64 references
+directly and inside the grouped_mm backend against the op's reference, forward and every
+gradient; the combine (`cuda_kernels.gather_sum`) against torch ops. The same
 kernels compile for the GPU in bench/cuda_check.py and tests/test_ops_cuda.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ssdfx.activations import ACTIVATIONS, activation_fn
 from ssdfx.ops import cuda_kernels, gathered, grouped
-from ssdfx.ops.layout import sort_pairs
+from ssdfx.ops.layout import hidden_backward, sort_pairs
 
 from test_ops_kernels import FUSED_SPECS, _patched, check_against_reference
 
@@ -28,13 +28,15 @@ def interpreted(monkeypatch):
     list of the kernel's calls."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    kernel = gathered.up
 
-    def counting(*args):
-        calls.append(args[-1])
-        return kernel(*args)
+    def counting(fn):
+        def call(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return call
 
-    with _patched(gathered, GATHERED_DEVICES=("cpu",), up=counting):
+    with _patched(gathered, GATHERED_DEVICES=("cpu",), up=counting(gathered.up),
+                  hidden_grad=counting(gathered.hidden_grad)):
         yield calls
 
 
@@ -91,12 +93,60 @@ def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, ac
         assert (got[:pairs].double() - ref).abs().max().item() <= bound if pairs else True
 
 
+def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation):
+    """dgate, gh, da1, da3 of the layout's P rows in float64 (`layout.hidden_backward` on
+    dh = dy[token] w2_e)."""
+    e = offsets.shape[0] - 1
+    m = w2.shape[1] // e
+    pairs = int(offsets[-1])
+    sel = order[:pairs]
+    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
+    w2e = w2.double().t().reshape(e, m, -1)[row_expert]  # (P, m, d)
+    dh = torch.einsum("pd,pmd->pm", dy.double()[sel // k], w2e)
+    return hidden_backward(dh, gate.double().reshape(-1)[sel], a1[:pairs].double(),
+                           a3[:pairs].double() if a3 is not None else None, None, 0.0,
+                           activation)
+
+
+@settings(max_examples=25, deadline=None)
+@given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
+       kk=st.integers(1, 6), glu=st.booleans(), unused=st.sampled_from([0.0, 0.0, 0.4]),
+       skew=st.booleans(), activation=st.sampled_from(sorted(ACTIVATIONS)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activation, dtype, seed):
+    k = min(kk, e)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(t, d, generator=g).to(dtype)
+    w2 = (torch.randn(e * m, d, generator=g) / (e * m) ** 0.5).to(dtype).t()  # Conv1D strides
+    a1 = torch.randn(t * k, m, generator=g).to(dtype)
+    a3 = torch.randn(t * k, m, generator=g).to(dtype) if glu else None
+    gate = torch.rand(t, k, generator=g).to(dtype)
+    idx = (torch.arange(k).repeat(t, 1) if skew
+           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    order, offsets = sort_pairs(idx, e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        got = gathered.hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation)
+    pairs = int(offsets[-1])
+    want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation)
+    assert got[0].shape == (t * k,) and (got[3] is None) == (not glu)
+    assert (got[0][pairs:] == 0).all()  # unused slots: no gate gradient
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, ref in zip(got, want):
+        if ref is None or not pairs:
+            continue
+        assert a.dtype == dtype
+        bound = rel * (1 + ref.abs().max().item())
+        assert (a[:pairs].double() - ref).abs().max().item() <= bound
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("spec", FUSED_SPECS, ids=[s["activation"] for s in FUSED_SPECS])
 def test_grouped_mm_with_gathered_up_matches_reference(spec, dtype, interpreted):
     # every activation, GLU, bias, unused slots, empty experts; dropout keeps the eager path
     check_against_reference("grouped_mm", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
-    assert interpreted == ([] if spec["dropout_p"] else [spec["activation"]])
+    assert interpreted == ([] if spec["dropout_p"] else ["up", "hidden_grad"])
 
 
 def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
@@ -106,7 +156,7 @@ def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
         check_against_reference("grouped_mm", {**base, **shape}, torch.bfloat16, 3e-2)
         check_against_reference("grouped_mm", {**base, **shape}, torch.float32, 1e-4,
                                 transposed=True)
-    assert len(interpreted) == 6
+    assert interpreted == ["up", "hidden_grad"] * 6
 
 
 def test_gathered_up_is_opt_in(monkeypatch):

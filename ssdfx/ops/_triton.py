@@ -1,5 +1,5 @@
-"""The Triton kernels: the combine (`ssdfx.ops.cuda_kernels.gather_sum`) and the gathered
-up-projection (`ssdfx.ops.gathered`). Loaded by `cuda_kernels.kernels()` only, once per
+"""The Triton kernels: the combine (`ssdfx.ops.cuda_kernels.gather_sum`), and the gathered
+up-projection and hidden-unit gradient (`ssdfx.ops.gathered`). Loaded by `cuda_kernels.kernels()` only, once per
 mode (interpreted or compiled): this module imports Triton at its top.
 
 Only Triton's builtins are called here (tl.load, tl.dot, tl.exp, ...), none of the helpers
@@ -33,6 +33,49 @@ def act(v, code: tl.constexpr):
 
 
 @triton.jit
+def act_grad(v, code: tl.constexpr):
+    # d act / dv of `act`, on float32 values (ssdfx.activations.activation_backward)
+    if code == 0:
+        r = tl.where(v > 0.0, 1.0, 0.0)
+    elif code == 1:
+        r = 2.0 * tl.maximum(v, 0.0)
+    elif code == 2:  # Phi(v) + v phi(v)
+        r = (0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
+             + v * 0.3989422804014327 * tl.exp(-0.5 * v * v))
+    elif code == 3:
+        z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        th = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0  # tanh(z)
+        r = (0.5 * (1.0 + th)
+             + 0.5 * v * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * v * v))
+    elif code == 4:
+        s = 1.0 / (1.0 + tl.exp(-v))
+        r = s * (1.0 + v * (1.0 - s))
+    elif code == 5:
+        s = 1.0 / (1.0 + tl.exp(-1.702 * v))
+        r = s * (1.0 + 1.702 * v * (1.0 - s))
+    else:
+        r = v * 0.0 + 1.0
+    return r
+
+
+@triton.jit
+def add(a, b):
+    return a + b
+
+
+@triton.jit
+def tile_rows(tiles_ptr, offsets_ptr, tile, E: tl.constexpr, BM: tl.constexpr):
+    """Row tile `tile` of the layout: its expert e, the rows and which of them are e's. tiles
+    (E+1,) is the running count of row tiles per expert (ceil(n_e / BM))."""
+    e = 0  # the tile's expert: how many experts' tiles all come before it
+    for i in tl.static_range(E):  # unrolled: E is a compile-time constant
+        e += (tl.load(tiles_ptr + 1 + i) <= tile).to(tl.int32)
+    start = tl.load(offsets_ptr + e) + (tile - tl.load(tiles_ptr + e)) * BM
+    rows = start + tl.arange(0, BM)
+    return e, rows, rows < tl.load(offsets_ptr + e + 1)
+
+
+@triton.jit
 def dot(a, b, acc, ieee: tl.constexpr, widen: tl.constexpr):
     if widen:  # the interpreter multiplies bf16 tiles wrongly: widen them first
         a = a.to(tl.float32)
@@ -55,12 +98,7 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
     col_tiles = (m + BN - 1) // BN
     tile = pid // col_tiles
     if tile < tl.load(tiles_ptr + E):
-        e = 0  # the tile's expert: how many experts' tiles all come before it
-        for i in tl.static_range(E):  # unrolled: E is a compile-time constant
-            e += (tl.load(tiles_ptr + 1 + i) <= tile).to(tl.int32)
-        start = tl.load(offsets_ptr + e) + (tile - tl.load(tiles_ptr + e)) * BM
-        rows = start + tl.arange(0, BM)
-        in_rows = rows < tl.load(offsets_ptr + e + 1)
+        e, rows, in_rows = tile_rows(tiles_ptr, offsets_ptr, tile, E, BM)
         tok = tl.load(order_ptr + rows, mask=in_rows, other=0) // K
         cols = (pid % col_tiles) * BN + tl.arange(0, BN)
         in_cols = cols < m
@@ -94,6 +132,55 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
             tl.store(a3_ptr + out, a3, mask=in_out)
             h = h * a3.to(tl.float32)
         tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=in_out)
+
+
+@triton.jit
+def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr, a3_ptr,
+                       gate_ptr, dg_ptr, gh_ptr, da1_ptr, da3_ptr, d, m, syt, syd, s2d, s2f,
+                       K: tl.constexpr, E: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+                       IEEE: tl.constexpr, WIDEN: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr):
+    # the backward's dh = dy[token] w2_e (gathered rows, one expert per row tile), then the
+    # elementwise backward of `layout.hidden_backward` on the tile: dgate (row sums of
+    # dh * h, added atomically in float32 over the column tiles), gh = gate h, da1, da3
+    pid = tl.program_id(0)
+    col_tiles = (m + BN - 1) // BN
+    tile = pid // col_tiles
+    if tile < tl.load(tiles_ptr + E):
+        e, rows, in_rows = tile_rows(tiles_ptr, offsets_ptr, tile, E, BM)
+        pair = tl.load(order_ptr + rows, mask=in_rows, other=0)
+        tok = pair // K
+        cols = (pid % col_tiles) * BN + tl.arange(0, BN)
+        in_cols = cols < m
+        neuron = e * m + cols  # columns of w2
+        acc = tl.full((BM, BN), 0.0, tl.float32)
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            in_k = kk < d
+            a = tl.load(dy_ptr + tok[:, None] * syt + kk[None, :] * syd,
+                        mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            w = tl.load(w2_ptr + kk[:, None] * s2d + neuron[None, :] * s2f,
+                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
+            acc = dot(a, w, acc, IEEE, WIDEN)
+        out = rows[:, None] * m + cols[None, :]
+        in_out = in_rows[:, None] & in_cols[None, :]
+        a1 = tl.load(a1_ptr + out, mask=in_out, other=0.0).to(tl.float32)
+        f = act(a1, ACT)
+        if GLU:
+            a3 = tl.load(a3_ptr + out, mask=in_out, other=0.0).to(tl.float32)
+            h = f * a3
+        else:
+            h = f
+        h = tl.where(in_out, h, 0.0)
+        tl.atomic_add(dg_ptr + rows, tl.reduce(acc * h, 1, add), mask=in_rows)
+        g = tl.load(gate_ptr + pair, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+        tl.store(gh_ptr + out, (h * g).to(gh_ptr.dtype.element_ty), mask=in_out)
+        dh = acc * g
+        if GLU:
+            tl.store(da3_ptr + out, (dh * f).to(da3_ptr.dtype.element_ty), mask=in_out)
+            dh = dh * a3
+        tl.store(da1_ptr + out, (dh * act_grad(a1, ACT)).to(da1_ptr.dtype.element_ty),
+                 mask=in_out)
 
 
 @triton.jit

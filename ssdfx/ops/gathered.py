@@ -34,7 +34,8 @@ import torch
 
 from ssdfx.ops import cuda_kernels
 
-__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "up", "usable"]
+__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "hidden_grad", "up",
+           "usable"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
 GATHERED_DEVICES: tuple[str, ...] = ()
@@ -61,38 +62,70 @@ def usable(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
     return x.device.type == "cuda" or cuda_kernels.interpreting()
 
 
+def _launch(rows, m, num_experts, offsets, glu):
+    """(tile config, grid, tiles): the tiles' running count per expert on the device, and a
+    grid with room for every tile (ceil(rows / BM) + E row tiles, the surplus returns)."""
+    interpret = cuda_kernels.interpreting()
+    cfg = dict(_INTERPRETED) if interpret else dict(CONFIG)
+    if glu and not interpret:  # two weight tiles a stage: fewer stages fit
+        cfg["num_stages"] = min(cfg["num_stages"], 3)
+    bm, bn = cfg["BM"], cfg["BN"]
+    counts = offsets[1:] - offsets[:-1]
+    tiles = counts.new_zeros(num_experts + 1)
+    torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0, out=tiles[1:])
+    grid = ((-(-rows // bm) + num_experts) * -(-m // bn),)
+    return cfg, grid, tiles
+
+
+def _flags(dtype, activation):
+    interpret = cuda_kernels.interpreting()
+    return dict(ACT=ACT_CODES[activation], IEEE=dtype == torch.float32,
+                WIDEN=interpret and dtype != torch.float32)
+
+
 def up(x, w1, b1, w3, b3, order, offsets, k, activation):
     """a1, a3 (or None), h, each (T*K, m) in layout order: a1 = x[order // K] w1_e^T + b1_e per
     expert block, likewise a3, h = act(a1) [* a3]. Rows >= offsets[E] (unused slots) are left
     unwritten. x (T, d); w1, w3 (F, d) any strides; b1, b3 (F,) or None; order (T*K,),
     offsets (E+1,) on x's device (`layout.sort_pairs`)."""
-    interpret = cuda_kernels.interpreting()
-    kernel = cuda_kernels.kernels().gathered_up_kernel
-    cfg = dict(_INTERPRETED) if interpret else dict(CONFIG)
-    if w3 is not None and not interpret:  # two weight tiles a stage: fewer stages fit
-        cfg["num_stages"] = min(cfg["num_stages"], 3)
-    bm, bn = cfg["BM"], cfg["BN"]
     num_experts = offsets.shape[0] - 1
     f_all, d = w1.shape
     m = f_all // num_experts
     rows = order.shape[0]
     glu = w3 is not None
-    counts = offsets[1:] - offsets[:-1]
-    tiles = counts.new_zeros(num_experts + 1)  # running count of row tiles, on the device
-    torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0, out=tiles[1:])
+    cfg, grid, tiles = _launch(rows, m, num_experts, offsets, glu)
     a1 = x.new_empty(rows, m)
     a3 = x.new_empty(rows, m) if glu else None
     h = x.new_empty(rows, m)
-    grid = ((-(-rows // bm) + num_experts) * -(-m // bn),)
     w3_ = w3 if glu else w1
-    kernel[grid](
+    cuda_kernels.kernels().gathered_up_kernel[grid](
         x, order, offsets, tiles, w1, b1 if b1 is not None else w1, w3_,
         b3 if b3 is not None else w1, a1, a3 if glu else a1, h, d, m,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w3_.stride(0), w3_.stride(1),
-        K=k, E=num_experts,
-        ACT=ACT_CODES[activation], GLU=glu, HAS_B1=b1 is not None,
-        HAS_B3=glu and b3 is not None, IEEE=x.dtype == torch.float32,
-        WIDEN=interpret and x.dtype != torch.float32, **cfg,
+        K=k, E=num_experts, GLU=glu, HAS_B1=b1 is not None, HAS_B3=glu and b3 is not None,
+        **_flags(x.dtype, activation), **cfg,
     )
     return a1, a3, h
 
+
+def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
+    """The backward's hidden units in one kernel: dh = dy[order // K] w2_e (no gathered copy of
+    dy), then `layout.hidden_backward` without dropout: dgate (T*K,) = rowsum(dh * h) in
+    layout order, gh = gate h, da1, da3 (or None), each (T*K, m). Rows >= offsets[E] of gh,
+    da1, da3 are left unwritten, dgate's are 0. dy (T, d); w2 (d, F) any strides; a1, a3 the
+    forward's (T*K, m); gate (T, K); order, offsets as in `up`."""
+    num_experts = offsets.shape[0] - 1
+    d, f_all = w2.shape
+    m = f_all // num_experts
+    rows = order.shape[0]
+    glu = a3 is not None
+    cfg, grid, tiles = _launch(rows, m, num_experts, offsets, False)
+    dg = torch.zeros(rows, dtype=torch.float32, device=dy.device)  # summed over column tiles
+    gh, da1 = dy.new_empty(rows, m), dy.new_empty(rows, m)
+    da3 = dy.new_empty(rows, m) if glu else None
+    cuda_kernels.kernels().gathered_dh_kernel[grid](
+        dy, order, offsets, tiles, w2, a1.contiguous(), a3.contiguous() if glu else a1,
+        gate.contiguous(), dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1),
+        K=k, E=num_experts, GLU=glu, **_flags(dy.dtype, activation), **cfg,
+    )
+    return dg.to(dy.dtype), gh, da1, da3

@@ -24,8 +24,9 @@ variant in the last bit.
 
 On the device types in `gathered.GATHERED_DEVICES` (also empty by default, not yet measured)
 the forward's gather, up-projection GEMMs, expert bias and activation run as one Triton kernel
-(`ssdfx.ops.gathered`) instead, without the (T*K, d) gathered copy of x; calls with a
-dropout mask keep the path above.
+(`ssdfx.ops.gathered.up`) instead, without the (T*K, d) gathered copy of x, and the
+backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`); calls
+with a dropout mask keep the paths above.
 """
 
 from __future__ import annotations
@@ -174,10 +175,14 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     tok = order // k
     xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
-    dh = _gmm(dys, w2_edm, offs32)  # (T*K, m)
-    kp = keep.reshape(tk, m)[order] if keep is not None else None
-    dg, gh, da1, da3 = _hidden_backward_op(x.device, dh, gate.reshape(-1)[order], a1,
-                                           a3 if glu else None, kp, dropout_p, activation)
+    if gathered.usable(x, keep):  # dh and its elementwise backward in one Triton kernel
+        dg, gh, da1, da3 = gathered.hidden_grad(dy, w2, a1, a3 if glu else None, gate, order,
+                                                offsets, k, activation)
+    else:
+        dh = _gmm(dys, w2_edm, offs32)  # (T*K, m)
+        kp = keep.reshape(tk, m)[order] if keep is not None else None
+        dg, gh, da1, da3 = _hidden_backward_op(x.device, dh, gate.reshape(-1)[order], a1,
+                                               a3 if glu else None, kp, dropout_p, activation)
     inv = _inverse(order)
     dgate = torch.where(inv < n_rows, dg.index_select(0, inv), 0).view(t_all, k)
     dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty))

@@ -197,3 +197,16 @@ def test_gather_sum_matches_torch_ops(k, d, unused, gated, monkeypatch):
 def test_every_activation_has_a_kernel_code():
     assert set(gathered.ACT_CODES) == set(ACTIVATIONS)
     assert len(set(gathered.ACT_CODES.values())) == len(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zero_empty_writes_only_empty_experts(dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    counts = torch.tensor([3, 0, 5, 0, 0, 1])  # experts 1, 3 and 4 have no rows
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    out = torch.full((6, 7, 300), float("nan"), dtype=dtype)  # 2100 values an expert
+    out[counts > 0] = torch.randn(3, 7, 300).to(dtype)
+    before = out.clone()
+    assert gathered.zero_empty(out, offsets) is out
+    assert (out[counts == 0] == 0).all()
+    assert torch.equal(out[counts > 0], before[counts > 0])

@@ -184,6 +184,19 @@ def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr
 
 
 @triton.jit
+def zero_empty_kernel(out_ptr, offsets_ptr, n, BLOCK: tl.constexpr):
+    # out (E, n): zeros in the blocks of experts without rows (offsets[e] == offsets[e+1]),
+    # the others untouched; program (e, j) takes every grid-th BLOCK of expert e's block
+    e = tl.program_id(0)
+    if tl.load(offsets_ptr + e + 1) == tl.load(offsets_ptr + e):
+        zero = tl.full([BLOCK], 0.0, tl.float32).to(out_ptr.dtype.element_ty)
+        base = out_ptr + e.to(tl.int64) * n
+        for s in range(tl.program_id(1) * BLOCK, n, tl.num_programs(1) * BLOCK):
+            i = s + tl.arange(0, BLOCK)
+            tl.store(base + i, zero, mask=i < n)
+
+
+@triton.jit
 def gather_sum_kernel(rows_ptr, inv_ptr, n_rows_ptr, gate_ptr, out_ptr, d,
                       k: tl.constexpr, has_gate: tl.constexpr, block_d: tl.constexpr):
     # rows (R, d) in layout order, of which the first n_rows = *n_rows_ptr are real;

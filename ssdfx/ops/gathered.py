@@ -35,7 +35,7 @@ import torch
 from ssdfx.ops import cuda_kernels
 
 __all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "hidden_grad", "up",
-           "usable"]
+           "usable", "zero_empty"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
 GATHERED_DEVICES: tuple[str, ...] = ()
@@ -129,3 +129,17 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
         K=k, E=num_experts, GLU=glu, **_flags(dy.dtype, activation), **cfg,
     )
     return dg.to(dy.dtype), gh, da1, da3
+
+
+def zero_empty(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out (E, ...) contiguous, with the blocks of experts that have no rows set to zero in
+    place (what a grouped GEMM leaves there is unspecified), the rest untouched: writes only
+    those blocks, where `torch.where` reads and writes all of out."""
+    num_experts = out.shape[0]
+    n = out[0].numel() if num_experts else 0
+    if n == 0:
+        return out
+    block = 1024
+    grid = (num_experts, min(-(-n // block), 256))
+    cuda_kernels.kernels().zero_empty_kernel[grid](out, offsets, n, BLOCK=block)
+    return out

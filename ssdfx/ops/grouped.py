@@ -25,8 +25,9 @@ variant in the last bit.
 On the device types in `gathered.GATHERED_DEVICES` (also empty by default, not yet measured)
 the forward's gather, up-projection GEMMs, expert bias and activation run as one Triton kernel
 (`ssdfx.ops.gathered.up`) instead, without the (T*K, d) gathered copy of x, and the
-backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`); calls
-with a dropout mask keep the paths above.
+backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`), and the
+weight gradients of empty experts are zeroed in place (`gathered.zero_empty`); calls with a
+dropout mask keep the paths above.
 """
 
 from __future__ import annotations
@@ -148,18 +149,21 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     return y, a1, a3 if a3 is not None else x.new_zeros(0, m), order, offsets
 
 
-def _weight_grads(a_t, b, offs32, nonempty):
+def _weight_grads(a_t, b, offs32, nonempty, offsets=None):
     # (E, M, N) = per expert a_t[:, rows] @ b[rows]; experts without rows get zeros (where(),
-    # not a multiply: what the GEMM leaves for an empty group is not specified)
+    # not a multiply: what the GEMM leaves for an empty group is not specified). Given the
+    # offsets (`gathered.usable`), a Triton kernel writes those zeros in place instead
     out = _gmm(a_t, b, offs32)
+    if offsets is not None and out.is_contiguous():
+        return gathered.zero_empty(out, offsets)
     return torch.where(nonempty.view(-1, 1, 1), out, 0)
 
 
-def _bias_grad(a, offs32, nonempty):
+def _bias_grad(a, offs32, nonempty, offsets=None):
     # per-expert column sums as a GEMM with ones: reads `a` once; the (8, T*K) column-major
     # ones matrix keeps the 16-byte strides grouped_mm needs
     ones = a.new_ones(a.shape[0], 8).t()
-    return _weight_grads(ones, a, offs32, nonempty)[:, 0].reshape(-1)
+    return _weight_grads(ones, a, offs32, nonempty, offsets)[:, 0].reshape(-1)
 
 
 def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts, activation,
@@ -175,7 +179,9 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
     tok = order // k
     xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
-    if gathered.usable(x, keep):  # dh and its elementwise backward in one Triton kernel
+    fused = gathered.usable(x, keep)
+    wo = offsets if fused else None  # zero the weight gradients of empty experts in place
+    if fused:  # dh and its elementwise backward in one Triton kernel
         dg, gh, da1, da3 = gathered.hidden_grad(dy, w2, a1, a3 if glu else None, gate, order,
                                                 offsets, k, activation)
     else:
@@ -185,13 +191,13 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
                                                a3 if glu else None, kp, dropout_p, activation)
     inv = _inverse(order)
     dgate = torch.where(inv < n_rows, dg.index_select(0, inv), 0).view(t_all, k)
-    dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty))
-    dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty))
-    db1 = _bias_grad(da1, offs32, nonempty)
+    dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty, wo))
+    dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty, wo))
+    db1 = _bias_grad(da1, offs32, nonempty, wo)
     dxs = _gmm(da1, w1e, offs32)  # (T*K, d)
     if glu:
-        dw3 = rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty))
-        db3 = _bias_grad(da3, offs32, nonempty)
+        dw3 = rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty, wo))
+        db3 = _bias_grad(da3, offs32, nonempty, wo)
         dxs += _gmm(da3, w3e, offs32)
     else:
         dw3, db3 = x.new_empty(0), x.new_empty(0)

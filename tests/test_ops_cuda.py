@@ -209,3 +209,29 @@ def test_hidden_grad_matches_float64_on_cuda(e, m, d, t, k, glu, activation, dty
         if ref is not None:
             bound = rel * (1 + ref.abs().max().item())
             assert (a[:ref.shape[0]].cpu().double() - ref).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e, m, d, t, k, neurons_first", [
+    (1, 24, 40, 1, 1, True),
+    (5, 37, 51, 70, 5, False),
+    (16, 64, 256, 300, 4, True),
+    (8, 128, 512, 2000, 2, False),
+])
+def test_weight_grad_matches_float64_on_cuda(e, m, d, t, k, neurons_first, dtype):
+    from test_triton_interpreted import _weight_grad_reference
+    from ssdfx.ops.layout import sort_pairs
+
+    if not gathered.available():
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(e * 1000 + t)
+    src = torch.randn(t, d, generator=g).to(dtype)
+    h = torch.randn(t * k, m, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    order, offsets = sort_pairs(idx, e)
+    like = torch.empty((e * m, d) if neurons_first else (d, e * m), dtype=dtype, device="cuda")
+    got = gathered.weight_grad(src.cuda(), h.cuda(), order.cuda(), offsets.cuda(), k, like,
+                               neurons_first)
+    want = _weight_grad_reference(src, h, order, offsets, k, neurons_first)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got.cpu().double() - want).abs().max().item() <= rel * (1 + want.abs().max().item())

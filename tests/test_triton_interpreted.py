@@ -30,13 +30,14 @@ def interpreted(monkeypatch):
     calls = []
 
     def counting(fn):
-        def call(*args):
+        def call(*args, **kwargs):
             calls.append(fn.__name__)
-            return fn(*args)
+            return fn(*args, **kwargs)
         return call
 
     with _patched(gathered, GATHERED_DEVICES=("cpu",), up=counting(gathered.up),
-                  hidden_grad=counting(gathered.hidden_grad)):
+                  hidden_grad=counting(gathered.hidden_grad),
+                  weight_grad=counting(gathered.weight_grad)):
         yield calls
 
 
@@ -141,12 +142,55 @@ def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activati
         assert (a[:pairs].double() - ref).abs().max().item() <= bound
 
 
+def _weight_grad_reference(src, h, order, offsets, k, neurons_first):
+    """In float64: per expert sum over its rows of h[r]^T src[token], in w1's (F, d) or w2's
+    (d, F) layout; zeros for experts without rows."""
+    e = offsets.shape[0] - 1
+    m, d = h.shape[1], src.shape[1]
+    pairs = int(offsets[-1])
+    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
+    per_expert = torch.zeros(e, m, d, dtype=torch.float64)
+    per_expert.index_add_(0, row_expert, torch.einsum(
+        "pm,pd->pmd", h[:pairs].double(), src.double()[order[:pairs] // k]))
+    if neurons_first:
+        return per_expert.reshape(e * m, d)
+    return per_expert.permute(2, 0, 1).reshape(d, e * m)
+
+
+@settings(max_examples=25, deadline=None)
+@given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
+       kk=st.integers(1, 6), neurons_first=st.booleans(), transposed=st.booleans(),
+       unused=st.sampled_from([0.0, 0.0, 0.4]), skew=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_weight_grad_matches_float64(e, m, d, t, kk, neurons_first, transposed, unused, skew,
+                                     dtype, seed):
+    k = min(kk, e)
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(t, d, generator=g).to(dtype)
+    h = torch.randn(t * k, m, generator=g).to(dtype)
+    shape = (e * m, d) if neurons_first else (d, e * m)
+    like = torch.empty(shape[::-1], dtype=dtype).t() if transposed else torch.empty(shape,
+                                                                                   dtype=dtype)
+    idx = (torch.arange(k).repeat(t, 1) if skew
+           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    order, offsets = sort_pairs(idx, e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        got = gathered.weight_grad(src, h, order, offsets, k, like, neurons_first)
+    want = _weight_grad_reference(src, h, order, offsets, k, neurons_first)
+    assert got.shape == shape and got.stride() == like.stride() and got.dtype == dtype
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - want).abs().max().item() <= rel * (1 + want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("spec", FUSED_SPECS, ids=[s["activation"] for s in FUSED_SPECS])
 def test_grouped_mm_with_gathered_up_matches_reference(spec, dtype, interpreted):
     # every activation, GLU, bias, unused slots, empty experts; dropout keeps the eager path
     check_against_reference("grouped_mm", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
-    assert interpreted == ([] if spec["dropout_p"] else ["up", "hidden_grad"])
+    kernels = ["up", "hidden_grad"] + ["weight_grad"] * (3 if spec["glu"] else 2)
+    assert interpreted == ([] if spec["dropout_p"] else kernels)
 
 
 def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
@@ -156,7 +200,7 @@ def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
         check_against_reference("grouped_mm", {**base, **shape}, torch.bfloat16, 3e-2)
         check_against_reference("grouped_mm", {**base, **shape}, torch.float32, 1e-4,
                                 transposed=True)
-    assert interpreted == ["up", "hidden_grad"] * 6
+    assert interpreted == (["up", "hidden_grad"] + ["weight_grad"] * 3) * 6
 
 
 def test_gathered_up_is_opt_in(monkeypatch):

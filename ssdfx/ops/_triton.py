@@ -184,6 +184,38 @@ def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr
 
 
 @triton.jit
+def gathered_wgrad_kernel(src_ptr, order_ptr, offsets_ptr, h_ptr, out_ptr, d, m, sst, ssd,
+                          so_d, so_f, K: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
+                          BD: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
+    # a weight gradient straight into the weight's layout: for expert e = program_id(1),
+    # out[i, e*m + j] (through the strides so_d of i and so_f of the neuron e*m + j)
+    # = sum over e's layout rows r of src[order[r] // K, i] * h[r, j]; src's rows are read
+    # through the layout, h (T*K, m) in layout order. An expert without rows gets zeros.
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    m_tiles = (m + BM - 1) // BM
+    dcols = (pid // m_tiles) * BD + tl.arange(0, BD)
+    mcols = (pid % m_tiles) * BM + tl.arange(0, BM)
+    in_d = dcols < d
+    in_m = mcols < m
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    acc = tl.full((BD, BM), 0.0, tl.float32)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        in_r = rows < end
+        tok = tl.load(order_ptr + rows, mask=in_r, other=0) // K
+        a = tl.load(src_ptr + tok[None, :] * sst + dcols[:, None] * ssd,
+                    mask=in_d[:, None] & in_r[None, :], other=0.0)
+        b = tl.load(h_ptr + rows[:, None] * m + mcols[None, :],
+                    mask=in_r[:, None] & in_m[None, :], other=0.0)
+        acc = dot(a, b, acc, IEEE, WIDEN)
+    neuron = e * m + mcols
+    tl.store(out_ptr + dcols[:, None] * so_d + neuron[None, :] * so_f,
+             acc.to(out_ptr.dtype.element_ty), mask=in_d[:, None] & in_m[None, :])
+
+
+@triton.jit
 def zero_empty_kernel(out_ptr, offsets_ptr, n, BLOCK: tl.constexpr):
     # out (E, n): zeros in the blocks of experts without rows (offsets[e] == offsets[e+1]),
     # the others untouched; program (e, j) takes every grid-th BLOCK of expert e's block

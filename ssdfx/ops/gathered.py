@@ -34,8 +34,8 @@ import torch
 
 from ssdfx.ops import cuda_kernels
 
-__all__ = ["ACT_CODES", "CONFIG", "GATHERED_DEVICES", "available", "hidden_grad", "up",
-           "usable", "zero_empty"]
+__all__ = ["ACT_CODES", "CONFIG", "CONFIG_WGRAD", "GATHERED_DEVICES", "available",
+           "hidden_grad", "up", "usable", "weight_grad", "zero_empty"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
 GATHERED_DEVICES: tuple[str, ...] = ()
@@ -44,6 +44,9 @@ GATHERED_DEVICES: tuple[str, ...] = ()
 # pipeline stages. Under the interpreter the tiles are 16 (tl.dot's smallest) to stay quick.
 CONFIG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
 _INTERPRETED = dict(BM=16, BN=16, BK=16)
+# the weight gradients' tiles: d, hidden units, rows of the contraction
+CONFIG_WGRAD = dict(BD=128, BM=128, BR=64, num_warps=8, num_stages=4)
+_INTERPRETED_WGRAD = dict(BD=16, BM=16, BR=16)
 
 ACT_CODES = {"relu": 0, "relu2": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5,
              "identity": 6}
@@ -130,6 +133,29 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
     )
     return dg.to(dy.dtype), gh, da1, da3
 
+
+
+def weight_grad(src, h, order, offsets, k, like, neurons_first):
+    """A weight gradient in one kernel, with the layout of `like`: w1 or w3 (F, d) with
+    `neurons_first`, w2 (d, F) without, any strides (written in place of the copy
+    `layout.rows_grad`/`cols_grad` make):
+    for each expert e, grad[e's neurons] = sum over its layout rows r of
+    h[r]^T src[order[r] // K] (src (T, d): x for w1, w3; dy for w2 with h = gate h), without
+    a gathered copy of src. Experts without rows get zeros."""
+    num_experts = offsets.shape[0] - 1
+    d = src.shape[1]
+    m = h.shape[1]
+    interpret = cuda_kernels.interpreting()
+    cfg = dict(_INTERPRETED_WGRAD) if interpret else dict(CONFIG_WGRAD)
+    grad = torch.empty_like(like)
+    so_f, so_d = grad.stride() if neurons_first else grad.stride()[::-1]
+    grid = (-(-d // cfg["BD"]) * -(-m // cfg["BM"]), num_experts)
+    cuda_kernels.kernels().gathered_wgrad_kernel[grid](
+        src, order, offsets, h.contiguous(), grad, d, m, src.stride(0), src.stride(1), so_d,
+        so_f, K=k, IEEE=src.dtype == torch.float32,
+        WIDEN=interpret and src.dtype != torch.float32, **cfg,
+    )
+    return grad
 
 def zero_empty(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out (E, ...) contiguous, with the blocks of experts that have no rows set to zero in

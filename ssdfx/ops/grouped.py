@@ -25,9 +25,10 @@ variant in the last bit.
 On the device types in `gathered.GATHERED_DEVICES` (also empty by default, not yet measured)
 the forward's gather, up-projection GEMMs, expert bias and activation run as one Triton kernel
 (`ssdfx.ops.gathered.up`) instead, without the (T*K, d) gathered copy of x, and the
-backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`), and the
-weight gradients of empty experts are zeroed in place (`gathered.zero_empty`); calls with a
-dropout mask keep the paths above.
+backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`) and each
+weight gradient as one more, straight into the weight's layout (`gathered.weight_grad`); none
+makes a gathered copy of x or dy. The bias gradients of empty experts are zeroed in place
+(`gathered.zero_empty`). Calls with a dropout mask keep the paths above.
 """
 
 from __future__ import annotations
@@ -177,29 +178,36 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     nonempty = offsets[1:] > offsets[:-1]  # (E,)
     n_rows = offsets[num_experts:]  # (1,) = P, on the device
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    tok = order // k
-    xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
     fused = gathered.usable(x, keep)
-    wo = offsets if fused else None  # zero the weight gradients of empty experts in place
-    if fused:  # dh and its elementwise backward in one Triton kernel
+    wo = offsets if fused else None  # zero the bias gradients of empty experts in place
+    if fused:
+        # dh and its elementwise backward in one Triton kernel, the weight gradients each in
+        # one more, written in the weights' layouts; none makes a gathered copy of x or dy
         dg, gh, da1, da3 = gathered.hidden_grad(dy, w2, a1, a3 if glu else None, gate, order,
                                                 offsets, k, activation)
+        dw2 = gathered.weight_grad(dy, gh, order, offsets, k, w2, neurons_first=False)
+        dw1 = gathered.weight_grad(x, da1, order, offsets, k, w1, neurons_first=True)
+        dw3 = (gathered.weight_grad(x, da3, order, offsets, k, w3, neurons_first=True)
+               if glu else x.new_empty(0))
     else:
+        tok = order // k
+        xs, dys = x.index_select(0, tok), dy.index_select(0, tok)  # (T*K, d)
         dh = _gmm(dys, w2_edm, offs32)  # (T*K, m)
         kp = keep.reshape(tk, m)[order] if keep is not None else None
         dg, gh, da1, da3 = _hidden_backward_op(x.device, dh, gate.reshape(-1)[order], a1,
                                                a3 if glu else None, kp, dropout_p, activation)
+        dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty))
+        dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty))
+        dw3 = (rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty))
+               if glu else x.new_empty(0))
     inv = _inverse(order)
     dgate = torch.where(inv < n_rows, dg.index_select(0, inv), 0).view(t_all, k)
-    dw2 = cols_grad(w2, _weight_grads(dys.t(), gh, offs32, nonempty, wo))
-    dw1 = rows_grad(w1, _weight_grads(da1.t(), xs, offs32, nonempty, wo))
     db1 = _bias_grad(da1, offs32, nonempty, wo)
     dxs = _gmm(da1, w1e, offs32)  # (T*K, d)
     if glu:
-        dw3 = rows_grad(w3, _weight_grads(da3.t(), xs, offs32, nonempty, wo))
         db3 = _bias_grad(da3, offs32, nonempty, wo)
         dxs += _gmm(da3, w3e, offs32)
     else:
-        dw3, db3 = x.new_empty(0), x.new_empty(0)
+        db3 = x.new_empty(0)
     dx = _sum_slots(dxs, inv, n_rows, t_all, k)
     return dx, dw1, db1, dw2, dw3, db3, dgate

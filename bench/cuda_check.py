@@ -154,7 +154,8 @@ def profile_headline(out: Path, backend: str, t=16384, d=4096, e=16, k=4):
     print(table[:4000], flush=True)
 
 
-# tile configurations of the gathered kernel tried at the headline shape (the first is CONFIG)
+# tile configurations of the gathered kernels tried at the headline shape (the first of each
+# is the default, gathered.CONFIG and gathered.CONFIG_WGRAD)
 GATHERED_CONFIGS = [
     dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
     dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
@@ -163,56 +164,80 @@ GATHERED_CONFIGS = [
     dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=5),
     dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=5),
 ]
+WGRAD_CONFIGS = [
+    dict(BD=128, BM=128, BR=64, num_warps=8, num_stages=4),
+    dict(BD=128, BM=128, BR=64, num_warps=4, num_stages=4),
+    dict(BD=256, BM=128, BR=64, num_warps=8, num_stages=3),
+    dict(BD=128, BM=256, BR=64, num_warps=8, num_stages=3),
+    dict(BD=128, BM=64, BR=64, num_warps=4, num_stages=5),
+]
 
 
-def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
-    """The gathered kernel alone against the eager steps it replaces (x rows gathered,
-    grouped GEMM, bias and GELU), per tile configuration; keeps the fastest in
-    gathered.CONFIG for the timings that follow. Writes DIR/cuda_gathered_configs.csv."""
-    from ssdfx.ops.layout import expert_views, sort_pairs
-
-    dtype, f_all = torch.bfloat16, 4 * d
-    x = torch.randn(t, d, device=dev, dtype=dtype)
-    w1 = (torch.randn(f_all, d, device=dev) * d ** -0.5).to(dtype)
-    b1 = torch.randn(f_all, device=dev, dtype=dtype)
-    idx = torch.randn(t, e, device=dev).topk(k, dim=-1).indices
-    order, offsets = sort_pairs(idx, e)
-    offs32 = offsets[1:].to(torch.int32)
-    w1e = expert_views(w1, w1.t(), None, e)[0]
-    row_expert = idx.reshape(-1)[order]
-
-    def eager():
-        a1 = grouped._gmm(x.index_select(0, order // k), w1e.transpose(1, 2), offs32)
-        return grouped._up_epilogue(a1, None, b1, None, row_expert, None, 0.0, "gelu")
-
+def _sweep(kind, attr, configs, eager, fused, dev, reps):
+    """Times eager() and, per tile configuration set as gathered.<attr>, fused(); keeps the
+    fastest configuration. Rows for the CSV."""
     want = eager()
     base = statistics.median(cuda_time(eager, reps) for _ in range(5))
     rows, best = [], None
-    saved = dict(gathered.CONFIG)
-    for cfg in GATHERED_CONFIGS if dev == "cuda" else GATHERED_CONFIGS[:1]:  # CPU: the script
-        gathered.CONFIG = dict(cfg)
+    saved = dict(getattr(gathered, attr))
+    for cfg in configs if dev == "cuda" else configs[:1]:  # CPU: checks the script only
+        setattr(gathered, attr, dict(cfg))
         try:
-            got = gathered.up(x, w1, b1, None, None, order, offsets, k, "gelu")[2]
-            err = float((got.float() - want.float()).abs().max())
-            ms = statistics.median(
-                cuda_time(lambda: gathered.up(x, w1, b1, None, None, order,
-                                                          offsets, k, "gelu"), reps)
-                for _ in range(5))
+            err = float((fused().float() - want.float()).abs().max())
+            ms = statistics.median(cuda_time(fused, reps) for _ in range(5))
         except Exception as exc:  # e.g. too much shared memory for this GPU
-            print(f"gathered config {cfg} failed: {exc!r}", flush=True)
+            print(f"{kind} config {cfg} failed: {exc!r}", flush=True)
             continue
-        rows.append(dict(cfg, eager_ms=round(base, 4), gathered_ms=round(ms, 4),
-                         speedup=round(base / ms, 3), max_abs_diff=round(err, 4)))
+        rows.append(dict(kernel=kind, config=cfg, eager_ms=round(base, 4),
+                         gathered_ms=round(ms, 4), speedup=round(base / ms, 3),
+                         max_abs_diff=round(err, 4)))
         print(rows[-1], flush=True)
         if best is None or ms < best[0]:
             best = (ms, cfg)
-    gathered.CONFIG = dict(best[1]) if best else saved
+    setattr(gathered, attr, dict(best[1]) if best else saved)
+    print(f"{kind} kernel config: {getattr(gathered, attr)}", flush=True)
+    return rows
+
+
+def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
+    """The gathered kernels alone against the eager steps they replace, per tile
+    configuration: `up` against x rows gathered, grouped GEMM, bias and GELU; `weight_grad`
+    (w1's) against x rows gathered, grouped GEMM, zeroing of empty experts and the copy into
+    w1's layout. Keeps the fastest configurations (gathered.CONFIG, CONFIG_WGRAD) for the
+    timings that follow. Writes DIR/cuda_gathered_configs.csv."""
+    from ssdfx.ops.layout import expert_views, rows_grad, sort_pairs
+
+    dtype, f_all = torch.bfloat16, 4 * d
+    m = f_all // e
+    x = torch.randn(t, d, device=dev, dtype=dtype)
+    w1 = (torch.randn(f_all, d, device=dev) * d ** -0.5).to(dtype)
+    b1 = torch.randn(f_all, device=dev, dtype=dtype)
+    da1 = torch.randn(t * k, m, device=dev, dtype=dtype)
+    idx = torch.randn(t, e, device=dev).topk(k, dim=-1).indices
+    order, offsets = sort_pairs(idx, e)
+    offs32 = offsets[1:].to(torch.int32)
+    nonempty = offsets[1:] > offsets[:-1]
+    w1e = expert_views(w1, w1.t(), None, e)[0]
+    row_expert = idx.reshape(-1)[order]
+
+    def eager_up():
+        a1 = grouped._gmm(x.index_select(0, order // k), w1e.transpose(1, 2), offs32)
+        return grouped._up_epilogue(a1, None, b1, None, row_expert, None, 0.0, "gelu")
+
+    def eager_wgrad():
+        xs = x.index_select(0, order // k)
+        return rows_grad(w1, grouped._weight_grads(da1.t(), xs, offs32, nonempty))
+
+    rows = _sweep("up", "CONFIG", GATHERED_CONFIGS, eager_up,
+                  lambda: gathered.up(x, w1, b1, None, None, order, offsets, k, "gelu")[2],
+                  dev, reps)
+    rows += _sweep("weight_grad", "CONFIG_WGRAD", WGRAD_CONFIGS, eager_wgrad,
+                   lambda: gathered.weight_grad(x, da1, order, offsets, k, w1, True), dev, reps)
     if rows:
         with open(out / "cuda_gathered_configs.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    print(f"gathered kernel config: {gathered.CONFIG}", flush=True)
 
 
 def run_tests(out: Path) -> int:

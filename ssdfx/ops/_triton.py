@@ -1,6 +1,7 @@
 """The Triton kernels: the combine (`ssdfx.ops.cuda_kernels.gather_sum`), and the gathered
-up-projection and hidden-unit gradient (`ssdfx.ops.gathered`). Loaded by `cuda_kernels.kernels()` only, once per
-mode (interpreted or compiled): this module imports Triton at its top.
+up-projection, hidden-unit gradient, weight gradients and zeroing of `ssdfx.ops.gathered`.
+Loaded by `cuda_kernels.kernels()` only, once per mode (interpreted or compiled): this module
+imports Triton at its top. tests/test_triton_compile.py compiles them for sm90 without a GPU.
 
 Only Triton's builtins are called here (tl.load, tl.dot, tl.exp, ...), none of the helpers
 that triton.language itself defines with @triton.jit (tl.sum, tl.zeros, tl.sigmoid, tl.cdiv):

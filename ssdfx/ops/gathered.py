@@ -106,7 +106,7 @@ def up(x, w1, b1, w3, b3, order, offsets, k, activation):
         b3 if b3 is not None else w1, a1, a3 if glu else a1, h, d, m,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w3_.stride(0), w3_.stride(1),
         K=k, E=num_experts, GLU=glu, HAS_B1=b1 is not None, HAS_B3=glu and b3 is not None,
-        **_flags(x.dtype, activation), **cfg,
+        **_flags(x.dtype, activation), **cfg, **cuda_kernels.LAUNCH,
     )
     return a1, a3, h
 
@@ -128,8 +128,10 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
     da3 = dy.new_empty(rows, m) if glu else None
     cuda_kernels.kernels().gathered_dh_kernel[grid](
         dy, order, offsets, tiles, w2, a1.contiguous(), a3.contiguous() if glu else a1,
-        gate.contiguous(), dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1),
+        gate.contiguous(), dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0), dy.stride(1),
+        w2.stride(0), w2.stride(1),
         K=k, E=num_experts, GLU=glu, **_flags(dy.dtype, activation), **cfg,
+        **cuda_kernels.LAUNCH,
     )
     return dg.to(dy.dtype), gh, da1, da3
 
@@ -153,7 +155,7 @@ def weight_grad(src, h, order, offsets, k, like, neurons_first):
     cuda_kernels.kernels().gathered_wgrad_kernel[grid](
         src, order, offsets, h.contiguous(), grad, d, m, src.stride(0), src.stride(1), so_d,
         so_f, K=k, IEEE=src.dtype == torch.float32,
-        WIDEN=interpret and src.dtype != torch.float32, **cfg,
+        WIDEN=interpret and src.dtype != torch.float32, **cfg, **cuda_kernels.LAUNCH,
     )
     return grad
 
@@ -167,5 +169,6 @@ def zero_empty(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return out
     block = 1024
     grid = (num_experts, min(-(-n // block), 256))
-    cuda_kernels.kernels().zero_empty_kernel[grid](out, offsets, n, BLOCK=block)
+    cuda_kernels.kernels().zero_empty_kernel[grid](out, offsets, n, BLOCK=block,
+                                                    **cuda_kernels.LAUNCH)
     return out

@@ -59,6 +59,25 @@ def _reference(x, w1, b1, w3, b3, order, offsets, k, activation):
     return a1, a3, h * a3 if a3 is not None else h
 
 
+def _layout(g, e, t, k, unused, skew):
+    """order, offsets of random routing: k distinct experts a token, or with `skew` experts
+    0..k-1 for every token (the others empty); a share `unused` of slots -1."""
+    idx = (torch.arange(k).repeat(t, 1) if skew
+           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
+    idx[torch.rand(t, k, generator=g) < unused] = -1
+    return sort_pairs(idx, e)
+
+
+def _assert_rows_close(got, want, pairs, rel):
+    """The first `pairs` rows of each output within rel * (1 + max |want|) of the float64
+    reference (None: no such output)."""
+    for a, ref in zip(got, want):
+        assert (a is None) == (ref is None)
+        if ref is not None and pairs:
+            bound = rel * (1 + ref.abs().max().item())
+            assert (a[:pairs].double() - ref).abs().max().item() <= bound
+
+
 @settings(max_examples=25, deadline=None)
 @given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
        kk=st.integers(1, 6), glu=st.booleans(), bias=st.booleans(),
@@ -75,10 +94,7 @@ def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, ac
     w3 = (torch.randn(e * m, d, generator=g) / d ** 0.5).to(dtype) if glu else None
     b1 = torch.randn(e * m, generator=g).to(dtype) if bias else None
     b3 = torch.randn(e * m, generator=g).to(dtype) if bias and glu else None
-    idx = (torch.arange(k).repeat(t, 1) if skew
-           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
-    idx[torch.rand(t, k, generator=g) < unused] = -1
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused, skew)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation)
@@ -86,12 +102,7 @@ def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, ac
     want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
     assert a1.shape == h.shape == (t * k, m) and (a3 is None) == (not glu)
     assert all(a.dtype == dtype for a in (a1, h, *([a3] if glu else [])))
-    rel = 1e-5 if dtype == torch.float32 else 2e-2
-    for got, ref in zip((a1, a3, h), want):
-        if ref is None:
-            continue
-        bound = rel * (1 + ref.abs().max().item() if ref.numel() else 1)
-        assert (got[:pairs].double() - ref).abs().max().item() <= bound if pairs else True
+    _assert_rows_close((a1, a3, h), want, pairs, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation):
@@ -122,10 +133,7 @@ def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activati
     a1 = torch.randn(t * k, m, generator=g).to(dtype)
     a3 = torch.randn(t * k, m, generator=g).to(dtype) if glu else None
     gate = torch.rand(t, k, generator=g).to(dtype)
-    idx = (torch.arange(k).repeat(t, 1) if skew
-           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
-    idx[torch.rand(t, k, generator=g) < unused] = -1
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused, skew)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         got = gathered.hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation)
@@ -133,13 +141,8 @@ def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activati
     want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation)
     assert got[0].shape == (t * k,) and (got[3] is None) == (not glu)
     assert (got[0][pairs:] == 0).all()  # unused slots: no gate gradient
-    rel = 1e-5 if dtype == torch.float32 else 2e-2
-    for a, ref in zip(got, want):
-        if ref is None or not pairs:
-            continue
-        assert a.dtype == dtype
-        bound = rel * (1 + ref.abs().max().item())
-        assert (a[:pairs].double() - ref).abs().max().item() <= bound
+    assert all(a.dtype == dtype for a in got if a is not None)
+    _assert_rows_close(got, want, pairs, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def _weight_grad_reference(src, h, order, offsets, k, neurons_first):
@@ -171,10 +174,7 @@ def test_weight_grad_matches_float64(e, m, d, t, kk, neurons_first, transposed, 
     shape = (e * m, d) if neurons_first else (d, e * m)
     like = torch.empty(shape[::-1], dtype=dtype).t() if transposed else torch.empty(shape,
                                                                                    dtype=dtype)
-    idx = (torch.arange(k).repeat(t, 1) if skew
-           else torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]))
-    idx[torch.rand(t, k, generator=g) < unused] = -1
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused, skew)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         got = gathered.weight_grad(src, h, order, offsets, k, like, neurons_first)

@@ -40,17 +40,21 @@ def _bench_configs():
 
 
 def compile_sm90(fn, dtype, consts, units=(), options=None):
-    """fn compiled for sm90: pointers to `dtype` (index pointers int64, dg float32), the
-    other arguments int32 divisible by 16, except `units` (strides of 1: constants)."""
+    """fn compiled for sm90: pointers to `dtype` (index pointers int64, dg float32, the dropout
+    mask bool), `scale` float32, the other arguments int32 divisible by 16, except `units`
+    (strides of 1: constants)."""
     consts = dict(consts, **{n: 1 for n in units})
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
             continue
+        if name == "scale":  # a float argument
+            sig[name] = "fp32"
+            continue
         if name.endswith("_ptr"):
-            sig[name] = "*i64" if name in INDEX_PTRS else ("*fp32" if name == "dg_ptr"
-                                                           else f"*{dtype}")
+            sig[name] = ("*i64" if name in INDEX_PTRS else "*fp32" if name == "dg_ptr"
+                         else "*i1" if name == "keep_ptr" else f"*{dtype}")
         else:
             sig[name] = "i32"
         attrs[(i,)] = [["tt.divisibility", 16]]
@@ -79,14 +83,14 @@ def _kernels():
     return cuda_kernels._kernels(False)  # the compiled (not interpreted) kernels
 
 
-@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("glu", [False, True])  # with GLU also a dropout mask
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_up_and_hidden_grad_compile_for_sm90(glu, dtype):
     k = _kernels()
     cfg = dict(gathered.CONFIG)
     if glu:
         cfg["num_stages"] = min(cfg["num_stages"], 3)  # as gathered._launch sets it
-    flags = dict(K=4, E=16, ACT=2, GLU=glu, IEEE=dtype == "fp32", WIDEN=False)
+    flags = dict(K=4, E=16, ACT=2, GLU=glu, KEEP=glu, IEEE=dtype == "fp32", WIDEN=False)
     up = compile_sm90(k.gathered_up_kernel, dtype,
                       dict(flags, HAS_B1=True, HAS_B3=glu, **_tiles(cfg)),
                       units=("sxd", "s1d", "s3d"), options=_opts(cfg))
@@ -112,8 +116,8 @@ def test_the_benchmark_sweeps_configs_compile_for_sm90():
     k = _kernels()
     for cfg in ups:
         _check(compile_sm90(k.gathered_up_kernel, "bf16",
-                            dict(K=4, E=16, ACT=2, GLU=False, HAS_B1=True, HAS_B3=False,
-                                 IEEE=False, WIDEN=False, **_tiles(cfg)),
+                            dict(K=4, E=16, ACT=2, GLU=False, KEEP=False, HAS_B1=True,
+                                 HAS_B3=False, IEEE=False, WIDEN=False, **_tiles(cfg)),
                             units=("sxd", "s1d", "s3d"), options=_opts(cfg)), gemm=True)
     for cfg in wgrads:
         _check(compile_sm90(k.gathered_wgrad_kernel, "bf16",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ssdfx.activations import ACTIVATIONS, activation_fn
 from ssdfx.ops import cuda_kernels, gathered, grouped
-from ssdfx.ops.layout import hidden_backward, sort_pairs
+from ssdfx.ops.layout import hidden, hidden_backward, sort_pairs
 
 from test_ops_kernels import FUSED_SPECS, _patched, check_against_reference
 
@@ -41,8 +41,8 @@ def interpreted(monkeypatch):
         yield calls
 
 
-def _reference(x, w1, b1, w3, b3, order, offsets, k, activation):
-    """a1, a3, h of the layout's P rows in float64."""
+def _reference(x, w1, b1, w3, b3, order, offsets, k, activation, keep=None, dropout_p=0.0):
+    """a1, a3, h of the layout's P rows in float64 (`layout.hidden` for h)."""
     e = offsets.shape[0] - 1
     m = w1.shape[0] // e
     pairs = int(offsets[-1])
@@ -55,8 +55,8 @@ def _reference(x, w1, b1, w3, b3, order, offsets, k, activation):
 
     a1 = up(w1, b1)
     a3 = up(w3, b3) if w3 is not None else None
-    h = activation_fn(activation)(a1)
-    return a1, a3, h * a3 if a3 is not None else h
+    kp = keep.reshape(-1, a1.shape[1])[order[:pairs]] if keep is not None else None
+    return a1, a3, hidden(a1, a3, kp, dropout_p, activation)
 
 
 def _layout(g, e, t, k, unused, skew):
@@ -82,10 +82,10 @@ def _assert_rows_close(got, want, pairs, rel):
 @given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
        kk=st.integers(1, 6), glu=st.booleans(), bias=st.booleans(),
        unused=st.sampled_from([0.0, 0.0, 0.4]), skew=st.booleans(),
-       activation=st.sampled_from(sorted(ACTIVATIONS)),
+       activation=st.sampled_from(sorted(ACTIVATIONS)), dropout_p=st.sampled_from([0.0, 0.3]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, activation, dtype,
-                                     seed):
+def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, activation,
+                                     dropout_p, dtype, seed):
     # odd widths, E=1, k=E, T=1, empty experts (skew), unused slots, transposed weights
     k = min(kk, e)
     g = torch.Generator().manual_seed(seed)
@@ -95,17 +95,20 @@ def test_gathered_up_matches_float64(e, m, d, t, kk, glu, bias, unused, skew, ac
     b1 = torch.randn(e * m, generator=g).to(dtype) if bias else None
     b3 = torch.randn(e * m, generator=g).to(dtype) if bias and glu else None
     order, offsets = _layout(g, e, t, k, unused, skew)
+    keep = torch.rand(t, k, m, generator=g) >= dropout_p if dropout_p else None
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
-        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation)
+        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation, keep,
+                                dropout_p)
     pairs = int(offsets[-1])
-    want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
+    want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation, keep, dropout_p)
     assert a1.shape == h.shape == (t * k, m) and (a3 is None) == (not glu)
     assert all(a.dtype == dtype for a in (a1, h, *([a3] if glu else [])))
     _assert_rows_close((a1, a3, h), want, pairs, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation):
+def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation, keep=None,
+                           dropout_p=0.0):
     """dgate, gh, da1, da3 of the layout's P rows in float64 (`layout.hidden_backward` on
     dh = dy[token] w2_e)."""
     e = offsets.shape[0] - 1
@@ -115,8 +118,9 @@ def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation):
     row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
     w2e = w2.double().t().reshape(e, m, -1)[row_expert]  # (P, m, d)
     dh = torch.einsum("pd,pmd->pm", dy.double()[sel // k], w2e)
+    kp = keep.reshape(-1, m)[sel] if keep is not None else None
     return hidden_backward(dh, gate.double().reshape(-1)[sel], a1[:pairs].double(),
-                           a3[:pairs].double() if a3 is not None else None, None, 0.0,
+                           a3[:pairs].double() if a3 is not None else None, kp, dropout_p,
                            activation)
 
 
@@ -124,8 +128,10 @@ def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation):
 @given(e=st.integers(1, 6), m=st.integers(1, 40), d=st.integers(1, 40), t=st.integers(1, 40),
        kk=st.integers(1, 6), glu=st.booleans(), unused=st.sampled_from([0.0, 0.0, 0.4]),
        skew=st.booleans(), activation=st.sampled_from(sorted(ACTIVATIONS)),
+       dropout_p=st.sampled_from([0.0, 0.3]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activation, dtype, seed):
+def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activation, dropout_p,
+                                     dtype, seed):
     k = min(kk, e)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(t, d, generator=g).to(dtype)
@@ -134,11 +140,14 @@ def test_hidden_grad_matches_float64(e, m, d, t, kk, glu, unused, skew, activati
     a3 = torch.randn(t * k, m, generator=g).to(dtype) if glu else None
     gate = torch.rand(t, k, generator=g).to(dtype)
     order, offsets = _layout(g, e, t, k, unused, skew)
+    keep = torch.rand(t, k, m, generator=g) >= dropout_p if dropout_p else None
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
-        got = gathered.hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation)
+        got = gathered.hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation, keep,
+                                   dropout_p)
     pairs = int(offsets[-1])
-    want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation)
+    want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation, keep,
+                                  dropout_p)
     assert got[0].shape == (t * k,) and (got[3] is None) == (not glu)
     assert (got[0][pairs:] == 0).all()  # unused slots: no gate gradient
     assert all(a.dtype == dtype for a in got if a is not None)
@@ -187,10 +196,9 @@ def test_weight_grad_matches_float64(e, m, d, t, kk, neurons_first, transposed, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("spec", FUSED_SPECS, ids=[s["activation"] for s in FUSED_SPECS])
 def test_grouped_mm_with_gathered_up_matches_reference(spec, dtype, interpreted):
-    # every activation, GLU, bias, unused slots, empty experts; dropout keeps the eager path
+    # every activation, GLU, bias, unused slots, empty experts, dropout masks
     check_against_reference("grouped_mm", spec, dtype, 1e-4 if dtype == torch.float32 else 3e-2)
-    kernels = ["up", "hidden_grad"] + ["weight_grad"] * (3 if spec["glu"] else 2)
-    assert interpreted == ([] if spec["dropout_p"] else kernels)
+    assert interpreted == ["up", "hidden_grad"] + ["weight_grad"] * (3 if spec["glu"] else 2)
 
 
 def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
@@ -206,12 +214,11 @@ def test_grouped_mm_with_gathered_up_edge_shapes(interpreted):
 def test_gathered_up_is_opt_in(monkeypatch):
     x = torch.randn(4, 8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert grouped is not None and not gathered.usable(x, None)  # no device listed
+    assert grouped is not None and not gathered.usable(x)  # no device listed
     with _patched(gathered, GATHERED_DEVICES=("cpu",)):
-        assert not gathered.usable(x, None)  # a CPU tensor needs the interpreter
+        assert not gathered.usable(x)  # a CPU tensor needs the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert gathered.usable(x, None)
-        assert not gathered.usable(x, torch.ones(4, 2, 3, dtype=torch.bool))  # dropout
+        assert gathered.usable(x)
 
 
 @pytest.mark.parametrize("k, d, unused, gated", [(1, 24, 0.0, False), (4, 300, 0.0, True),

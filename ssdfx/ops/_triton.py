@@ -60,6 +60,14 @@ def act_grad(v, code: tl.constexpr):
 
 
 @triton.jit
+def kept(keep_ptr, pair, cols, m, in_out, scale):
+    # inverted dropout's factor of each (pair, hidden unit): keep (T*K, m) bool in (token,
+    # slot) order, so a layout row reads row order[r] of it; `scale` = 1 / (1 - p)
+    keep = tl.load(keep_ptr + pair[:, None] * m + cols[None, :], mask=in_out, other=0)
+    return keep.to(tl.float32) * scale
+
+
+@triton.jit
 def add(a, b):
     return a + b
 
@@ -90,8 +98,8 @@ def dot(a, b, acc, ieee: tl.constexpr, widen: tl.constexpr):
 
 @triton.jit
 def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr, w3_ptr,
-                       b3_ptr, a1_ptr, a3_ptr, h_ptr, d, m, sxt, sxd, s1f, s1d, s3f, s3d,
-                       K: tl.constexpr, E: tl.constexpr,
+                       b3_ptr, keep_ptr, a1_ptr, a3_ptr, h_ptr, d, m, sxt, sxd, s1f, s1d, s3f,
+                       s3d, scale, K: tl.constexpr, E: tl.constexpr, KEEP: tl.constexpr,
                        ACT: tl.constexpr, GLU: tl.constexpr, HAS_B1: tl.constexpr,
                        HAS_B3: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -100,7 +108,8 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
     tile = pid // col_tiles
     if tile < tl.load(tiles_ptr + E):
         e, rows, in_rows = tile_rows(tiles_ptr, offsets_ptr, tile, E, BM)
-        tok = tl.load(order_ptr + rows, mask=in_rows, other=0) // K
+        pair = tl.load(order_ptr + rows, mask=in_rows, other=0)
+        tok = pair // K
         cols = (pid % col_tiles) * BN + tl.arange(0, BN)
         in_cols = cols < m
         neuron = e * m + cols  # rows of w1 and w3
@@ -132,18 +141,22 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
             a3 = acc3.to(a3_ptr.dtype.element_ty)
             tl.store(a3_ptr + out, a3, mask=in_out)
             h = h * a3.to(tl.float32)
+        if KEEP:
+            h = h * kept(keep_ptr, pair, cols, m, in_out, scale)
         tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=in_out)
 
 
 @triton.jit
 def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr, a3_ptr,
-                       gate_ptr, dg_ptr, gh_ptr, da1_ptr, da3_ptr, d, m, syt, syd, s2d, s2f,
-                       K: tl.constexpr, E: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+                       gate_ptr, keep_ptr, dg_ptr, gh_ptr, da1_ptr, da3_ptr, d, m, syt, syd, s2d,
+                       s2f, scale, K: tl.constexpr, E: tl.constexpr, KEEP: tl.constexpr,
+                       ACT: tl.constexpr, GLU: tl.constexpr,
                        IEEE: tl.constexpr, WIDEN: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, BK: tl.constexpr):
     # the backward's dh = dy[token] w2_e (gathered rows, one expert per row tile), then the
     # elementwise backward of `layout.hidden_backward` on the tile: dgate (row sums of
-    # dh * h, added atomically in float32 over the column tiles), gh = gate h, da1, da3
+    # dh * h, added atomically in float32 over the column tiles), gh = gate h, da1, da3; with
+    # KEEP, h and dh carry the dropout mask's factor as there
     pid = tl.program_id(0)
     col_tiles = (m + BN - 1) // BN
     tile = pid // col_tiles
@@ -172,11 +185,16 @@ def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr
             h = f * a3
         else:
             h = f
+        if KEEP:
+            ks = kept(keep_ptr, pair, cols, m, in_out, scale)
+            h = h * ks
         h = tl.where(in_out, h, 0.0)
         tl.atomic_add(dg_ptr + rows, tl.reduce(acc * h, 1, add), mask=in_rows)
         g = tl.load(gate_ptr + pair, mask=in_rows, other=0.0).to(tl.float32)[:, None]
         tl.store(gh_ptr + out, (h * g).to(gh_ptr.dtype.element_ty), mask=in_out)
         dh = acc * g
+        if KEEP:
+            dh = dh * ks
         if GLU:
             tl.store(da3_ptr + out, (dh * f).to(da3_ptr.dtype.element_ty), mask=in_out)
             dh = dh * a3

@@ -24,8 +24,8 @@ may differ). float32 inputs multiply in IEEE float32, not TF32.
 
 Not measured on a GPU yet: `GATHERED_DEVICES` is empty by default, `bench/cuda_check.py`
 times the variant beside the others, and the tests run the kernel on CPU through Triton's
-interpreter (TRITON_INTERPRET=1). Dropout masks are not handled here (the caller keeps the
-eager path for them).
+interpreter (TRITON_INTERPRET=1). A dropout mask (the op's `keep`) is read in the epilogues,
+its factor 1 / (1 - p) in float32.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def available() -> bool:
     return cuda_kernels.available()
 
 
-def usable(x: torch.Tensor, keep: torch.Tensor | None) -> bool:
-    """Whether `grouped.forward` takes this kernel for x: its device type is in
-    GATHERED_DEVICES, no dropout mask, Triton present, and on CPU only under the interpreter."""
-    if keep is not None or x.device.type not in GATHERED_DEVICES or not available():
+def usable(x: torch.Tensor) -> bool:
+    """Whether `grouped` runs these kernels for x: its device type is in GATHERED_DEVICES,
+    Triton is present, and on CPU only under the interpreter."""
+    if x.device.type not in GATHERED_DEVICES or not available():
         return False
     return x.device.type == "cuda" or cuda_kernels.interpreting()
 
@@ -86,11 +86,19 @@ def _flags(dtype, activation):
                 WIDEN=interpret and dtype != torch.float32)
 
 
-def up(x, w1, b1, w3, b3, order, offsets, k, activation):
+def _keep_args(keep, dropout_p, like):
+    """(keep pointer, scale, KEEP flag) of a dropout mask (T, K, m) bool or None."""
+    if keep is None:
+        return like, 1.0, False
+    return keep.contiguous(), 1.0 / (1.0 - dropout_p), True
+
+
+def up(x, w1, b1, w3, b3, order, offsets, k, activation, keep=None, dropout_p=0.0):
     """a1, a3 (or None), h, each (T*K, m) in layout order: a1 = x[order // K] w1_e^T + b1_e per
-    expert block, likewise a3, h = act(a1) [* a3]. Rows >= offsets[E] (unused slots) are left
-    unwritten. x (T, d); w1, w3 (F, d) any strides; b1, b3 (F,) or None; order (T*K,),
-    offsets (E+1,) on x's device (`layout.sort_pairs`)."""
+    expert block, likewise a3, h = act(a1) [* a3] [* keep / (1 - p)]. Rows >= offsets[E]
+    (unused slots) are left unwritten. x (T, d); w1, w3 (F, d) any strides; b1, b3 (F,) or
+    None; order (T*K,), offsets (E+1,) on x's device (`layout.sort_pairs`); keep (T, K, m)
+    bool or None (`layout.hidden`)."""
     num_experts = offsets.shape[0] - 1
     f_all, d = w1.shape
     m = f_all // num_experts
@@ -101,22 +109,25 @@ def up(x, w1, b1, w3, b3, order, offsets, k, activation):
     a3 = x.new_empty(rows, m) if glu else None
     h = x.new_empty(rows, m)
     w3_ = w3 if glu else w1
+    kp, scale, has_keep = _keep_args(keep, dropout_p, x)
     cuda_kernels.kernels().gathered_up_kernel[grid](
         x, order, offsets, tiles, w1, b1 if b1 is not None else w1, w3_,
-        b3 if b3 is not None else w1, a1, a3 if glu else a1, h, d, m,
+        b3 if b3 is not None else w1, kp, a1, a3 if glu else a1, h, d, m,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w3_.stride(0), w3_.stride(1),
-        K=k, E=num_experts, GLU=glu, HAS_B1=b1 is not None, HAS_B3=glu and b3 is not None,
+        scale, K=k, E=num_experts, KEEP=has_keep, GLU=glu, HAS_B1=b1 is not None,
+        HAS_B3=glu and b3 is not None,
         **_flags(x.dtype, activation), **cfg, **cuda_kernels.LAUNCH,
     )
     return a1, a3, h
 
 
-def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
+def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation, keep=None,
+                dropout_p=0.0):
     """The backward's hidden units in one kernel: dh = dy[order // K] w2_e (no gathered copy of
-    dy), then `layout.hidden_backward` without dropout: dgate (T*K,) = rowsum(dh * h) in
+    dy), then `layout.hidden_backward`: dgate (T*K,) = rowsum(dh * h) in
     layout order, gh = gate h, da1, da3 (or None), each (T*K, m). Rows >= offsets[E] of gh,
     da1, da3 are left unwritten, dgate's are 0. dy (T, d); w2 (d, F) any strides; a1, a3 the
-    forward's (T*K, m); gate (T, K); order, offsets as in `up`."""
+    forward's (T*K, m); gate (T, K); order, offsets, keep as in `up`."""
     num_experts = offsets.shape[0] - 1
     d, f_all = w2.shape
     m = f_all // num_experts
@@ -126,11 +137,12 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation):
     dg = torch.zeros(rows, dtype=torch.float32, device=dy.device)  # summed over column tiles
     gh, da1 = dy.new_empty(rows, m), dy.new_empty(rows, m)
     da3 = dy.new_empty(rows, m) if glu else None
+    kp, scale, has_keep = _keep_args(keep, dropout_p, dy)
     cuda_kernels.kernels().gathered_dh_kernel[grid](
         dy, order, offsets, tiles, w2, a1.contiguous(), a3.contiguous() if glu else a1,
-        gate.contiguous(), dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0), dy.stride(1),
-        w2.stride(0), w2.stride(1),
-        K=k, E=num_experts, GLU=glu, **_flags(dy.dtype, activation), **cfg,
+        gate.contiguous(), kp, dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0),
+        dy.stride(1), w2.stride(0), w2.stride(1), scale,
+        K=k, E=num_experts, KEEP=has_keep, GLU=glu, **_flags(dy.dtype, activation), **cfg,
         **cuda_kernels.LAUNCH,
     )
     return dg.to(dy.dtype), gh, da1, da3

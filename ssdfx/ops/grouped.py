@@ -28,7 +28,7 @@ the forward's gather, up-projection GEMMs, expert bias and activation run as one
 backward's dh GEMM with the elementwise backward as another (`gathered.hidden_grad`) and each
 weight gradient as one more, straight into the weight's layout (`gathered.weight_grad`); none
 makes a gathered copy of x or dy. The bias gradients of empty experts are zeroed in place
-(`gathered.zero_empty`). Calls with a dropout mask keep the paths above.
+(`gathered.zero_empty`). A dropout mask is read inside the kernels' epilogues.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
     order, offsets = sort_pairs(expert_idx, num_experts)
     offs32 = offsets[1:].to(torch.int32)
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    if gathered.usable(x, keep):  # gather, GEMMs and epilogue in one Triton kernel
-        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation)
+    if gathered.usable(x):  # gather, GEMMs and epilogue in one Triton kernel
+        a1, a3, h = gathered.up(x, w1, b1, w3, b3, order, offsets, k, activation, keep,
+                                dropout_p)
     else:
         xs = x.index_select(0, order // k)  # (T*K, d)
         row_expert = expert_idx.reshape(-1)[order].clamp_(min=0)  # (T*K,)
@@ -178,13 +179,13 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     nonempty = offsets[1:] > offsets[:-1]  # (E,)
     n_rows = offsets[num_experts:]  # (1,) = P, on the device
     w1e, w3e, w2_edm = expert_views(w1, w2, w3, num_experts)
-    fused = gathered.usable(x, keep)
+    fused = gathered.usable(x)
     wo = offsets if fused else None  # zero the bias gradients of empty experts in place
     if fused:
         # dh and its elementwise backward in one Triton kernel, the weight gradients each in
         # one more, written in the weights' layouts; none makes a gathered copy of x or dy
         dg, gh, da1, da3 = gathered.hidden_grad(dy, w2, a1, a3 if glu else None, gate, order,
-                                                offsets, k, activation)
+                                                offsets, k, activation, keep, dropout_p)
         dw2 = gathered.weight_grad(dy, gh, order, offsets, k, w2, neurons_first=False)
         dw1 = gathered.weight_grad(x, da1, order, offsets, k, w1, neurons_first=True)
         dw3 = (gathered.weight_grad(x, da3, order, offsets, k, w3, neurons_first=True)

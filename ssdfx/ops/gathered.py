@@ -1,31 +1,40 @@
-"""The up-projection of the `grouped_mm` backend as one Triton kernel: gather, GEMM, epilogue.
+"""The `grouped_mm` backend's steps around its GEMMs, fused into Triton kernels (opt-in).
 
 In `ssdfx.ops.grouped` the forward's up-projection is three steps over (T*K, .) tensors: the
 tokens' rows of x gathered into expert order (`index_select`, read and write T*K*d), one
 grouped GEMM per projection, then the expert bias and the activation (and the GLU product) in
-separate elementwise kernels. On an H200 at T=16384, d=4096, E=16, K=4 (bf16) the gather took
-0.28 ms and the elementwise passes most of the rest of ~1 ms outside the GEMMs in the forward
-(bench/README.md, cuda_check.py). This kernel does all of it in one pass: each program reads
-its tile's x rows through the layout (row r of the layout is token order[r] // K) straight
-from x, multiplies them with its expert's block of w1 (and w3), adds the bias, and writes a1
-(a3) for the backward and h = act(a1) [* a3] for the down-projection. No (T*K, d) buffer and
-no host sync: the expert of each tile comes from the offsets on the device.
+separate elementwise kernels; the backward gathers x and dy rows again, runs the elementwise
+backward in ~10 kernels, zeroes the weight gradients of empty experts with `torch.where` and
+copies dW2 into w2's strides. On an H200 at T=16384, d=4096, E=16, K=4 (bf16) each gather
+took 0.28 ms and the elementwise passes about 1 ms of the 8.4 ms training step (bench/README.md,
+cuda_check.py). Here:
 
-Tiles. Expert e owns layout rows [offsets[e], offsets[e+1]), cut into ceil(n_e / BM) row
-tiles; `tiles` (E+1,) is their running count on the device, and the launch has
-ceil(T*K / BM) + E row tiles (at least the sum), the surplus ones return at once. Program
-ids run over (row tile, column tile) with the column tile fastest, so the programs that
-share a tile's gathered rows run side by side (the gather is then read from L2).
+    up           gather + up-projection(s) + bias + activation [+ GLU] [+ dropout]: reads each
+                 tile's x rows through the layout (row r is token order[r] // K) straight from
+                 x and writes a1 (a3) for the backward and h for the down-projection;
+    hidden_grad  dh = dy[token] w2_e with `layout.hidden_backward` in the epilogue: dgate (row
+                 sums added atomically in float32 over the column tiles), gh, da1, da3;
+    weight_grad  one weight gradient, contracting over each expert's layout rows with x or dy
+                 read through the layout, written straight into the weight's layout;
+    zero_empty   the bias gradients of experts without rows, zeroed in place.
+
+No (T*K, d) gathered copy and no host sync: the expert of each row tile comes from the offsets
+on the device. Expert e owns layout rows [offsets[e], offsets[e+1]), cut into ceil(n_e / BM)
+row tiles; `tiles` (E+1,) is their running count, and a launch has ceil(T*K / BM) + E row
+tiles (at least the sum), the surplus ones return at once. Program ids run over (row tile,
+column tile) with the column tile fastest, so the programs that share a tile's gathered rows
+run side by side (read from L2 after the first).
 
 Numerics: products accumulate in float32; a1 and a3 are rounded to the input dtype after the
-bias (as the eager path's `a1 += b1` leaves them), the activation reads the rounded a1, and h
-is rounded once (the eager path rounds act(a1) and the GLU product separately: the last bit
-may differ). float32 inputs multiply in IEEE float32, not TF32.
+bias (as the eager path's `a1 += b1` leaves them), the activation reads the rounded a1, and
+each output is rounded once (the eager path rounds after each elementwise op: the last bit
+may differ). float32 inputs multiply in IEEE float32, not TF32. A dropout mask (the op's
+`keep`) is read in the epilogues, its factor 1 / (1 - p) in float32.
 
-Not measured on a GPU yet: `GATHERED_DEVICES` is empty by default, `bench/cuda_check.py`
-times the variant beside the others, and the tests run the kernel on CPU through Triton's
-interpreter (TRITON_INTERPRET=1). A dropout mask (the op's `keep`) is read in the epilogues,
-its factor 1 / (1 - p) in float32.
+Not measured on a GPU yet: `GATHERED_DEVICES` is empty by default and `bench/cuda_check.py`
+times the variant beside the others. Without a GPU the kernels are run by Triton's
+interpreter (tests/test_triton_interpreted.py) and compiled for sm90 ahead of time
+(tests/test_triton_compile.py).
 """
 
 from __future__ import annotations

@@ -4,13 +4,17 @@
 
 1. runs `pytest -m cuda tests/test_ops_cuda.py` (CUDA kernels vs the CPU reference, forward and
    every gradient, fp32 and bf16) and keeps its log;
-2. times, in bf16 with CUDA events (median of repeats, dense and sparse interleaved), the dense
+2. times the gathered Triton kernels (`ssdfx.ops.gathered.up`, `weight_grad`) alone in a few
+   tile configurations against the eager steps they replace, and keeps the fastest;
+3. times, in bf16 with CUDA events (median of repeats, dense and sparse interleaved), the dense
    cuBLAS FFN (Linear -> GELU -> Linear) against the sparse op with a router (Linear(d, E),
-   top-k, straight-through softmax gate) for each CUDA backend, forward and forward+backward.
-   The headline shape is T=16384, d=4096, d_ff=16384, E=16, k=4 (target >= 0.7 x E/k).
+   top-k, straight-through softmax gate) for each CUDA backend and variant (torch,
+   grouped_mm, grouped_mm+fused, grouped_mm+gathered), forward and forward+backward. The
+   headline shape is T=16384, d=4096, d_ff=16384, E=16, k=4 (target >= 0.7 x E/k);
+4. profiles one training step of each grouped_mm variant at the headline shape.
 
-Writes DIR/cuda_check.csv, DIR/cuda_check.md and DIR/cuda_tests.log. Not a test: it needs a
-GPU and prints timings.
+Writes DIR/cuda_check.csv, DIR/cuda_check.md, DIR/cuda_gathered_configs.csv,
+DIR/cuda_profile_*.txt and DIR/cuda_tests.log. Not a test: it needs a GPU and prints timings.
 """
 
 from __future__ import annotations

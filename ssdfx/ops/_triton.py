@@ -113,20 +113,24 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
         cols = (pid % col_tiles) * BN + tl.arange(0, BN)
         in_cols = cols < m
         neuron = e * m + cols  # rows of w1 and w3
+        first = (e * m).to(tl.int64)  # the expert's first neuron: offsets past 2^31 in int64
+        kr = tl.arange(0, BK)
+        a_ptrs = x_ptr + tok[:, None] * sxt + kr[None, :] * sxd
+        w1_ptrs = w1_ptr + first * s1f + cols[None, :] * s1f + kr[:, None] * s1d
+        w3_ptrs = w3_ptr + first * s3f + cols[None, :] * s3f + kr[:, None] * s3d
         acc1 = tl.full((BM, BN), 0.0, tl.float32)
         acc3 = tl.full((BM, BN), 0.0, tl.float32)
         for k0 in range(0, d, BK):
-            kk = k0 + tl.arange(0, BK)
-            in_k = kk < d
-            a = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :] * sxd,
-                        mask=in_rows[:, None] & in_k[None, :], other=0.0)
-            w = tl.load(w1_ptr + neuron[None, :] * s1f + kk[:, None] * s1d,
-                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
+            in_k = k0 + kr < d
+            a = tl.load(a_ptrs, mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            w = tl.load(w1_ptrs, mask=in_k[:, None] & in_cols[None, :], other=0.0)
             acc1 = dot(a, w, acc1, IEEE, WIDEN)
             if GLU:
-                w = tl.load(w3_ptr + neuron[None, :] * s3f + kk[:, None] * s3d,
-                            mask=in_k[:, None] & in_cols[None, :], other=0.0)
+                w = tl.load(w3_ptrs, mask=in_k[:, None] & in_cols[None, :], other=0.0)
                 acc3 = dot(a, w, acc3, IEEE, WIDEN)
+                w3_ptrs += BK * s3d
+            a_ptrs += BK * sxd  # pointer steps: no k * stride products that could overflow
+            w1_ptrs += BK * s1d
         out = rows[:, None] * m + cols[None, :]
         in_out = in_rows[:, None] & in_cols[None, :]
         if HAS_B1:
@@ -166,16 +170,18 @@ def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr
         tok = pair // K
         cols = (pid % col_tiles) * BN + tl.arange(0, BN)
         in_cols = cols < m
-        neuron = e * m + cols  # columns of w2
+        kr = tl.arange(0, BK)
+        a_ptrs = dy_ptr + tok[:, None] * syt + kr[None, :] * syd
+        w_ptrs = (w2_ptr + (e * m).to(tl.int64) * s2f + cols[None, :] * s2f
+                  + kr[:, None] * s2d)  # w2's columns of expert e
         acc = tl.full((BM, BN), 0.0, tl.float32)
         for k0 in range(0, d, BK):
-            kk = k0 + tl.arange(0, BK)
-            in_k = kk < d
-            a = tl.load(dy_ptr + tok[:, None] * syt + kk[None, :] * syd,
-                        mask=in_rows[:, None] & in_k[None, :], other=0.0)
-            w = tl.load(w2_ptr + kk[:, None] * s2d + neuron[None, :] * s2f,
-                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
+            in_k = k0 + kr < d
+            a = tl.load(a_ptrs, mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=in_k[:, None] & in_cols[None, :], other=0.0)
             acc = dot(a, w, acc, IEEE, WIDEN)
+            a_ptrs += BK * syd
+            w_ptrs += BK * s2d
         out = rows[:, None] * m + cols[None, :]
         in_out = in_rows[:, None] & in_cols[None, :]
         a1 = tl.load(a1_ptr + out, mask=in_out, other=0.0).to(tl.float32)
@@ -229,8 +235,8 @@ def gathered_wgrad_kernel(src_ptr, order_ptr, offsets_ptr, h_ptr, out_ptr, d, m,
         b = tl.load(h_ptr + rows[:, None] * m + mcols[None, :],
                     mask=in_r[:, None] & in_m[None, :], other=0.0)
         acc = dot(a, b, acc, IEEE, WIDEN)
-    neuron = e * m + mcols
-    tl.store(out_ptr + dcols[:, None] * so_d + neuron[None, :] * so_f,
+    neuron = (e * m + mcols).to(tl.int64)  # a weight may hold more than 2^31 values
+    tl.store(out_ptr + dcols[:, None].to(tl.int64) * so_d + neuron[None, :] * so_f,
              acc.to(out_ptr.dtype.element_ty), mask=in_d[:, None] & in_m[None, :])
 
 

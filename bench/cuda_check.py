@@ -111,9 +111,17 @@ def bench_shape(t, d, e, k, backends, repeats, inner, dtype=torch.bfloat16, dev=
     for b in backends:
         cases[f"{b}/fwd"] = sparse(b, False)
         cases[f"{b}/fwd+bwd"] = sparse(b, True)
-    for fn in cases.values():  # warm-up (cuBLAS heuristics, allocator)
-        fn()
-        fn()
+    for name, fn in list(cases.items()):  # warm-up (cuBLAS heuristics, allocator, compiles)
+        if name not in cases:  # its variant failed in the other phase
+            continue
+        try:
+            fn()
+            fn()
+        except Exception as exc:  # a variant that fails here must not cost the others' rows
+            print(f"{name} at {(t, d, e, k)} failed: {exc!r:.500}", flush=True)
+            backends = [b for b in backends if b != name.split("/")[0]]
+            for phase in ("fwd", "fwd+bwd"):
+                cases.pop(f"{name.split('/')[0]}/{phase}", None)
     if dev == "cuda":
         torch.cuda.synchronize()
     times = {name: [] for name in cases}

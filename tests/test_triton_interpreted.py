@@ -41,17 +41,29 @@ def interpreted(monkeypatch):
         yield calls
 
 
+def _per_expert(offsets, fn, width):
+    """(P, width) float64: rows [s, t) of each expert e from fn(e, s, t) (no (P, m, d) copy
+    of the weights: the CUDA tests call this at P = 4000)."""
+    bounds = offsets.tolist()
+    out = torch.zeros(bounds[-1], width, dtype=torch.float64)
+    for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if s < t:
+            out[s:t] = fn(e, s, t)
+    return out
+
+
 def _reference(x, w1, b1, w3, b3, order, offsets, k, activation, keep=None, dropout_p=0.0):
     """a1, a3, h of the layout's P rows in float64 (`layout.hidden` for h)."""
     e = offsets.shape[0] - 1
     m = w1.shape[0] // e
     pairs = int(offsets[-1])
     xs = x.double()[order[:pairs] // k]
-    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
 
     def up(w, b):
-        a = torch.einsum("pd,pmd->pm", xs, w.double().view(e, m, -1)[row_expert])
-        return a + b.double().view(e, m)[row_expert] if b is not None else a
+        we = w.double().reshape(e, m, -1)
+        be = b.double().reshape(e, m) if b is not None else torch.zeros(e, m,
+                                                                         dtype=torch.float64)
+        return _per_expert(offsets, lambda i, s, t: xs[s:t] @ we[i].t() + be[i], m)
 
     a1 = up(w1, b1)
     a3 = up(w3, b3) if w3 is not None else None
@@ -115,9 +127,9 @@ def _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation, 
     m = w2.shape[1] // e
     pairs = int(offsets[-1])
     sel = order[:pairs]
-    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
-    w2e = w2.double().t().reshape(e, m, -1)[row_expert]  # (P, m, d)
-    dh = torch.einsum("pd,pmd->pm", dy.double()[sel // k], w2e)
+    dys = dy.double()[sel // k]
+    w2e = w2.double().t().reshape(e, m, -1)  # (E, m, d)
+    dh = _per_expert(offsets, lambda i, s, t: dys[s:t] @ w2e[i].t(), m)
     kp = keep.reshape(-1, m)[sel] if keep is not None else None
     return hidden_backward(dh, gate.double().reshape(-1)[sel], a1[:pairs].double(),
                            a3[:pairs].double() if a3 is not None else None, kp, dropout_p,
@@ -159,11 +171,11 @@ def _weight_grad_reference(src, h, order, offsets, k, neurons_first):
     (d, F) layout; zeros for experts without rows."""
     e = offsets.shape[0] - 1
     m, d = h.shape[1], src.shape[1]
-    pairs = int(offsets[-1])
-    row_expert = torch.repeat_interleave(torch.arange(e), offsets.diff())
+    bounds = offsets.tolist()
+    srcs = src.double()[order[:bounds[-1]] // k]
     per_expert = torch.zeros(e, m, d, dtype=torch.float64)
-    per_expert.index_add_(0, row_expert, torch.einsum(
-        "pm,pd->pmd", h[:pairs].double(), src.double()[order[:pairs] // k]))
+    for i, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])):
+        per_expert[i] = h[s:t].double().t() @ srcs[s:t]
     if neurons_first:
         return per_expert.reshape(e * m, d)
     return per_expert.permute(2, 0, 1).reshape(d, e * m)

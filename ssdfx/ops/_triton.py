@@ -226,15 +226,17 @@ def gathered_wgrad_kernel(src_ptr, order_ptr, offsets_ptr, h_ptr, out_ptr, d, m,
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
     acc = tl.full((BD, BM), 0.0, tl.float32)
+    rows = start + tl.arange(0, BR)
+    tok = tl.load(order_ptr + rows, mask=rows < end, other=0) // K
     for r0 in range(start, end, BR):
-        rows = r0 + tl.arange(0, BR)
         in_r = rows < end
-        tok = tl.load(order_ptr + rows, mask=in_r, other=0) // K
         a = tl.load(src_ptr + tok[None, :] * sst + dcols[:, None] * ssd,
                     mask=in_d[:, None] & in_r[None, :], other=0.0)
         b = tl.load(h_ptr + rows[:, None] * m + mcols[None, :],
                     mask=in_r[:, None] & in_m[None, :], other=0.0)
         acc = dot(a, b, acc, IEEE, WIDEN)
+        rows += BR  # the next rows' tokens, loaded a step ahead
+        tok = tl.load(order_ptr + rows, mask=rows < end, other=0) // K
     neuron = (e * m + mcols).to(tl.int64)  # a weight may hold more than 2^31 values
     tl.store(out_ptr + dcols[:, None].to(tl.int64) * so_d + neuron[None, :] * so_f,
              acc.to(out_ptr.dtype.element_ty), mask=in_d[:, None] & in_m[None, :])

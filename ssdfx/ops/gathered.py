@@ -43,15 +43,23 @@ import torch
 
 from ssdfx.ops import cuda_kernels
 
-__all__ = ["ACT_CODES", "CONFIG", "CONFIG_WGRAD", "GATHERED_DEVICES", "available",
-           "hidden_grad", "up", "usable", "weight_grad", "zero_empty"]
+__all__ = ["ACT_CODES", "CONFIG", "CONFIG_DH", "CONFIG_DH_GLU", "CONFIG_WGRAD",
+           "GATHERED_DEVICES", "available", "hidden_grad", "up", "up_config", "usable",
+           "weight_grad", "zero_empty"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
 GATHERED_DEVICES: tuple[str, ...] = ()
 
-# tile sizes and launch options on a GPU: rows, columns (hidden units), reduction step, warps,
-# pipeline stages. Under the interpreter the tiles are 16 (tl.dot's smallest) to stay quick.
+# Tile sizes and launch options on a GPU (bf16: the grouped_mm backend takes nothing else on
+# CUDA): rows, columns (hidden units), reduction step, warps, pipeline stages. Each compiles
+# for sm90 without register spills (tests/test_triton_compile.py, from cuobjdump's resource
+# use): `up` at 128 x 128 uses 176 registers a thread, 255 with GLU (3 stages then: two weight
+# tiles a stage); `hidden_grad`'s epilogue holds more values, and at 128 x 128 it spilled
+# 720 bytes a thread (1648 with GLU), so it takes 64 x 128, and 64 x 64 with GLU. Under the
+# interpreter the tiles are 16 (tl.dot's smallest) to stay quick.
 CONFIG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
+CONFIG_DH = dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=4)
+CONFIG_DH_GLU = dict(BM=64, BN=64, BK=64, num_warps=8, num_stages=4)
 _INTERPRETED = dict(BM=16, BN=16, BK=16)
 # the weight gradients' tiles: d, hidden units, rows of the contraction
 CONFIG_WGRAD = dict(BD=128, BM=128, BR=64, num_warps=8, num_stages=4)
@@ -74,13 +82,18 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or cuda_kernels.interpreting()
 
 
-def _launch(rows, m, num_experts, offsets, glu):
+def up_config(glu: bool) -> dict:
+    """`up`'s tiles on a GPU: CONFIG, at most 3 stages with GLU."""
+    cfg = dict(CONFIG)
+    if glu:
+        cfg["num_stages"] = min(cfg["num_stages"], 3)
+    return cfg
+
+
+def _launch(rows, m, num_experts, offsets, gpu_config):
     """(tile config, grid, tiles): the tiles' running count per expert on the device, and a
     grid with room for every tile (ceil(rows / BM) + E row tiles, the surplus returns)."""
-    interpret = cuda_kernels.interpreting()
-    cfg = dict(_INTERPRETED) if interpret else dict(CONFIG)
-    if glu and not interpret:  # two weight tiles a stage: fewer stages fit
-        cfg["num_stages"] = min(cfg["num_stages"], 3)
+    cfg = dict(_INTERPRETED) if cuda_kernels.interpreting() else dict(gpu_config)
     bm, bn = cfg["BM"], cfg["BN"]
     counts = offsets[1:] - offsets[:-1]
     tiles = counts.new_zeros(num_experts + 1)
@@ -113,7 +126,7 @@ def up(x, w1, b1, w3, b3, order, offsets, k, activation, keep=None, dropout_p=0.
     m = f_all // num_experts
     rows = order.shape[0]
     glu = w3 is not None
-    cfg, grid, tiles = _launch(rows, m, num_experts, offsets, glu)
+    cfg, grid, tiles = _launch(rows, m, num_experts, offsets, up_config(glu))
     a1 = x.new_empty(rows, m)
     a3 = x.new_empty(rows, m) if glu else None
     h = x.new_empty(rows, m)
@@ -142,7 +155,8 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation, keep=None,
     m = f_all // num_experts
     rows = order.shape[0]
     glu = a3 is not None
-    cfg, grid, tiles = _launch(rows, m, num_experts, offsets, False)
+    cfg, grid, tiles = _launch(rows, m, num_experts, offsets,
+                               CONFIG_DH_GLU if glu else CONFIG_DH)
     dg = torch.zeros(rows, dtype=torch.float32, device=dy.device)  # summed over column tiles
     gh, da1 = dy.new_empty(rows, m), dy.new_empty(rows, m)
     da3 = dy.new_empty(rows, m) if glu else None

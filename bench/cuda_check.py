@@ -271,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="headline shape only, fewer repeats")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
+                    help="the grouped_mm variants to time and profile beside torch (default: "
+                         "all; fewer save device time)")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("this check needs a CUDA device and none is visible; --dry-run checks the "
@@ -288,7 +291,7 @@ def main(argv=None):
           f"{torch.cuda.get_device_name()} cc{torch.cuda.get_device_capability()}, "
           f"_grouped_mm: {hasattr(torch, '_grouped_mm')}", flush=True)
     rc = 0 if args.skip_tests else run_tests(args.out)
-    if gathered.available():
+    if gathered.available() and GATHERED in args.variants:
         try:
             sweep_gathered(args.out)
         except Exception as exc:
@@ -299,8 +302,8 @@ def main(argv=None):
     rows = []
     for t, d, e, k in shapes:
         probe = torch.empty(1, d, device="cuda", dtype=torch.bfloat16)
-        backends = ["torch"] + (VARIANTS if grouped_mm_ok(probe, torch.empty(4 * d, d), e)
-                                else [])
+        backends = ["torch"] + (args.variants
+                                if grouped_mm_ok(probe, torch.empty(4 * d, d), e) else [])
         try:
             new = bench_shape(t, d, e, k, backends, repeats=5 if args.quick else 7, inner=3)
         except Exception as exc:  # keep what was measured so far
@@ -312,7 +315,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if rows:
         write_tables(rows, args.out)
-    for backend in VARIANTS:
+    for backend in args.variants:
         try:
             profile_headline(args.out, backend)
         except Exception as exc:

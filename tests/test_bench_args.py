@@ -58,6 +58,7 @@ def test_op_checks_every_shape_before_measuring_any():
     ("ab", ["--shapes", "64x64x3x2"], "E=3 does not divide the FFN width"),
     pytest.param("cuda_check", [], "needs a CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="the refusal is for machines without CUDA")),
+    ("cuda_check", ["--variants", "grouped_mm", "gathered"], "--variants: invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, monkeypatch, tmp_path, script, argv, message):
     monkeypatch.chdir(tmp_path)  # anything written by mistake lands here

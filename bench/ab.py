@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import statistics
 import sys
@@ -39,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # op.py, when loaded f
 
 import torch  # noqa: E402
 
-from op import ROOT, dense_ffn, machine, shape_arg, sparse_model, steady_malloc  # noqa: E402
+from op import (ROOT, dense_ffn, machine, shape_arg, sparse_model, steady_malloc,  # noqa: E402
+                write_csv)
 from ssdfx.cli import positive_int  # noqa: E402
 
 _MISSING = object()
@@ -189,11 +189,7 @@ def main(argv=None) -> int:
         for r in new:
             print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
         rows += new
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     cols = ["dtype", "T", "d", "E", "k", "phase", "a_ms", "b_ms", "b_over_a", "ratio_q1",
             "ratio_q3"]
     print("| " + " | ".join(cols) + " | verdict |")

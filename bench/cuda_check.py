@@ -20,7 +20,6 @@ DIR/cuda_profile_*.txt and DIR/cuda_tests.log. Not a test: it needs a GPU and pr
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -34,7 +33,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ssdfx.ops import gathered, grouped, moe_ffn  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from op import write_csv  # noqa: E402
+
+from ssdfx.ops import cuda_kernels, gathered, grouped, moe_ffn  # noqa: E402
 from ssdfx.ops.grouped import grouped_mm_ok  # noqa: E402
 
 FUSED = "grouped_mm+fused"  # grouped_mm with its elementwise middle compiled (FUSED_DEVICES)
@@ -247,10 +249,7 @@ def sweep_gathered(out: Path, t=16384, d=4096, e=16, k=4, dev="cuda", reps=10):
     rows += _sweep("weight_grad", "CONFIG_WGRAD", WGRAD_CONFIGS, eager_wgrad,
                    lambda: gathered.weight_grad(x, da1, order, offsets, k, w1, True), dev, reps)
     if rows:
-        with open(out / "cuda_gathered_configs.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, out / "cuda_gathered_configs.csv")
 
 
 def run_tests(out: Path) -> int:
@@ -281,17 +280,17 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # the gathered kernel on CPU, if Triton is here
-        rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + gathered.available()]],
+        rows = bench_shape(64, 64, 8, 2, ["torch", *VARIANTS[:2 + cuda_kernels.available()]],
                            repeats=2, inner=1, dev="cpu")
         print(rows)
-        if gathered.available():
+        if cuda_kernels.available():
             sweep_gathered(args.out, t=64, d=64, e=8, k=2, dev="cpu", reps=1)
         return 0
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
           f"{torch.cuda.get_device_name()} cc{torch.cuda.get_device_capability()}, "
           f"_grouped_mm: {hasattr(torch, '_grouped_mm')}", flush=True)
     rc = 0 if args.skip_tests else run_tests(args.out)
-    if gathered.available() and GATHERED in args.variants:
+    if cuda_kernels.available() and GATHERED in args.variants:
         try:
             sweep_gathered(args.out)
         except Exception as exc:
@@ -324,10 +323,7 @@ def main(argv=None):
 
 
 def write_tables(rows, out):
-    with open(out / "cuda_check.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "cuda_check.csv")
     cols = list(rows[0])
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

@@ -401,6 +401,15 @@ def configs(quick: bool, small: bool = False):
     return out
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """rows (dicts with the same keys, in column order) as a CSV file, its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def markdown(rows):
     cols = ["dtype", "dense_dtype", "T", "d", "E", "k", "phase", "dense_ms", "sparse_ms", "speedup",
             "speedup_q1", "speedup_q3", "ideal", "of_ideal", "dense_faults", "sparse_faults"]
@@ -498,11 +507,7 @@ def main(argv=None) -> int:
                 r["malloc"] = "steady" if steady else "default"
                 print(" ".join(f"{c}={r[c]}" for c in r), flush=True)
             rows += new
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     print(markdown(rows))
     for line in verdicts(rows) + targets(rows):
         print(line)

@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from ssdfx.ops import gathered, moe_ffn
+from ssdfx.ops import cuda_kernels, gathered, moe_ffn
 from ssdfx.ops.dispatch import select
 from ssdfx.ops.grouped import grouped_mm_ok
 
@@ -48,7 +48,7 @@ def _backends(x, w1, e):
     names = ["torch", "auto"]
     if grouped_mm_ok(x, w1, e):
         names += ["grouped_mm", "grouped_mm+fused"]
-        if gathered.available():
+        if cuda_kernels.available():
             names.append("grouped_mm+gathered")
     return names
 
@@ -157,10 +157,9 @@ def test_fused_gather_sum_matches_torch_ops(k, d, unused):
     (8, 128, 512, 2000, 2, True, False, "relu2"),
 ])
 def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activation, dtype):
-    from test_triton_interpreted import _reference
-    from ssdfx.ops.layout import sort_pairs
+    from test_triton_interpreted import _layout, _reference
 
-    if not gathered.available():
+    if not cuda_kernels.available():
         pytest.skip("Triton is not installed")
     g = torch.Generator().manual_seed(e * 1000 + t)
     x = torch.randn(t, d, generator=g).to(dtype)
@@ -168,8 +167,7 @@ def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activatio
     w3 = (torch.randn(d, e * m, generator=g) / d ** 0.5).to(dtype).t() if glu else None
     b1 = torch.randn(e * m, generator=g).to(dtype) if bias else None
     b3 = torch.randn(e * m, generator=g).to(dtype) if bias and glu else None
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused=0.0, skew=False)
     cu = [v.cuda() if v is not None else None for v in (x, w1, b1, w3, b3, order, offsets)]
     got = gathered.up(*cu[:5], cu[5], cu[6], k, activation)
     want = _reference(x, w1, b1, w3, b3, order, offsets, k, activation)
@@ -188,10 +186,9 @@ def test_gathered_up_matches_float64_on_cuda(e, m, d, t, k, glu, bias, activatio
     (8, 128, 512, 2000, 2, True, "relu"),
 ])
 def test_hidden_grad_matches_float64_on_cuda(e, m, d, t, k, glu, activation, dtype):
-    from test_triton_interpreted import _hidden_grad_reference
-    from ssdfx.ops.layout import sort_pairs
+    from test_triton_interpreted import _layout, _hidden_grad_reference
 
-    if not gathered.available():
+    if not cuda_kernels.available():
         pytest.skip("Triton is not installed")
     g = torch.Generator().manual_seed(e * 1000 + t)
     dy = torch.randn(t, d, generator=g).to(dtype)
@@ -199,8 +196,7 @@ def test_hidden_grad_matches_float64_on_cuda(e, m, d, t, k, glu, activation, dty
     a1 = torch.randn(t * k, m, generator=g).to(dtype)
     a3 = torch.randn(t * k, m, generator=g).to(dtype) if glu else None
     gate = torch.rand(t, k, generator=g).to(dtype)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused=0.0, skew=False)
     cu = [v.cuda() if v is not None else None for v in (dy, w2, a1, a3, gate, order, offsets)]
     got = gathered.hidden_grad(*cu, k, activation)
     want = _hidden_grad_reference(dy, w2, a1, a3, gate, order, offsets, k, activation)
@@ -219,16 +215,14 @@ def test_hidden_grad_matches_float64_on_cuda(e, m, d, t, k, glu, activation, dty
     (8, 128, 512, 2000, 2, False),
 ])
 def test_weight_grad_matches_float64_on_cuda(e, m, d, t, k, neurons_first, dtype):
-    from test_triton_interpreted import _weight_grad_reference
-    from ssdfx.ops.layout import sort_pairs
+    from test_triton_interpreted import _layout, _weight_grad_reference
 
-    if not gathered.available():
+    if not cuda_kernels.available():
         pytest.skip("Triton is not installed")
     g = torch.Generator().manual_seed(e * 1000 + t)
     src = torch.randn(t, d, generator=g).to(dtype)
     h = torch.randn(t * k, m, generator=g).to(dtype)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    order, offsets = sort_pairs(idx, e)
+    order, offsets = _layout(g, e, t, k, unused=0.0, skew=False)
     like = torch.empty((e * m, d) if neurons_first else (d, e * m), dtype=dtype, device="cuda")
     got = gathered.weight_grad(src.cuda(), h.cuda(), order.cuda(), offsets.cuda(), k, like,
                                neurons_first)

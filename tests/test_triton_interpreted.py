@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssdfx.activations import ACTIVATIONS, activation_fn
+from ssdfx.activations import ACTIVATIONS
 from ssdfx.ops import cuda_kernels, gathered, grouped
 from ssdfx.ops.layout import hidden, hidden_backward, sort_pairs
 

@@ -73,15 +73,29 @@ def add(a, b):
 
 
 @triton.jit
-def tile_rows(tiles_ptr, offsets_ptr, tile, E: tl.constexpr, BM: tl.constexpr):
-    """Row tile `tile` of the layout: its expert e, the rows and which of them are e's. tiles
-    (E+1,) is the running count of row tiles per expert (ceil(n_e / BM))."""
+def has_tile(pid, tiles_ptr, m, E: tl.constexpr, BN: tl.constexpr):
+    # whether program pid has a row tile: the launch has room for more than there are
+    return pid // ((m + BN - 1) // BN) < tl.load(tiles_ptr + E)
+
+
+@triton.jit
+def layout_tile(pid, tiles_ptr, offsets_ptr, order_ptr, m, K: tl.constexpr, E: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """Program pid's (row tile, column tile), column tiles fastest: the row tile's expert e,
+    its layout rows and which of them are e's, their pairs and tokens, and the hidden-unit
+    columns and which are < m. tiles (E+1,) is the running count of row tiles per expert
+    (ceil(n_e / BM))."""
+    col_tiles = (m + BN - 1) // BN
+    tile = pid // col_tiles
     e = 0  # the tile's expert: how many experts' tiles all come before it
     for i in tl.static_range(E):  # unrolled: E is a compile-time constant
         e += (tl.load(tiles_ptr + 1 + i) <= tile).to(tl.int32)
     start = tl.load(offsets_ptr + e) + (tile - tl.load(tiles_ptr + e)) * BM
     rows = start + tl.arange(0, BM)
-    return e, rows, rows < tl.load(offsets_ptr + e + 1)
+    in_rows = rows < tl.load(offsets_ptr + e + 1)
+    pair = tl.load(order_ptr + rows, mask=in_rows, other=0)
+    cols = (pid % col_tiles) * BN + tl.arange(0, BN)
+    return e, rows, in_rows, pair, pair // K, cols, cols < m
 
 
 @triton.jit
@@ -104,14 +118,9 @@ def gathered_up_kernel(x_ptr, order_ptr, offsets_ptr, tiles_ptr, w1_ptr, b1_ptr,
                        HAS_B3: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
-    col_tiles = (m + BN - 1) // BN
-    tile = pid // col_tiles
-    if tile < tl.load(tiles_ptr + E):
-        e, rows, in_rows = tile_rows(tiles_ptr, offsets_ptr, tile, E, BM)
-        pair = tl.load(order_ptr + rows, mask=in_rows, other=0)
-        tok = pair // K
-        cols = (pid % col_tiles) * BN + tl.arange(0, BN)
-        in_cols = cols < m
+    if has_tile(pid, tiles_ptr, m, E, BN):
+        e, rows, in_rows, pair, tok, cols, in_cols = layout_tile(
+            pid, tiles_ptr, offsets_ptr, order_ptr, m, K, E, BM, BN)
         neuron = e * m + cols  # rows of w1 and w3
         first = (e * m).to(tl.int64)  # the expert's first neuron: offsets past 2^31 in int64
         kr = tl.arange(0, BK)
@@ -162,14 +171,9 @@ def gathered_dh_kernel(dy_ptr, order_ptr, offsets_ptr, tiles_ptr, w2_ptr, a1_ptr
     # dh * h, added atomically in float32 over the column tiles), gh = gate h, da1, da3; with
     # KEEP, h and dh carry the dropout mask's factor as there
     pid = tl.program_id(0)
-    col_tiles = (m + BN - 1) // BN
-    tile = pid // col_tiles
-    if tile < tl.load(tiles_ptr + E):
-        e, rows, in_rows = tile_rows(tiles_ptr, offsets_ptr, tile, E, BM)
-        pair = tl.load(order_ptr + rows, mask=in_rows, other=0)
-        tok = pair // K
-        cols = (pid % col_tiles) * BN + tl.arange(0, BN)
-        in_cols = cols < m
+    if has_tile(pid, tiles_ptr, m, E, BN):
+        e, rows, in_rows, pair, tok, cols, in_cols = layout_tile(
+            pid, tiles_ptr, offsets_ptr, order_ptr, m, K, E, BM, BN)
         kr = tl.arange(0, BK)
         a_ptrs = dy_ptr + tok[:, None] * syt + kr[None, :] * syd
         w_ptrs = (w2_ptr + (e * m).to(tl.int64) * s2f + cols[None, :] * s2f

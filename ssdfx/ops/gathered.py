@@ -44,7 +44,7 @@ import torch
 from ssdfx.ops import cuda_kernels
 
 __all__ = ["ACT_CODES", "CONFIG", "CONFIG_DH", "CONFIG_DH_GLU", "CONFIG_WGRAD",
-           "GATHERED_DEVICES", "available", "hidden_grad", "up", "up_config", "usable",
+           "GATHERED_DEVICES", "hidden_grad", "up", "up_config", "usable",
            "weight_grad", "zero_empty"]
 
 # device types whose grouped_mm forward runs this kernel (module docstring); e.g. ("cuda",)
@@ -69,15 +69,10 @@ ACT_CODES = {"relu": 0, "relu2": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick
              "identity": 6}
 
 
-def available() -> bool:
-    """Whether Triton imports here (it ships with torch's CUDA wheels)."""
-    return cuda_kernels.available()
-
-
 def usable(x: torch.Tensor) -> bool:
     """Whether `grouped` runs these kernels for x: its device type is in GATHERED_DEVICES,
     Triton is present, and on CPU only under the interpreter."""
-    if x.device.type not in GATHERED_DEVICES or not available():
+    if x.device.type not in GATHERED_DEVICES or not cuda_kernels.available():
         return False
     return x.device.type == "cuda" or cuda_kernels.interpreting()
 
@@ -93,7 +88,7 @@ def up_config(glu: bool) -> dict:
 def _launch(rows, m, num_experts, offsets, gpu_config):
     """(tile config, grid, tiles): the tiles' running count per expert on the device, and a
     grid with room for every tile (ceil(rows / BM) + E row tiles, the surplus returns)."""
-    cfg = dict(_INTERPRETED) if cuda_kernels.interpreting() else dict(gpu_config)
+    cfg = _config(gpu_config, _INTERPRETED)
     bm, bn = cfg["BM"], cfg["BN"]
     counts = offsets[1:] - offsets[:-1]
     tiles = counts.new_zeros(num_experts + 1)
@@ -102,10 +97,16 @@ def _launch(rows, m, num_experts, offsets, gpu_config):
     return cfg, grid, tiles
 
 
-def _flags(dtype, activation):
-    interpret = cuda_kernels.interpreting()
-    return dict(ACT=ACT_CODES[activation], IEEE=dtype == torch.float32,
-                WIDEN=interpret and dtype != torch.float32)
+def _config(gpu_config: dict, interpreted_config: dict) -> dict:
+    """A kernel's tiles and launch options: on a GPU, or the interpreter's small tiles."""
+    return dict(interpreted_config if cuda_kernels.interpreting() else gpu_config)
+
+
+def _precision(dtype: torch.dtype) -> dict:
+    """The GEMM kernels' IEEE flag (float32 products in IEEE float32, not TF32) and WIDEN flag
+    (the interpreter's bf16 tiles widened to float32 before tl.dot)."""
+    return dict(IEEE=dtype == torch.float32,
+                WIDEN=cuda_kernels.interpreting() and dtype != torch.float32)
 
 
 def _keep_args(keep, dropout_p, like):
@@ -136,9 +137,9 @@ def up(x, w1, b1, w3, b3, order, offsets, k, activation, keep=None, dropout_p=0.
         x, order, offsets, tiles, w1, b1 if b1 is not None else w1, w3_,
         b3 if b3 is not None else w1, kp, a1, a3 if glu else a1, h, d, m,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w3_.stride(0), w3_.stride(1),
-        scale, K=k, E=num_experts, KEEP=has_keep, GLU=glu, HAS_B1=b1 is not None,
-        HAS_B3=glu and b3 is not None,
-        **_flags(x.dtype, activation), **cfg, **cuda_kernels.LAUNCH,
+        scale, K=k, E=num_experts, KEEP=has_keep, ACT=ACT_CODES[activation], GLU=glu,
+        HAS_B1=b1 is not None, HAS_B3=glu and b3 is not None, **_precision(x.dtype), **cfg,
+        **cuda_kernels.LAUNCH,
     )
     return a1, a3, h
 
@@ -165,11 +166,10 @@ def hidden_grad(dy, w2, a1, a3, gate, order, offsets, k, activation, keep=None,
         dy, order, offsets, tiles, w2, a1.contiguous(), a3.contiguous() if glu else a1,
         gate.contiguous(), kp, dg, gh, da1, da3 if glu else da1, d, m, dy.stride(0),
         dy.stride(1), w2.stride(0), w2.stride(1), scale,
-        K=k, E=num_experts, KEEP=has_keep, GLU=glu, **_flags(dy.dtype, activation), **cfg,
-        **cuda_kernels.LAUNCH,
+        K=k, E=num_experts, KEEP=has_keep, ACT=ACT_CODES[activation], GLU=glu,
+        **_precision(dy.dtype), **cfg, **cuda_kernels.LAUNCH,
     )
     return dg.to(dy.dtype), gh, da1, da3
-
 
 
 def weight_grad(src, h, order, offsets, k, like, neurons_first):
@@ -182,17 +182,16 @@ def weight_grad(src, h, order, offsets, k, like, neurons_first):
     num_experts = offsets.shape[0] - 1
     d = src.shape[1]
     m = h.shape[1]
-    interpret = cuda_kernels.interpreting()
-    cfg = dict(_INTERPRETED_WGRAD) if interpret else dict(CONFIG_WGRAD)
+    cfg = _config(CONFIG_WGRAD, _INTERPRETED_WGRAD)
     grad = torch.empty_like(like)
     so_f, so_d = grad.stride() if neurons_first else grad.stride()[::-1]
     grid = (-(-d // cfg["BD"]) * -(-m // cfg["BM"]), num_experts)
     cuda_kernels.kernels().gathered_wgrad_kernel[grid](
         src, order, offsets, h.contiguous(), grad, d, m, src.stride(0), src.stride(1), so_d,
-        so_f, K=k, IEEE=src.dtype == torch.float32,
-        WIDEN=interpret and src.dtype != torch.float32, **cfg, **cuda_kernels.LAUNCH,
+        so_f, K=k, **_precision(src.dtype), **cfg, **cuda_kernels.LAUNCH,
     )
     return grad
+
 
 def zero_empty(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out (E, ...) contiguous, with the blocks of experts that have no rows set to zero in

@@ -23,9 +23,15 @@ def graph_leaf(fn):
 
     @functools.wraps(fn)
     def leaf(*args, **kwargs):
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.fx.Proxy):
+        for a in args:
+            if isinstance(a, _Proxy):
+                return a.tracer.create_proxy("call_function", leaf, args, kwargs)
+        for a in kwargs.values():
+            if isinstance(a, _Proxy):
                 return a.tracer.create_proxy("call_function", leaf, args, kwargs)
         return fn(*args, **kwargs)
 
     return leaf
+
+
+_Proxy = torch.fx.Proxy

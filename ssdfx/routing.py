@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssdfx.fx_leaf import graph_leaf
+from ssdfx.ops.cpu_numba import top_k_indices
+from ssdfx.ops.dispatch import widens
 
 __all__ = [
     "CentroidRouter", "MLPRouter", "centroids", "select_top_k", "select_dynamic_k",
@@ -39,8 +41,6 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
     that dtype (`ssdfx.ops.dispatch.widens`; AVX2-only CPUs, where torch's generic loop
     ran at 1-3 GFLOP/s) computes in float32 and rounds the scores to w's dtype, as the experts
     do there (`ssdfx.ops.widened`)."""
-    from ssdfx.ops.dispatch import widens
-
     x = x.to(w.dtype)
     if widens(w):
         return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(w.dtype)
@@ -141,8 +141,6 @@ def _top_k_indices(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.T
     """scores.topk(k, dim=-1).indices, largest first if `sorted` (numba's are always); on CPU
     through numba's kernel where it applies (`ssdfx.ops.cpu_numba.top_k_indices`, 4-7x faster
     than torch.topk on fresh data at T=512, E<=32), else torch.topk."""
-    from ssdfx.ops.cpu_numba import top_k_indices
-
     idx = top_k_indices(scores, k)
     return scores.topk(k, dim=-1, sorted=sorted).indices if idx is None else idx
 

@@ -39,7 +39,6 @@ loads numba code, nor starts numba's thread pool.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -93,15 +92,28 @@ def by_token_blocks(pairs: int, t_all: int, f_all: int, d: int, itemsize: int,
     return pairs >= 4 * t_all and pairs >= (workers - 1) * f_all
 
 
+_KERNELS = None  # ssdfx.ops.numba_kernels once loaded (`_kernels`)
+
+
+def _kernels():
+    """The numba kernels module, imported on the first call (so that `import ssdfx` does not
+    load numba): one global read afterwards, where an import statement in every launcher was
+    ~1 us each of a call from Python, several per call."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ssdfx.ops import numba_kernels
+
+        _KERNELS = numba_kernels
+    return _KERNELS
+
+
 def num_workers(torch_threads: int | None = None) -> int:
     """Worker threads of the numba phases: torch's thread count, capped by numba's pool."""
-    import numba
-
     if torch_threads is None:
         torch_threads = torch.get_num_threads()
     # NUMBA_NUM_THREADS is the pool size; reading it does not start the pool (unlike
     # numba.get_num_threads(), which does and may reset torch's count, numba issue 9387).
-    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(torch_threads, _kernels().numba.config.NUMBA_NUM_THREADS))
 
 
 @functools.cache
@@ -141,8 +153,7 @@ def _blas_thread_calls() -> tuple:
     return tuple(calls)
 
 
-@contextlib.contextmanager
-def _numba_phase(workers: int, blas: bool = True):
+class _numba_phase:  # noqa: N801 - used as a function: `with _numba_phase(workers):`
     """numba runs `workers` threads (and BLAS one) inside the phase; the counts are restored
     after. `blas=False` for kernels that call no BLAS.
 
@@ -150,22 +161,28 @@ def _numba_phase(workers: int, blas: bool = True):
     11.5 us per phase, its per-library methods 13 us for one round of reads, and
     `numba.get_num_threads()` alone 22 us (it takes a lock and checks the pool from Python);
     so the BLAS counts go through the libraries' own functions (`_blas_thread_calls`) and
-    numba's through one compiled call that swaps it (`numba_kernels.swap_threads`).
+    numba's through one compiled call that swaps it (`numba_kernels.swap_threads`). A class
+    rather than a generator context manager: ~1 us a phase less.
     """
-    from ssdfx.ops.numba_kernels import swap_threads
 
-    calls = _blas_thread_calls() if blas else ()
-    before = [get() for get, _ in calls]
-    for (_, put), n in zip(calls, before):
-        if n != 1:
-            put(1)
-    numba_before = swap_threads(workers)
-    try:
-        yield
-    finally:
-        if numba_before != workers:
-            swap_threads(numba_before)
+    __slots__ = ("_workers", "_calls", "_before", "_numba_before")
+
+    def __init__(self, workers: int, blas: bool = True):
+        self._workers = workers
+        self._calls = _blas_thread_calls() if blas else ()
+
+    def __enter__(self) -> None:
+        calls = self._calls
+        self._before = before = [get() for get, _ in calls]
         for (_, put), n in zip(calls, before):
+            if n != 1:
+                put(1)
+        self._numba_before = _kernels().swap_threads(self._workers)
+
+    def __exit__(self, *exc) -> None:
+        if self._numba_before != self._workers:
+            _kernels().swap_threads(self._numba_before)
+        for (_, put), n in zip(self._calls, self._before):
             if n != 1:
                 put(n)
 
@@ -183,8 +200,7 @@ def _keeps_torch_threads(launcher):
     def wrapper(*args, **kwargs):
         torch_threads = torch.get_num_threads()
         try:
-            import ssdfx.ops.numba_kernels  # noqa: F401  (loading it may start numba's pool)
-
+            _kernels()  # loading it may start numba's pool
             if torch.get_num_threads() != torch_threads:
                 torch.set_num_threads(torch_threads)
             return launcher(*args, **kwargs)
@@ -209,10 +225,10 @@ def _check(x, w1, w2, w3, num_experts, dtypes=SUPPORTED_DTYPES, **optional):
             f"the numba backend supports float32 and float64, got {x.dtype}; "
             "use backend='torch' (or 'auto') for bfloat16/float16"
         )
-    named = {"w1": w1, "w2": w2, "w3": w3, **optional}
-    for name, t in named.items():
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {x.dtype} on cpu like x")
+    dt = x.dtype
+    for name, t in (("w1", w1), ("w2", w2), ("w3", w3), *optional.items()):
+        if t is not None and (t.dtype != dt or not t.is_cpu):
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {dt} on cpu like x")
     f_all, d = w1.shape
     if x.dim() != 2 or x.shape[1] != d or w2.shape != (d, f_all):
         raise ValueError(
@@ -235,7 +251,7 @@ def _inverse(o: np.ndarray) -> np.ndarray:
 def _sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`ssdfx.ops.layout.sort_pairs` for CPU tensors by numba's counting sort: the same order
     and offsets (stable, unused slots last). ValueError for an index outside [-1, E)."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     order = torch.empty(expert_idx.numel(), dtype=torch.int64)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64)
@@ -253,7 +269,7 @@ def _padded_slots(order: torch.Tensor, offsets: torch.Tensor, pairs: int, cap: i
     """pos (P,) and tok (E*cap,) of `ssdfx.ops.padded`'s blocks, in one numba pass (the torch
     ops it replaces, repeat_interleave, two aranges, full and index_copy_, took 49 us of a
     0.34 ms bf16 forward at T=64, d=256, E=16, k=4)."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     num_experts = offsets.numel() - 1
     pos = torch.empty(pairs, dtype=torch.int64)
@@ -288,11 +304,12 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     from ssdfx.ops.dispatch import plain_eager
 
     ne = probs.shape[-1]
-    rows = probs.numel() // max(ne, 1)
     if (probs.device.type != "cpu" or probs.dtype not in SUPPORTED_DTYPES
-            or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or rows == 0 or not plain_eager(probs)):
+            or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or not plain_eager(probs)):
         return None
-    flat = probs.detach().reshape(rows, ne).contiguous()
+    flat = probs.detach().reshape(-1, ne).contiguous()
+    if flat.shape[0] == 0:
+        return None
     idx, bad = _top_k(flat, k)
     if bad is not None:
         idx[bad] = flat[bad].topk(k, dim=-1).indices
@@ -301,18 +318,23 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
 
 @_keeps_torch_threads
 def _top_k(probs, k):
-    from ssdfx.ops import numba_kernels as nk
+    """numba's top-k of probs (T, E), contiguous and detached: idx (T, k) and the bool mask of
+    its bad rows (None if there are none). The mask is numpy's until it is needed (a tensor
+    made and viewed as numpy costs ~1-3 us of a call right after other work); idx is torch's,
+    as it leaves (a tensor over a numpy array needs the GIL to be freed: see
+    `_training_layout`)."""
+    nk = _kernels()
 
     rows = probs.shape[0]
     idx = torch.empty(rows, k, dtype=torch.int64)
-    bad = torch.empty(rows, dtype=torch.bool)
+    bad = np.empty(rows, np.bool_)
     if rows < TOP_K_PARALLEL_ROWS:
-        n_bad = nk.top_k_serial(_np(probs), k, _np(idx), _np(bad))
+        n_bad = nk.top_k_serial(probs.numpy(), k, idx.numpy(), bad)
     else:
         workers = num_workers()
         with _numba_phase(workers, blas=False):
-            n_bad = nk.top_k(_np(probs), k, _np(idx), _np(bad), workers)
-    return idx, bad if n_bad else None
+            n_bad = nk.top_k(probs.numpy(), k, idx.numpy(), bad, workers)
+    return idx, torch.from_numpy(bad) if n_bad else None
 
 
 # The kernels take an expert's rows in chunks of CHUNK_BYTES of gathered input (forward and
@@ -359,41 +381,60 @@ def _act_scratch(code: int, dt: np.dtype, workers: int, block: int) -> tuple:
     return ((workers, sized), dt), ((workers, sized), np.int32)
 
 
+def scratch_rows(n: int) -> int:
+    """n rounded up to at most 1/8 more (a multiple of 8 at least): the row count the scratch of
+    a call is sized for, so that calls whose largest expert differs by a few rows ask the
+    `workspace` for the same arrays (and `_forward_plan` answers from its cache)."""
+    step = max(8, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(workers: int, t_all: int, d: int, m: int, f_all: int, pairs: int, rows: int,
+                  dt: np.dtype, activation: str, glu: bool, save: bool) -> tuple:
+    """What `_forward_kernel` decides from the shapes alone: (token blocks?, chunk, the
+    activation's code, the `workspace` specs). rows: `scratch_rows` of the largest expert's
+    row count. Cached: the same handful of shapes comes back every step, and working this out
+    took ~10 us of a call from Python right after other work."""
+    from ssdfx.ops.numba_act import CODES
+
+    code = CODES[activation]
+    chunk = chunk_rows(d, m, dt.itemsize)
+    rows = min(rows, chunk)  # the most rows of one GEMM
+    block = rows * m
+    # inference's up-projections go to scratch (training's to the saved a1, a3)
+    g3 = glu and not save
+    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
+    # token blocks: the (P, m) hidden units h, h3; pair rows: the (P, d) rows and per-worker
+    # hidden blocks
+    hp, yp = (pairs, 0) if tokens else (0, pairs)
+    specs = (((workers, rows, d), dt), ((workers, 0 if save else block), dt),
+             *_act_scratch(code, dt, workers, block), ((hp, m), dt), ((hp if g3 else 0, m), dt),
+             ((yp, d), dt), ((workers, 0 if tokens else block), dt),
+             ((workers, block if g3 and not tokens else 0), dt))
+    return tokens, chunk, code, specs
+
+
 def _forward_kernel(x, w1, b1, w2, w3, b3, gate, order, offsets, inv, ptr, experts, nmax,
                     k, activation, a1s, a3s, ks, y):
     """Run `numba_kernels.fwd` (pair rows) or `fwd_tokens` (token blocks, see
     `by_token_blocks`) for `forward` and `infer`: numpy order, offsets, ptr, experts; inv the
     inverse permutation or None (built here if pair rows need it); a1s, a3s, ks, y numpy
     arrays as the kernels take them."""
-    from ssdfx.ops import numba_kernels as nk
-    from ssdfx.ops.numba_act import CODES
-
+    nk = _kernels()
     workers = ptr.shape[0] - 1
     t_all, d = x.shape
     m = a1s.shape[1]
-    pairs = int(offsets[-1])
     glu = w3 is not None
     xn = _np(x.contiguous())
     dt = xn.dtype
-    save = a1s.shape[0] > 0
-    code = CODES[activation]
-    chunk = chunk_rows(d, m, dt.itemsize)
-    rows = min(nmax, chunk)  # the most rows of one GEMM
+    tokens, chunk, code, specs = _forward_plan(workers, t_all, d, m, w1.shape[0],
+                                               int(offsets[-1]), scratch_rows(int(nmax)), dt,
+                                               activation, glu, a1s.shape[0] > 0)
     empty1 = np.empty(0, dt)
     g = _np(gate.contiguous()).reshape(-1)
     weights = (xn, _np(w1), _np(b1) if b1 is not None else empty1,
                _np(w3) if glu else np.empty((0, d), dt), _np(b3) if b3 is not None else empty1)
-    block = rows * m
-    # inference's up-projections go to scratch (training's to the saved a1, a3)
-    g3 = glu and not save
-    tokens = by_token_blocks(pairs, t_all, w1.shape[0], d, dt.itemsize, workers)
-    # token blocks: the (P, m) hidden units h, h3; pair rows: the (P, d) rows and per-worker
-    # hidden blocks
-    hp, yp = (pairs, 0) if tokens else (0, pairs)
-    specs = [((workers, rows, d), dt), ((workers, 0 if save else block), dt),
-             *_act_scratch(code, dt, workers, block), ((hp, m), dt), ((hp if g3 else 0, m), dt),
-             ((yp, d), dt), ((workers, 0 if tokens else block), dt),
-             ((workers, block if g3 and not tokens else 0), dt)]
     with _numba_phase(workers), workspace(*specs) as (scratch, us, tmps, bits, h, h3, ypair,
                                                        hs, h3s):
         if tokens:
@@ -424,7 +465,7 @@ class _Saved(NamedTuple):
 def _training_layout(x, w1, w3, expert_idx, num_experts) -> _Saved:
     """Sort the pairs, plan the workers and allocate what leaves a training forward, in x's
     dtype."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     t_all, d = x.shape
     k = expert_idx.shape[1]
@@ -474,7 +515,7 @@ def forward(x, w1, b1, w2, w3, b3, expert_idx, gate, keep, num_experts, activati
 def _route(expert_idx, num_experts, workers):
     """`numba_kernels.route` of expert_idx (T, K) for the inference launchers: order, offsets,
     inv, ptr, experts, nmax; ValueError for an index outside [-1, E)."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     *layout, pairs = nk.route(_np(expert_idx.to(torch.int64).contiguous()).reshape(-1),
                               num_experts, workers)
@@ -606,7 +647,7 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 def sum_slots_bf16(rows: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
     """`layout.sum_slots` of bfloat16 rows (P, c) on CPU in one numba pass
     (`numba_kernels.sum_slots_bf16`): the same float32 sums, rounded once, the same bits."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     out = torch.empty(slot_rows.shape[0], rows.shape[1], dtype=torch.bfloat16)
     workers = num_workers()
@@ -621,7 +662,7 @@ def add_rows_bf16(acc: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor) -> N
     """acc[tok[i]] += rows[i] in place: float32 acc (T, c), bfloat16 rows (n, c) added exactly
     as float32 (`numba_kernels.add_rows_bf16`); tok's tokens must be distinct. What
     `index_add_` does after converting the rows, without the (n, c) float32 copy."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
 
     workers = num_workers()
     with _numba_phase(workers, blas=False):
@@ -720,7 +761,7 @@ def backward_bf16(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_exp
     _need_bf16_gemm()
     _check(x, w1, w2, w3, num_experts, dtypes=(torch.bfloat16,), dy=dy, gate=gate, a1=a1)
     from ssdfx.ops import numba_bf16
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
     from ssdfx.ops.numba_act import CODES
 
     workers = num_workers()
@@ -774,7 +815,7 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     elementwise backward over (P, m), a second GEMM kernel that gathered dy again), in-process
     on the Intel Xeon: 1.06x at T=2048, d=768, E=16, k=4 (GELU, and SwiGLU), 1.16x at T=512,
     d=256, E=16, k=8, 1.20x at T=64, 1.31x at T=8192, d=256, E=32, k=16 (ReLU)."""
-    from ssdfx.ops import numba_kernels as nk
+    nk = _kernels()
     from ssdfx.ops.numba_act import CODES
 
     _check(x, w1, w2, w3, num_experts, dy=dy, gate=gate, a1=a1)

@@ -75,8 +75,6 @@ def _make(name: str) -> Kernels:
 
 def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) -> Kernels:
     """The kernels for this call; ValueError when the backend cannot run these tensors."""
-    from ssdfx.ops.grouped import grouped_mm_ok
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     dev = x.device.type
@@ -89,6 +87,8 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
             else:
                 backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
         elif dev == "cuda":
+            from ssdfx.ops.grouped import grouped_mm_ok
+
             backend = "grouped_mm" if grouped_mm_ok(x, w1, num_experts) else "torch"
         else:
             backend = "reference"
@@ -100,12 +100,18 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
         )
     if backend == "numba" and x.dtype in _WIDENED:
         return _make("numba_widened")
-    if backend == "grouped_mm" and not grouped_mm_ok(x, w1, num_experts):
+    if backend == "grouped_mm" and not _grouped_mm_ok(x, w1, num_experts):
         raise ValueError(
             "backend 'grouped_mm' needs torch._grouped_mm, bfloat16 on CUDA sm90+ (or CPU), and "
             "d, F and F/num_experts multiples of 16 bytes; use 'torch' instead"
         )
     return _make(backend)
+
+
+def _grouped_mm_ok(x, w1, num_experts) -> bool:
+    from ssdfx.ops.grouped import grouped_mm_ok  # imports Triton's launchers where installed
+
+    return grouped_mm_ok(x, w1, num_experts)
 
 
 _NATIVE: dict[torch.dtype, bool] = {}  # native_gemm's answers, asked once per dtype

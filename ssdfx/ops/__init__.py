@@ -123,9 +123,10 @@ def moe_ffn(
     lead = x.shape[:-1]
     d = x.shape[-1]
     k = expert_idx.shape[-1]
-    x2 = x.reshape(-1, d)  # (T, d)
-    idx2 = expert_idx.reshape(-1, k).to(torch.int64)  # (T, K)
-    gate2 = gate.reshape(-1, k)  # (T, K)
+    flat = x.dim() == 2  # then expert_idx and gate are 2-D too (validated): no views to make
+    x2 = x if flat else x.reshape(-1, d)  # (T, d)
+    idx2 = (expert_idx if flat else expert_idx.reshape(-1, k)).to(torch.int64)  # (T, K)
+    gate2 = gate if flat else gate.reshape(-1, k)  # (T, K)
     keep = None
     if dropout_p > 0.0:
         m = w1.shape[0] // num_experts
@@ -142,4 +143,4 @@ def moe_ffn(
             y = device_infer(*args)
     else:
         y = moe_ffn_op(*args)[0]
-    return y.reshape(*lead, d)
+    return y if flat else y.reshape(*lead, d)

@@ -211,6 +211,9 @@ def _keeps_torch_threads(launcher):
     return wrapper
 
 
+_load_kernels = _keeps_torch_threads(_kernels)  # the first load may start numba's pool
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -307,34 +310,41 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     if (probs.device.type != "cpu" or probs.dtype not in SUPPORTED_DTYPES
             or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or not plain_eager(probs)):
         return None
-    flat = probs.detach().reshape(-1, ne).contiguous()
+    flat = probs.detach() if probs.requires_grad else probs
+    if flat.dim() != 2:
+        flat = flat.reshape(-1, ne)
+    flat = flat.contiguous()
     if flat.shape[0] == 0:
         return None
     idx, bad = _top_k(flat, k)
     if bad is not None:
         idx[bad] = flat[bad].topk(k, dim=-1).indices
-    return idx.view(*probs.shape[:-1], k)
+    return idx if probs.dim() == 2 else idx.view(*probs.shape[:-1], k)
 
 
-@_keeps_torch_threads
 def _top_k(probs, k):
     """numba's top-k of probs (T, E), contiguous and detached: idx (T, k) and the bool mask of
     its bad rows (None if there are none). The mask is numpy's until it is needed (a tensor
     made and viewed as numpy costs ~1-3 us of a call right after other work); idx is torch's,
     as it leaves (a tensor over a numpy array needs the GIL to be freed: see
-    `_training_layout`)."""
-    nk = _kernels()
-
+    `_training_layout`). Few rows run in the calling thread, outside numba's pool: no thread
+    counts to set or guard once the kernels are loaded."""
+    nk = _KERNELS or _load_kernels()
     rows = probs.shape[0]
     idx = torch.empty(rows, k, dtype=torch.int64)
     bad = np.empty(rows, np.bool_)
     if rows < TOP_K_PARALLEL_ROWS:
         n_bad = nk.top_k_serial(probs.numpy(), k, idx.numpy(), bad)
     else:
-        workers = num_workers()
-        with _numba_phase(workers, blas=False):
-            n_bad = nk.top_k(probs.numpy(), k, idx.numpy(), bad, workers)
+        n_bad = _top_k_parallel(probs.numpy(), k, idx.numpy(), bad)
     return idx, torch.from_numpy(bad) if n_bad else None
+
+
+@_keeps_torch_threads
+def _top_k_parallel(probs, k, idx, bad):
+    workers = num_workers()
+    with _numba_phase(workers, blas=False):
+        return _kernels().top_k(probs, k, idx, bad, workers)
 
 
 # The kernels take an expert's rows in chunks of CHUNK_BYTES of gathered input (forward and

@@ -47,6 +47,35 @@ def test_nested_use_gets_fresh_arrays_and_the_arena_is_kept():
     assert ws.arena_bytes() == 0
 
 
+def test_the_same_specs_get_the_same_arrays_until_the_arena_grows():
+    ws.release()
+    specs = (((3, 5), np.float32), ((7,), np.int64))
+    with ws.workspace(*specs) as first:
+        pass
+    with ws.workspace(((10,), np.float64)) as (other,):  # other specs, the same arena
+        assert np.shares_memory(other, first[0])
+    with ws.workspace(*specs) as again:
+        assert all(a is b for a, b in zip(first, again))  # carved once, handed out again
+    with ws.workspace(((10**5,), np.float32)):  # grows: a new arena, the carvings dropped
+        pass
+    with ws.workspace(*specs) as after:
+        assert not any(np.shares_memory(a, b) for a, b in zip(first, after))
+        assert [(a.shape, a.dtype) for a in after] == [(a.shape, a.dtype) for a in first]
+    ws.release()
+
+
+def test_scratch_rows_rounds_up_by_at_most_an_eighth():
+    from ssdfx.ops.cpu_numba import scratch_rows
+
+    seen = set()
+    for n in range(0, 20000):
+        r = scratch_rows(n)
+        assert n <= r and r % 8 == 0 and r - n < max(8, n / 8 + 1), n
+        if 10000 <= n:
+            seen.add(r)
+    assert len(seen) <= 20  # 10000-20000 rows: a handful of sizes, not one per row count
+
+
 def test_over_the_bound_gets_fresh_arrays(monkeypatch):
     ws.release()
     monkeypatch.setattr(ws, "WORKSPACE_MAX_BYTES", 1024)

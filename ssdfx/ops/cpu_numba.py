@@ -489,17 +489,21 @@ def _training_layout(x, w1, w3, expert_idx, num_experts) -> _Saved:
     ptr, experts, nmax = nk.plan(offsets, num_workers())
     a1t = torch.empty(t_all * k, m, dtype=x.dtype)
     a3t = torch.empty(t_all * k if w3 is not None else 0, m, dtype=x.dtype)
-    a1t[pairs:] = 0.0
-    a3t[pairs:] = 0.0
+    if pairs < t_all * k:  # unused slots (dynamic-k): their rows are zero
+        a1t[pairs:] = 0.0
+        a3t[pairs:] = 0.0
     return _Saved(order_t, offsets_t, order, offsets, pairs, ptr, experts, nmax, a1t, a3t,
                   torch.empty(t_all, d, dtype=x.dtype))
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _keep_rows(keep, sel, m, dropout_p, dtype) -> np.ndarray:
     """The dropout's scale keep / (1 - p) (P, m) in dtype for the selected pairs sel in layout
     order, or (0, m) without dropout."""
     if keep is None:
-        return _np(torch.empty(0, m, dtype=dtype))
+        return np.empty((0, m), _NP_DTYPES[dtype])
     return _np(keep_scale(keep.reshape(-1, m)[sel], dropout_p, dtype).contiguous())
 
 
@@ -826,8 +830,6 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     on the Intel Xeon: 1.06x at T=2048, d=768, E=16, k=4 (GELU, and SwiGLU), 1.16x at T=512,
     d=256, E=16, k=8, 1.20x at T=64, 1.31x at T=8192, d=256, E=32, k=16 (ReLU)."""
     nk = _kernels()
-    from ssdfx.ops.numba_act import CODES
-
     _check(x, w1, w2, w3, num_experts, dy=dy, gate=gate, a1=a1)
     workers = num_workers()
     t_all, d = x.shape
@@ -840,26 +842,18 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
     on, offn = _np(order), _np(offsets)
     pairs = int(offn[-1])
     ptr, experts, nmax = nk.plan(offn, workers)
-    code = CODES[activation]
-    sel = order[:pairs]
-    ks = _keep_rows(keep, sel, m, dropout_p, x.dtype)
+    ks = _keep_rows(keep, order[:pairs], m, dropout_p, x.dtype)
     # internal buffers are the workspace's: with torch buffers freed on return the backward
     # at T=64, d=768, E=8, k=4 took 9.8 ms instead of 4.6 (glibc then returned the freed pages
     # to the OS, and the next call faulted them in again)
-    chunk = chunk_rows(d, m, dt.itemsize)
-    # the most rows of one expert at a time, rounded up so that the workspace's arrays repeat
-    rows = min(scratch_rows(int(nmax)), chunk)
-    block = rows * m
+    tokens, chunk, code, specs = _backward_plan(workers, t_all, d, m, f_all, pairs,
+                                                scratch_rows(int(nmax)), dt, activation, glu)
     dg = np.empty(pairs, dt)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     db1t = x.new_empty(f_all)
     dw3 = torch.empty_like(w3) if glu else x.new_empty(0)
     db3t = x.new_empty(f_all if glu else 0)
     dxt = x.new_empty(t_all, d)
-    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
-    specs = [((pairs, m), dt), ((pairs if glu else 0, m), dt), ((0 if tokens else pairs, d), dt),
-             ((workers, rows, d), dt), ((workers, rows, d), dt), ((workers, 3 * block), dt),
-             *_act_scratch(code, dt, workers, block)]
     with _numba_phase(workers), workspace(*specs) as (da1, da3, ypair, xs, ys, blocks, tmps,
                                                        bits):
         nk.bwd(
@@ -871,7 +865,27 @@ def backward(dy, x, w1, w2, w3, gate, keep, a1, a3, order, offsets, num_experts,
             np.empty(0, np.int64) if tokens else _inverse(on), _np(dxt), ypair, xs, ys, blocks,
             tmps, bits, chunk,
         )
-    dgate = x.new_zeros(t_all * k)
-    dgate[sel] = torch.from_numpy(dg)
-    return (dxt, dw1, db1t, dw2, dw3, db3t,
-            dgate.view(t_all, k))
+    # the gate's gradient from layout order to (token, slot) order, zero for unused slots;
+    # numpy's scatter (indexing a torch tensor with a tensor of positions took ~5-10 us)
+    dgate = x.new_empty(t_all, k) if pairs == t_all * k else x.new_zeros(t_all, k)
+    _np(dgate).reshape(-1)[on[:pairs]] = dg
+    return dxt, dw1, db1t, dw2, dw3, db3t, dgate
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(workers: int, t_all: int, d: int, m: int, f_all: int, pairs: int,
+                   rows: int, dt: np.dtype, activation: str, glu: bool) -> tuple:
+    """`backward`'s decisions from the shapes alone, as `_forward_plan`: (token blocks?, chunk,
+    the activation's code, the `workspace` specs); rows: `scratch_rows` of the largest
+    expert's row count."""
+    from ssdfx.ops.numba_act import CODES
+
+    code = CODES[activation]
+    chunk = chunk_rows(d, m, dt.itemsize)
+    rows = min(rows, chunk)  # the most rows of one expert at a time
+    block = rows * m
+    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
+    specs = (((pairs, m), dt), ((pairs if glu else 0, m), dt), ((0 if tokens else pairs, d), dt),
+             ((workers, rows, d), dt), ((workers, rows, d), dt), ((workers, 3 * block), dt),
+             *_act_scratch(code, dt, workers, block))
+    return tokens, chunk, code, specs

@@ -65,7 +65,8 @@ class CentroidRouter(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x.detach(), self.weight) / self.temperature  # (..., E)
+        # in place: the scores are the product's own fresh tensor (one allocation less)
+        return _linear(x.detach(), self.weight).div_(self.temperature)  # (..., E)
 
     def extra_repr(self) -> str:
         e, d = self.weight.shape

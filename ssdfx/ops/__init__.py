@@ -50,15 +50,15 @@ def _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, 
         raise ValueError(
             f"d_ff={f_all} is not divisible by num_experts={num_experts}; pick a divisor of d_ff"
         )
-    if x.shape[-1] != d or tuple(w2.shape) != (d, f_all):
+    if x.shape[-1] != d or w2.shape != (d, f_all):
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; "
             "expected x (..., d), w1 (F, d), w2 (d, F)"
         )
-    if w3 is not None and tuple(w3.shape) != (f_all, d):
+    if w3 is not None and w3.shape != (f_all, d):
         raise ValueError(f"w3 {tuple(w3.shape)} must be (F, d) = {(f_all, d)}")
     for name, b in (("b1", b1), ("b3", b3)):
-        if b is not None and tuple(b.shape) != (f_all,):
+        if b is not None and b.shape != (f_all,):
             raise ValueError(f"{name} {tuple(b.shape)} must be (F,) = ({f_all},)")
     if b3 is not None and w3 is None:
         raise ValueError("b3 given without w3")
@@ -69,9 +69,10 @@ def _validate(x, w1, b1, w2, w3, b3, expert_idx, gate, num_experts, activation, 
         )
     if expert_idx.dtype.is_floating_point or expert_idx.dtype == torch.bool:
         raise ValueError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
+    dt = x.dtype
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("w3", w3), ("b3", b3), ("gate", gate)):
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t is not None and t.dtype != dt:
+            raise ValueError(f"{name} is {t.dtype} but x is {dt}; cast them to one dtype")
 
 
 def _autocast(*tensors):

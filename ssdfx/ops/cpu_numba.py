@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ssdfx.ops.dispatch import plain_eager
 from ssdfx.ops.layout import keep_scale
 from ssdfx.ops.reference import check_expert_idx
 from ssdfx.ops.workspace import workspace
@@ -304,8 +305,6 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor | None:
     torch.topk sorts each row with unpredictable branches: at T=512, E=16, k=4 it took 84 us
     on fresh data, this 20 us (two threads).
     """
-    from ssdfx.ops.dispatch import plain_eager
-
     ne = probs.shape[-1]
     if (probs.device.type != "cpu" or probs.dtype not in SUPPORTED_DTYPES
             or not 0 < k <= ne <= TOP_K_MAX_EXPERTS or not plain_eager(probs)):

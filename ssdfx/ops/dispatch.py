@@ -167,7 +167,10 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
             or torch.jit.is_tracing()):
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return all(t is None or (type(t) in _PLAIN and not wrapped(t)) for t in tensors)
+    for t in tensors:  # a loop: `all` over a generator cost ~0.5 us more for eight tensors
+        if t is not None and (type(t) not in _PLAIN or wrapped(t)):
+            return False
+    return True
 
 
 # nn.Parameter is a subclass that only disables __torch_function__

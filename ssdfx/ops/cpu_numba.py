@@ -216,7 +216,9 @@ _load_kernels = _keeps_torch_threads(_kernels)  # the first load may start numba
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
+    # detach only what records gradients: a training step makes ~27 of these views, and
+    # detach() is most of each one's cost
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def _check(x, w1, w2, w3, num_experts, dtypes=SUPPORTED_DTYPES, **optional):

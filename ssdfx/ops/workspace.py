@@ -56,7 +56,7 @@ def _carve(specs) -> tuple[list, int]:
 
 
 class workspace:  # noqa: N801 - used as a function: `with workspace(...) as arrays`
-    """Uninitialised arrays of the (shape, dtype) specs, in this thread's arena: a list in the
+    """Uninitialised arrays of the (shape, dtype) specs, in this thread's arena: a tuple in the
     specs' order, valid inside the block only.
 
     The arrays carved for a given specs tuple are kept with the arena and handed out again by
@@ -70,7 +70,7 @@ class workspace:  # noqa: N801 - used as a function: `with workspace(...) as arr
         self._specs = specs
         self._arena = None
 
-    def __enter__(self) -> list:
+    def __enter__(self) -> tuple:
         arena = _ARENA
         specs = self._specs
         carved = arena.carved
@@ -82,13 +82,14 @@ class workspace:  # noqa: N801 - used as a function: `with workspace(...) as arr
                 return arrays
         layout, total = _carve(specs)
         if arena.busy or total > WORKSPACE_MAX_BYTES:
-            return [np.empty(shape, dt) for shape, dt, _ in layout]
+            return tuple(np.empty(shape, dt) for shape, dt, _ in layout)
         if arena.buf is None or arena.buf.size < total:
             arena.buf = None  # free the smaller one first
             arena.carved = None
             arena.buf = np.empty(total, np.uint8)
             arena.base = -arena.buf.__array_interface__["data"][0] % _ALIGN
-        arrays = [np.ndarray(shape, dt, arena.buf, arena.base + off) for shape, dt, off in layout]
+        arrays = tuple(np.ndarray(shape, dt, arena.buf, arena.base + off)
+                       for shape, dt, off in layout)
         if arena.carved is None or len(arena.carved) >= _CARVED_MAX:
             arena.carved = {}
         arena.carved[specs] = arrays

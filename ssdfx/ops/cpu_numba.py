@@ -110,11 +110,13 @@ def _kernels():
 
 def num_workers(torch_threads: int | None = None) -> int:
     """Worker threads of the numba phases: torch's thread count, capped by numba's pool."""
+    import numba  # numba alone: loading the kernels may start the pool (`_keeps_torch_threads`)
+
     if torch_threads is None:
         torch_threads = torch.get_num_threads()
     # NUMBA_NUM_THREADS is the pool size; reading it does not start the pool (unlike
     # numba.get_num_threads(), which does and may reset torch's count, numba issue 9387).
-    return max(1, min(torch_threads, _kernels().numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
 
 
 @functools.cache
@@ -400,6 +402,17 @@ def scratch_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+def _plan(workers, t_all, d, m, f_all, pairs, rows, dt, activation) -> tuple:
+    """What both kernels' launchers decide alike: (the activation's code, chunk, the most rows
+    of one GEMM (rows capped by a chunk), the per-worker hidden block rows * m, token blocks?)."""
+    from ssdfx.ops.numba_act import CODES
+
+    chunk = chunk_rows(d, m, dt.itemsize)
+    rows = min(rows, chunk)
+    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
+    return CODES[activation], chunk, rows, rows * m, tokens
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_plan(workers: int, t_all: int, d: int, m: int, f_all: int, pairs: int, rows: int,
                   dt: np.dtype, activation: str, glu: bool, save: bool) -> tuple:
@@ -407,15 +420,10 @@ def _forward_plan(workers: int, t_all: int, d: int, m: int, f_all: int, pairs: i
     activation's code, the `workspace` specs). rows: `scratch_rows` of the largest expert's
     row count. Cached: the same handful of shapes comes back every step, and working this out
     took ~10 us of a call from Python right after other work."""
-    from ssdfx.ops.numba_act import CODES
-
-    code = CODES[activation]
-    chunk = chunk_rows(d, m, dt.itemsize)
-    rows = min(rows, chunk)  # the most rows of one GEMM
-    block = rows * m
+    code, chunk, rows, block, tokens = _plan(workers, t_all, d, m, f_all, pairs, rows, dt,
+                                             activation)
     # inference's up-projections go to scratch (training's to the saved a1, a3)
     g3 = glu and not save
-    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
     # token blocks: the (P, m) hidden units h, h3; pair rows: the (P, d) rows and per-worker
     # hidden blocks
     hp, yp = (pairs, 0) if tokens else (0, pairs)
@@ -879,13 +887,8 @@ def _backward_plan(workers: int, t_all: int, d: int, m: int, f_all: int, pairs: 
     """`backward`'s decisions from the shapes alone, as `_forward_plan`: (token blocks?, chunk,
     the activation's code, the `workspace` specs); rows: `scratch_rows` of the largest
     expert's row count."""
-    from ssdfx.ops.numba_act import CODES
-
-    code = CODES[activation]
-    chunk = chunk_rows(d, m, dt.itemsize)
-    rows = min(rows, chunk)  # the most rows of one expert at a time
-    block = rows * m
-    tokens = by_token_blocks(pairs, t_all, f_all, d, dt.itemsize, workers)
+    code, chunk, rows, block, tokens = _plan(workers, t_all, d, m, f_all, pairs, rows, dt,
+                                             activation)
     specs = (((pairs, m), dt), ((pairs if glu else 0, m), dt), ((0 if tokens else pairs, d), dt),
              ((workers, rows, d), dt), ((workers, rows, d), dt), ((workers, 3 * block), dt),
              *_act_scratch(code, dt, workers, block))

@@ -87,9 +87,7 @@ def select(backend: str, x: torch.Tensor, w1: torch.Tensor, num_experts: int) ->
             else:
                 backend = "numba" if x.dtype in (torch.float32, torch.float64) else "torch"
         elif dev == "cuda":
-            from ssdfx.ops.grouped import grouped_mm_ok
-
-            backend = "grouped_mm" if grouped_mm_ok(x, w1, num_experts) else "torch"
+            backend = "grouped_mm" if _grouped_mm_ok(x, w1, num_experts) else "torch"
         else:
             backend = "reference"
     if backend == "numba" and (dev != "cpu" or x.dtype not in (torch.float32, torch.float64,

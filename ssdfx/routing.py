@@ -36,12 +36,18 @@ def centroids(w_act: torch.Tensor, num_experts: int, w_up: torch.Tensor | None =
 
 
 @graph_leaf  # one node when fx traces a router: its dtype check would be a traced branch
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear in w's dtype. A bf16/fp16 router on a CPU where torch has no native GEMM in
-    that dtype (`ssdfx.ops.dispatch.widens`; AVX2-only CPUs, where torch's generic loop
-    ran at 1-3 GFLOP/s) computes in float32 and rounds the scores to w's dtype, as the experts
-    do there (`ssdfx.ops.widened`)."""
-    x = x.to(w.dtype)
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            detach: bool = False) -> torch.Tensor:
+    """F.linear in w's dtype, of x detached from its graph if `detach`. A bf16/fp16 router on
+    a CPU where torch has no native GEMM in that dtype (`ssdfx.ops.dispatch.widens`; AVX2-only
+    CPUs, where torch's generic loop ran at 1-3 GFLOP/s) computes in float32 and rounds the
+    scores to w's dtype, as the experts do there (`ssdfx.ops.widened`). No call where there
+    is nothing to detach or cast: right after a dense forward each torch call from Python
+    costs a few us, and the router is on every sparse forward's path."""
+    if detach and x.requires_grad:
+        x = x.detach()
+    if x.dtype != w.dtype:
+        x = x.to(w.dtype)
     if widens(w):
         return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(w.dtype)
     return F.linear(x, w, b)
@@ -66,7 +72,7 @@ class CentroidRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in place: the scores are the product's own fresh tensor (one allocation less)
-        return _linear(x.detach(), self.weight).div_(self.temperature)  # (..., E)
+        return _linear(x, self.weight, detach=True).div_(self.temperature)  # (..., E)
 
     def extra_repr(self) -> str:
         e, d = self.weight.shape
@@ -86,7 +92,7 @@ class MLPRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, act, last = self.net
-        return _linear(act(_linear(x.detach(), first.weight, first.bias)), last.weight,
+        return _linear(act(_linear(x, first.weight, first.bias, detach=True)), last.weight,
                        last.bias)  # (..., E)
 
 
@@ -159,7 +165,8 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     at small T (fp32, T=64, d=256, E=16, k=4: forward+backward 1.84 against 1.59 ms): its
     backward is Python calling several ops, the softmax's own is one fused node.
     """
-    scores = scores.float()  # (..., E)
+    if scores.dtype != torch.float32:
+        scores = scores.float()  # (..., E)
     idx = _top_k_indices(scores, k, sorted=False)  # (..., k)
     if not (torch.is_grad_enabled() and scores.requires_grad):
         return idx, scores.new_ones(idx.shape)

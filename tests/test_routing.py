@@ -93,6 +93,13 @@ def test_numba_top_k_takes_ambiguous_rows_from_torch_and_declines_traced_tensors
     for k in (1, 3, 8):
         want = probs.topk(k, dim=-1).indices
         assert torch.equal(cpu_numba.top_k_indices(probs, k), want), k
+    # the kernel itself flags exactly the ambiguous rows (k = 1 has a path of its own)
+    import numpy as np
+
+    for k, flagged in ((1, {3, 5}), (2, {3, 5}), (3, {3, 5, 7}), (8, {3, 5, 7, 9})):
+        idx, bad = np.empty((300, k), np.int64), np.empty(300, np.bool_)
+        n_bad = cpu_numba._kernels().top_k_serial(probs.numpy(), k, idx, bad)
+        assert set(np.flatnonzero(bad).tolist()) == flagged and n_bad == len(flagged), k
     # the same in the calling thread (few rows) and on numba's threads (many)
     many = probs.repeat(8, 1)
     assert many.shape[0] >= cpu_numba.TOP_K_PARALLEL_ROWS

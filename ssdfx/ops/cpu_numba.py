@@ -295,7 +295,10 @@ padded_slots = _keeps_torch_threads(_padded_slots)
 # thread: in a model (each call right after a dense forward+backward, alternated, 60-80 calls)
 # that made the sparse forward 1.03-1.14x faster at T=64-512 than torch.topk below 256 rows
 # and numba's two threads from there, 1.005x at T=2048 and 0.95-0.97x at T=8192, where the
-# two threads are kept.
+# two threads are kept. For k = 1 it is one O(E) pass (`numba_kernels._top_1`): the kernel
+# alone, right after a dense forward (AMD Zen 5, E=8, medians of 100) 23 -> 9 us at T=512,
+# 111 -> 48 at T=2048, 359 -> 115 at T=8192; calling threads past TOP_K_PARALLEL_ROWS stayed
+# a draw for it as for k > 1 (in-process A/B, T=2048-8192, E=8, k=1: 0.98-1.02x, undecided).
 TOP_K_MAX_EXPERTS = 64
 TOP_K_PARALLEL_ROWS = 2048
 
